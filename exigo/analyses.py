@@ -1,0 +1,18 @@
+"""The analyses a run performs by default, in the order they are called after each epoch.
+
+Adding an analysis to exigo means writing its module (compute functions, a draw function and a
+small hook class with `name` and `__call__(ctx)`) and adding one line here.
+"""
+
+from __future__ import annotations
+
+from exigo.config import Config
+from exigo.pipeline import Analysis
+
+__all__ = ["default_analyses"]
+
+
+def default_analyses(config: Config) -> list[Analysis]:
+    """The per-epoch analyses for `config`, in call order."""
+    analyses: list[Analysis] = []
+    return analyses

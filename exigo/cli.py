@@ -1,0 +1,162 @@
+"""Command line of `python runner.py`: MNIST, the default CNN and the default analyses.
+
+Exit codes: 0 success; 1 the run finished but an analysis failed; 2 bad options, data or save
+directory (nothing was trained or written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from exigo.config import Config
+
+__all__ = ["build_parser", "config_from_args", "main"]
+
+_DEFAULTS = Config()
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):  # rejects NaN, 0, negatives and infinity
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; defaults come from `Config` so the help cannot drift from them."""
+    parser = argparse.ArgumentParser(
+        prog="runner.py",
+        description=(
+            "Train a small CNN on MNIST and watch it learn: after every epoch exigo writes a "
+            "confusion matrix, saliency maps and an embedding projection to --save-dir and "
+            "TensorBoard, and keeps the best model."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    train = parser.add_argument_group("training")
+    train.add_argument("--epochs", type=_positive_int, default=_DEFAULTS.epochs,
+                       help="passes over the training set")
+    train.add_argument("--batch-size", type=_positive_int, default=_DEFAULTS.batch_size,
+                       help="training images per optimizer step")
+    train.add_argument("--lr", type=_positive_float, default=_DEFAULTS.lr,
+                       help="peak learning rate of the one-cycle schedule (AdamW)")
+    train.add_argument("--weight-decay", type=float, default=_DEFAULTS.weight_decay,
+                       help="AdamW weight decay")
+    train.add_argument("--label-smoothing", type=_fraction, default=_DEFAULTS.label_smoothing,
+                       help="cross-entropy label smoothing in [0, 1)")
+    train.add_argument("--seed", type=int, default=_DEFAULTS.seed,
+                       help="seed of model init, shuffling and analyses; same seed, same "
+                       "metrics on the CPU")
+    train.add_argument("--device", default=_DEFAULTS.device,
+                       help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    files = parser.add_argument_group("files")
+    files.add_argument("--data-dir", type=Path, default=_DEFAULTS.data_dir,
+                       help="torchvision root holding MNIST/raw/ (downloaded there if absent; "
+                       "offline: ../shared/mnist)")
+    files.add_argument("--no-download", dest="download", action="store_false",
+                       help="fail instead of downloading when the data is absent")
+    files.add_argument("--save-dir", type=Path, default=_DEFAULTS.save_dir,
+                       help="outputs of the run: plots/, models/, metrics.json, logs/ "
+                       "(a new run replaces the previous run's files)")
+    files.add_argument("--run-name", default=None,
+                       help="TensorBoard run folder under SAVE_DIR/logs (default: start time)")
+    analysis = parser.add_argument_group("analyses")
+    analysis.add_argument("--probe-size", type=_positive_int, default=_DEFAULTS.probe_size,
+                          help="fixed validation images explained every epoch (one per class)")
+    analysis.add_argument("--eval-batch-size", type=_positive_int,
+                          default=_DEFAULTS.eval_batch_size,
+                          help="images per forward pass during evaluation")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The frozen `Config` for parsed arguments (every field not on the CLI keeps its default)."""
+    fields = set(Config.__dataclass_fields__)
+    return Config(**{key: value for key, value in vars(args).items() if key in fields})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the MNIST pipeline from the command line and return the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ValueError as error:
+        parser.error(str(error))
+
+    from rich.console import Console
+
+    console = Console()
+    err = Console(stderr=True)
+
+    import torch
+
+    from exigo.analyses import default_analyses
+    from exigo.data import DataError, load_mnist
+    from exigo.model import MnistCNN
+    from exigo.pipeline import SaveDirError, prepare_save_dir, resolve_device, run
+
+    try:
+        resolve_device(config.device)
+        prepare_save_dir(config.save_dir)
+        train_data, val_data = load_mnist(config.data_dir, download=config.download)
+    except (DataError, SaveDirError, ValueError) as error:
+        err.print(f"[bold red]error:[/bold red] {error}", highlight=False, soft_wrap=True)
+        return 2
+
+    torch.manual_seed(config.seed)
+    model = MnistCNN(num_classes=len(train_data.classes))
+    result = run(config, model, train_data, val_data, default_analyses(config), console=console)
+    best = result.history[result.best_epoch - 1]
+    console.print(
+        f"best epoch {result.best_epoch}: eval accuracy {best['eval_accuracy']:.2%}, "
+        f"model in {result.save_dir / 'models' / 'best.pt'}; "
+        f"tensorboard --logdir {result.save_dir / 'logs'}",
+        highlight=False, soft_wrap=True,
+    )
+    if result.failed_analyses:
+        names = sorted({name for _, name, _ in result.failed_analyses})
+        err.print(f"[bold red]{len(result.failed_analyses)} analysis run(s) failed:[/bold red] "
+                  f"{', '.join(names)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

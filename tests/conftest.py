@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny seeded data, and the offline MNIST root beside the checkout."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from exigo.data import TensorImageDataset
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MNIST = REPO.parent / "shared" / "mnist"
+
+
+@pytest.fixture
+def mnist_root() -> Path:
+    """The real MNIST root (8,000 / 2,000 images); skip when it is not beside the checkout."""
+    if not (SHARED_MNIST / "MNIST" / "raw" / "train-images-idx3-ubyte").exists():
+        pytest.skip(f"offline MNIST not found at {SHARED_MNIST}")
+    return SHARED_MNIST
+
+
+@pytest.fixture
+def mnist_copy(mnist_root: Path, tmp_path: Path) -> Path:
+    """A writable copy of the MNIST root, for tests that damage or remove files."""
+    target = tmp_path / "mnist"
+    shutil.copytree(mnist_root / "MNIST", target / "MNIST")
+    return target
+
+
+def make_blobs(n: int = 64, classes: int = 3, size: int = 8, seed: int = 0) -> TensorImageDataset:
+    """Separable toy images: class c lights up a band of rows, plus noise. [n, 1, size, size]."""
+    generator = torch.Generator().manual_seed(seed)
+    targets = torch.arange(n) % classes
+    images = 0.3 * torch.randn(n, 1, size, size, generator=generator)
+    band = size // classes
+    for c in range(classes):
+        images[targets == c, :, c * band : (c + 1) * band, :] += 2.0
+    return TensorImageDataset(images, targets, [f"class {c}" for c in range(classes)])
+
+
+class TinyNet(torch.nn.Module):
+    """A conv layer, an 8-unit embedding and a classifier: small enough for milliseconds."""
+
+    def __init__(self, classes: int = 3, size: int = 8, channels: int = 1) -> None:
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(channels, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+            torch.nn.Linear(4 * size * size, 8), torch.nn.ReLU(),
+        )
+        self.classifier = torch.nn.Linear(8, classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(images))
+
+
+@pytest.fixture
+def blobs() -> tuple[TensorImageDataset, TensorImageDataset]:
+    return make_blobs(96, seed=0), make_blobs(30, seed=1)
