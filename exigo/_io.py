@@ -20,7 +20,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(
+    handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed below, before the rename)
         dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
     )
     try:

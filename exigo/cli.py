@@ -70,38 +70,83 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=_positive_int, default=_DEFAULTS.epochs,
-                       help="passes over the training set")
-    train.add_argument("--batch-size", type=_positive_int, default=_DEFAULTS.batch_size,
-                       help="training images per optimizer step")
-    train.add_argument("--lr", type=_positive_float, default=_DEFAULTS.lr,
-                       help="peak learning rate of the one-cycle schedule (AdamW)")
-    train.add_argument("--weight-decay", type=float, default=_DEFAULTS.weight_decay,
-                       help="AdamW weight decay")
-    train.add_argument("--label-smoothing", type=_fraction, default=_DEFAULTS.label_smoothing,
-                       help="cross-entropy label smoothing in [0, 1)")
-    train.add_argument("--seed", type=int, default=_DEFAULTS.seed,
-                       help="seed of model init, shuffling and analyses; same seed, same "
-                       "metrics on the CPU")
-    train.add_argument("--device", default=_DEFAULTS.device,
-                       help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    train.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=_DEFAULTS.epochs,
+        help="passes over the training set",
+    )
+    train.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=_DEFAULTS.batch_size,
+        help="training images per optimizer step",
+    )
+    train.add_argument(
+        "--lr",
+        type=_positive_float,
+        default=_DEFAULTS.lr,
+        help="peak learning rate of the one-cycle schedule (AdamW)",
+    )
+    train.add_argument(
+        "--weight-decay", type=float, default=_DEFAULTS.weight_decay, help="AdamW weight decay"
+    )
+    train.add_argument(
+        "--label-smoothing",
+        type=_fraction,
+        default=_DEFAULTS.label_smoothing,
+        help="cross-entropy label smoothing in [0, 1)",
+    )
+    train.add_argument(
+        "--seed",
+        type=int,
+        default=_DEFAULTS.seed,
+        help="seed of model init, shuffling and analyses; same seed, same metrics on the CPU",
+    )
+    train.add_argument(
+        "--device",
+        default=_DEFAULTS.device,
+        help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps",
+    )
     files = parser.add_argument_group("files")
-    files.add_argument("--data-dir", type=Path, default=_DEFAULTS.data_dir,
-                       help="torchvision root holding MNIST/raw/ (downloaded there if absent; "
-                       "offline: ../shared/mnist)")
-    files.add_argument("--no-download", dest="download", action="store_false",
-                       help="fail instead of downloading when the data is absent")
-    files.add_argument("--save-dir", type=Path, default=_DEFAULTS.save_dir,
-                       help="outputs of the run: plots/, models/, metrics.json, logs/ "
-                       "(a new run replaces the previous run's files)")
-    files.add_argument("--run-name", default=None,
-                       help="TensorBoard run folder under SAVE_DIR/logs (default: start time)")
+    files.add_argument(
+        "--data-dir",
+        type=Path,
+        default=_DEFAULTS.data_dir,
+        help="torchvision root holding MNIST/raw/ (downloaded there if absent; "
+        "offline: ../shared/mnist)",
+    )
+    files.add_argument(
+        "--no-download",
+        dest="download",
+        action="store_false",
+        help="fail instead of downloading when the data is absent",
+    )
+    files.add_argument(
+        "--save-dir",
+        type=Path,
+        default=_DEFAULTS.save_dir,
+        help="outputs of the run: plots/, models/, metrics.json, logs/ "
+        "(a new run replaces the previous run's files)",
+    )
+    files.add_argument(
+        "--run-name",
+        default=None,
+        help="TensorBoard run folder under SAVE_DIR/logs (default: start time)",
+    )
     analysis = parser.add_argument_group("analyses")
-    analysis.add_argument("--probe-size", type=_positive_int, default=_DEFAULTS.probe_size,
-                          help="fixed validation images explained every epoch (one per class)")
-    analysis.add_argument("--eval-batch-size", type=_positive_int,
-                          default=_DEFAULTS.eval_batch_size,
-                          help="images per forward pass during evaluation")
+    analysis.add_argument(
+        "--probe-size",
+        type=_positive_int,
+        default=_DEFAULTS.probe_size,
+        help="fixed validation images explained every epoch (one per class)",
+    )
+    analysis.add_argument(
+        "--eval-batch-size",
+        type=_positive_int,
+        default=_DEFAULTS.eval_batch_size,
+        help="images per forward pass during evaluation",
+    )
     return parser
 
 
@@ -148,12 +193,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"best epoch {result.best_epoch}: eval accuracy {best['eval_accuracy']:.2%}, "
         f"model in {result.save_dir / 'models' / 'best.pt'}; "
         f"tensorboard --logdir {result.save_dir / 'logs'}",
-        highlight=False, soft_wrap=True,
+        highlight=False,
+        soft_wrap=True,
     )
     if result.failed_analyses:
         names = sorted({name for _, name, _ in result.failed_analyses})
-        err.print(f"[bold red]{len(result.failed_analyses)} analysis run(s) failed:[/bold red] "
-                  f"{', '.join(names)}")
+        err.print(
+            f"[bold red]{len(result.failed_analyses)} analysis run(s) failed:[/bold red] "
+            f"{', '.join(names)}"
+        )
         return 1
     return 0
 

@@ -1,8 +1,8 @@
-"""Image data held in memory: MNIST through torchvision, and the batching the pipeline uses.
+r"""Image data held in memory: MNIST through torchvision, and the batching the pipeline uses.
 
 MNIST is decoded once by `torchvision.datasets.MNIST` into a uint8 tensor and normalised into
-one float tensor, $x = (p - \\mu) / \\sigma$ with $p \\in [0, 1]$ the pixel intensity and
-$\\mu = 0.1307$, $\\sigma = 0.3081$ the training set's mean and standard deviation. Batches are
+one float tensor, $x = (p - \mu) / \sigma$ with $p \in [0, 1]$ the pixel intensity and
+$\mu = 0.1307$, $\sigma = 0.3081$ the training set's mean and standard deviation. Batches are
 slices of that tensor taken by index: no per-item PIL conversion and no collate step inside the
 training loop.
 
@@ -39,7 +39,7 @@ class DataError(Exception):
 
 @dataclass(frozen=True)
 class Normalization:
-    """Per-channel affine normalisation $x = (p - \\mu_c) / \\sigma_c$.
+    r"""Per-channel affine normalisation $x = (p - \mu_c) / \sigma_c$.
 
     Attributes:
         mean: one value per channel, in pixel-intensity units ([0, 1]).
@@ -56,38 +56,38 @@ class Normalization:
         return mean, std
 
     def normalize(self, pixels: Tensor) -> Tensor:
-        """Map pixel intensities to model inputs.
+        r"""Map pixel intensities to model inputs.
 
         Args:
             pixels: float tensor [N, C, H, W] in [0, 1].
 
         Returns:
-            Float tensor [N, C, H, W], $(p - \\mu) / \\sigma$.
+            Float tensor [N, C, H, W], $(p - \mu) / \sigma$.
         """
         mean, std = self._stats(pixels)
         return (pixels - mean) / std
 
     def denormalize(self, images: Tensor) -> Tensor:
-        """Map model inputs back to pixel intensities (the inverse of `normalize`).
+        r"""Map model inputs back to pixel intensities (the inverse of `normalize`).
 
         Args:
             images: float tensor [N, C, H, W], normalised.
 
         Returns:
-            Float tensor [N, C, H, W], $x \\sigma + \\mu$ (in [0, 1] for real images).
+            Float tensor [N, C, H, W], $x \sigma + \mu$ (in [0, 1] for real images).
         """
         mean, std = self._stats(images)
         return images * std + mean
 
     def blank(self, shape: Sequence[int], device: torch.device | str = "cpu") -> Tensor:
-        """The normalised image of zero intensity everywhere (the saliency baseline).
+        r"""The normalised image of zero intensity everywhere (the saliency baseline).
 
         Args:
             shape: [N, C, H, W].
             device: where the tensor lives.
 
         Returns:
-            Float tensor of `shape` whose channel c holds $-\\mu_c / \\sigma_c$.
+            Float tensor of `shape` whose channel c holds $-\mu_c / \sigma_c$.
         """
         return self.normalize(torch.zeros(tuple(shape), device=device))
 
@@ -150,9 +150,7 @@ def _read_mnist_split(root: Path, train: bool, download: bool) -> tuple[Tensor, 
         raise _corrupt_error(root, train, error) from None
     images, labels = dataset.data, dataset.targets
     if images.ndim != 3 or images.shape[0] != labels.shape[0]:
-        raise _corrupt_error(
-            root, train, f"{images.shape[0]} images but {labels.shape[0]} labels"
-        )
+        raise _corrupt_error(root, train, f"{images.shape[0]} images but {labels.shape[0]} labels")
     return images, labels
 
 

@@ -1,9 +1,9 @@
-"""A small convolutional network for 28x28 grey-scale digits, and how exigo finds any model's embedding.
+r"""A small CNN for 28x28 grey-scale digits, and how exigo finds any model's embedding.
 
 `MnistCNN`: two 3x3 conv blocks (conv, BatchNorm, ReLU, 2x2 max-pool), a 128-unit hidden layer
 and a linear classifier. Its embedding is the 128-unit layer, the input of the classifier:
 
-$$ z = \\mathrm{ReLU}(W_1 \\, \\mathrm{flatten}(h) + b_1), \\qquad f(x) = W_2 z + b_2 $$
+$$ z = \mathrm{ReLU}(W_1 \, \mathrm{flatten}(h) + b_1), \qquad f(x) = W_2 z + b_2 $$
 
 For any other classifier, exigo takes the input of its last `nn.Linear` as the embedding
 (`embedding_module`), so a model needs no special method to be analysed.
@@ -93,4 +93,3 @@ def embedding_module(model: nn.Module) -> nn.Module:
             "the input of the last one. Give the model a `classifier` attribute."
         )
     return linears[-1]
-

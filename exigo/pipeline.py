@@ -4,7 +4,7 @@
 run(config, model, train_data, val_data, analyses)
   per epoch:  train_epoch -> TrainResult      evaluate -> EvalResult (one pass over val_data)
               analysis(EpochContext) for each analysis (a failing analysis is logged, skipped)
-              metrics.json <- one row   TensorBoard <- scalars   models/best.pt if eval loss improved
+              metrics.json <- one row   TensorBoard <- scalars   models/best.pt if eval loss fell
 ```
 
 Outputs in `config.save_dir`: `plots/`, `models/best.pt` (and `models/last.pt`),
@@ -270,8 +270,12 @@ def _versions() -> dict[str, str]:
 
 
 def _make_probe(
-    val_data: Dataset, targets: Tensor, size: int, num_classes: int,
-    normalization: Normalization | None, device: torch.device,
+    val_data: Dataset,
+    targets: Tensor,
+    size: int,
+    num_classes: int,
+    normalization: Normalization | None,
+    device: torch.device,
 ) -> Probe:
     indices = select_probe(targets, size, num_classes)
     images, labels = gather(val_data, indices)
@@ -358,7 +362,9 @@ def run(
     )
 
     generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
     steps_per_epoch = -(-len(train_data) // config.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch
@@ -372,9 +378,19 @@ def run(
 
     def context(epoch: int, evaluation: EvalResult | None) -> EpochContext:
         return EpochContext(
-            epoch=epoch, model=model, eval=evaluation, probe=probe, class_names=class_names,
-            normalization=normalization, val_data=val_data, device=device, config=config,
-            plots_dir=plots_dir, writer=writer, history=list(history), log=console.print,
+            epoch=epoch,
+            model=model,
+            eval=evaluation,
+            probe=probe,
+            class_names=class_names,
+            normalization=normalization,
+            val_data=val_data,
+            device=device,
+            config=config,
+            plots_dir=plots_dir,
+            writer=writer,
+            history=list(history),
+            log=console.print,
         )
 
     def call_analyses(ctx: EpochContext, which: Sequence[Analysis]) -> dict[str, float]:
@@ -400,7 +416,9 @@ def run(
             call_analyses(context(0, None), early)
 
         columns = (
-            TextColumn("{task.description:<24}"), BarColumn(), TaskProgressColumn(),
+            TextColumn("{task.description:<24}"),
+            BarColumn(),
+            TaskProgressColumn(),
             TimeElapsedColumn(),
         )
         for epoch in range(1, config.epochs + 1):
@@ -411,8 +429,13 @@ def run(
                     f"epoch {epoch}/{config.epochs} training", total=len(train_data)
                 )
                 trained: TrainResult = train_epoch(
-                    model, train_data, order, optimizer, scheduler,
-                    batch_size=config.batch_size, device=device,
+                    model,
+                    train_data,
+                    order,
+                    optimizer,
+                    scheduler,
+                    batch_size=config.batch_size,
+                    device=device,
                     label_smoothing=config.label_smoothing,
                     on_batch=lambda n, task=task: progress.advance(task, n),
                 )
@@ -420,7 +443,10 @@ def run(
                     f"epoch {epoch}/{config.epochs} evaluating", total=len(val_data)
                 )
                 evaluation = evaluate(
-                    model, val_data, batch_size=config.eval_batch_size, device=device,
+                    model,
+                    val_data,
+                    batch_size=config.eval_batch_size,
+                    device=device,
                     on_batch=lambda n, task=task: progress.advance(task, n),
                 )
             ctx = context(epoch, evaluation)
@@ -429,7 +455,10 @@ def run(
             if improved:
                 best_epoch, best_loss = epoch, evaluation.loss
                 save_checkpoint(
-                    models_dir / "best.pt", model, epoch=epoch, eval_loss=evaluation.loss,
+                    models_dir / "best.pt",
+                    model,
+                    epoch=epoch,
+                    eval_loss=evaluation.loss,
                     eval_accuracy=evaluation.accuracy,
                 )
             row: dict[str, Any] = {
@@ -453,22 +482,29 @@ def run(
                 f"epoch {epoch}/{config.epochs}  train loss {trained.loss:.4f}  "
                 f"eval loss {evaluation.loss:.4f}  eval accuracy {evaluation.accuracy:.2%}  "
                 f"({row['seconds']:.1f} s{', best so far' if improved else ''})",
-                highlight=False, soft_wrap=True,
+                highlight=False,
+                soft_wrap=True,
             )
     finally:
         writer.flush()
         writer.close()
 
     return RunResult(
-        history=history, best_epoch=best_epoch, best_eval_loss=best_loss,
-        failed_analyses=failures, save_dir=save_dir, log_dir=log_dir,
+        history=history,
+        best_epoch=best_epoch,
+        best_eval_loss=best_loss,
+        failed_analyses=failures,
+        save_dir=save_dir,
+        log_dir=log_dir,
     )
 
 
 def _log_scalars(writer: SummaryWriter, row: dict[str, Any], epoch: int) -> None:
     names = {
-        "train_loss": "loss/train", "eval_loss": "loss/eval",
-        "train_accuracy": "accuracy/train", "eval_accuracy": "accuracy/eval",
+        "train_loss": "loss/train",
+        "eval_loss": "loss/eval",
+        "train_accuracy": "accuracy/train",
+        "eval_accuracy": "accuracy/eval",
         "lr": "learning_rate",
     }
     skip = {"epoch", "best", "seconds", "train_seconds", "eval_seconds"}

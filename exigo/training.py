@@ -1,7 +1,7 @@
-"""One training epoch and one evaluation pass; both return values and never print or write.
+r"""One training epoch and one evaluation pass; both return values and never print or write.
 
 Training minimises the mean cross-entropy of a batch,
-$\\mathcal{L} = -\\frac{1}{B} \\sum_i \\log \\mathrm{softmax}(f(x_i))_{y_i}$.
+$\mathcal{L} = -\frac{1}{B} \sum_i \log \mathrm{softmax}(f(x_i))_{y_i}$.
 Evaluation runs the model over the validation set once and keeps everything the analyses need
 (predictions, probabilities, embeddings), so no analysis runs the model over that set again.
 Progress is reported through an `on_batch(n_images)` callback; the pipeline draws the bar.
@@ -94,7 +94,7 @@ def train_epoch(
     label_smoothing: float = 0.0,
     on_batch: BatchCallback | None = None,
 ) -> TrainResult:
-    """Train `model` for one pass over `dataset[indices]`.
+    r"""Train `model` for one pass over `dataset[indices]`.
 
     The loss and accuracy are summed on the device and read once at the end, so the loop
     makes no host synchronisation per step.
@@ -107,7 +107,7 @@ def train_epoch(
         scheduler: stepped after every batch (for per-step schedules such as OneCycleLR).
         batch_size: images per optimizer step.
         device: where the model lives.
-        label_smoothing: weight $\\varepsilon$ of the uniform target mixed into the one-hot
+        label_smoothing: weight $\varepsilon$ of the uniform target mixed into the one-hot
             target (the reported loss includes it).
         on_batch: called with the number of images after each step.
 

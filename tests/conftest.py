@@ -47,8 +47,11 @@ class TinyNet(torch.nn.Module):
     def __init__(self, classes: int = 3, size: int = 8, channels: int = 1) -> None:
         super().__init__()
         self.features = torch.nn.Sequential(
-            torch.nn.Conv2d(channels, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
-            torch.nn.Linear(4 * size * size, 8), torch.nn.ReLU(),
+            torch.nn.Conv2d(channels, 4, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.Flatten(),
+            torch.nn.Linear(4 * size * size, 8),
+            torch.nn.ReLU(),
         )
         self.classifier = torch.nn.Linear(8, classes)
 

@@ -9,8 +9,15 @@ from conftest import REPO
 
 
 @pytest.mark.parametrize(
-    "option", [["--epochs", "0"], ["--batch-size", "-3"], ["--lr", "0"], ["--lr", "nan"],
-               ["--lr", "abc"], ["--probe-size", "0"]],
+    "option",
+    [
+        ["--epochs", "0"],
+        ["--batch-size", "-3"],
+        ["--lr", "0"],
+        ["--lr", "nan"],
+        ["--lr", "abc"],
+        ["--probe-size", "0"],
+    ],
 )
 def test_nonsense_options_exit_2(option, capsys):
     with pytest.raises(SystemExit) as raised:
@@ -21,7 +28,15 @@ def test_nonsense_options_exit_2(option, capsys):
 
 def test_help_lists_every_option_with_its_default():
     text = build_parser().format_help()
-    for option in ["--epochs", "--batch-size", "--lr", "--seed", "--data-dir", "--save-dir", "--device"]:
+    for option in [
+        "--epochs",
+        "--batch-size",
+        "--lr",
+        "--seed",
+        "--data-dir",
+        "--save-dir",
+        "--device",
+    ]:
         assert option in text
     assert "(default: 2)" in text
 
@@ -34,9 +49,18 @@ def test_config_from_args():
 def test_missing_data_exit_2_without_traceback_and_nothing_written(tmp_path):
     save = tmp_path / "save"
     process = subprocess.run(
-        [sys.executable, str(REPO / "runner.py"), "--data-dir", str(tmp_path / "none"),
-         "--no-download", "--save-dir", str(save)],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(REPO / "runner.py"),
+            "--data-dir",
+            str(tmp_path / "none"),
+            "--no-download",
+            "--save-dir",
+            str(save),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert process.returncode == 2
     assert "Traceback" not in process.stderr

@@ -20,8 +20,16 @@ def test_frozen():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("epochs", 0), ("batch_size", 0), ("lr", 0.0), ("lr", -1.0), ("lr", float("nan")),
-     ("probe_size", 0), ("label_smoothing", 1.0), ("projection_limit", -1)],
+    [
+        ("epochs", 0),
+        ("batch_size", 0),
+        ("lr", 0.0),
+        ("lr", -1.0),
+        ("lr", float("nan")),
+        ("probe_size", 0),
+        ("label_smoothing", 1.0),
+        ("projection_limit", -1),
+    ],
 )
 def test_rejects_nonsense(field, value):
     with pytest.raises(ValueError, match=field):

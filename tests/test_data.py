@@ -22,7 +22,9 @@ def test_normalization_round_trip_and_blank():
 
 
 def test_batches_visit_indices_in_order():
-    data = TensorImageDataset(torch.arange(10.0).view(10, 1, 1, 1), torch.arange(10), list("0123456789"))
+    data = TensorImageDataset(
+        torch.arange(10.0).view(10, 1, 1, 1), torch.arange(10), list("0123456789")
+    )
     order = torch.tensor([3, 1, 4, 9, 0])
     batches = list(iterate_batches(data, order, batch_size=2))
     assert [b[1].tolist() for b in batches] == [[3, 1], [4, 9], [0]]

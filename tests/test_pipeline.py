@@ -44,7 +44,11 @@ def test_run_writes_outputs_and_isolates_failing_analyses(blobs, tmp_path):
     config = Config(epochs=3, batch_size=16, lr=1e-2, save_dir=tmp_path / "save", probe_size=4)
     result = run(config, TinyNet(), train, held_out, [recorder, Broken()])
     assert recorder.epochs == [0, 1, 2, 3]
-    assert [(e, n) for e, n, _ in result.failed_analyses] == [(1, "broken"), (2, "broken"), (3, "broken")]
+    assert [(e, n) for e, n, _ in result.failed_analyses] == [
+        (1, "broken"),
+        (2, "broken"),
+        (3, "broken"),
+    ]
     rows = json.loads((tmp_path / "save" / "metrics.json").read_text())
     assert [row["epoch"] for row in rows] == [1, 2, 3]
     assert rows[-1]["recorder/accuracy_again"] == rows[-1]["eval_accuracy"]
