@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(a new run replaces the previous run's files)",
     )
     files.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --save-dir from its last completed epoch",
+    )
+    files.add_argument(
         "--run-name",
         default=None,
         help="TensorBoard run folder under SAVE_DIR/logs (default: start time)",
@@ -140,6 +145,25 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=_DEFAULTS.probe_size,
         help="fixed validation images explained every epoch (one per class)",
+    )
+    analysis.add_argument(
+        "--confusion-normalize",
+        action="store_true",
+        help="also draw the row-normalised confusion matrix (each row sums to 1: the diagonal "
+        "is recall)",
+    )
+    analysis.add_argument(
+        "--projection-limit",
+        type=_non_negative_int,
+        default=_DEFAULTS.projection_limit,
+        help="at most this many validation points in the projector and the t-SNE "
+        "(stratified by class, the same points every epoch; 0 turns the projection off)",
+    )
+    analysis.add_argument(
+        "--no-attribution-checks",
+        dest="attribution_checks",
+        action="store_false",
+        help="skip comparing attribution methods and their sanity checks",
     )
     analysis.add_argument(
         "--eval-batch-size",
