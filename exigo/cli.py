@@ -58,6 +58,15 @@ def _fraction(text: str) -> float:
     return value
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows `(default: ...)` for options that take a value; flags and None defaults need none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.nargs == 0 or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; defaults come from `Config` so the help cannot drift from them."""
     parser = argparse.ArgumentParser(
@@ -67,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
             "confusion matrix, saliency maps and an embedding projection to --save-dir and "
             "TensorBoard, and keeps the best model."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     train = parser.add_argument_group("training")
     train.add_argument(
