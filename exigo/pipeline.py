@@ -485,6 +485,15 @@ def run(
                 highlight=False,
                 soft_wrap=True,
             )
+            try:  # report.html from the files just written; like an analysis, never kills training
+                from exigo.report import write_report
+
+                write_report(save_dir)
+            except Exception as error:
+                failures.append((epoch, "report", f"{type(error).__name__}: {error}"))
+                console.print(
+                    f"[red]report failed at epoch {epoch}:[/red] {type(error).__name__}: {error}"
+                )
     finally:
         writer.flush()
         writer.close()
