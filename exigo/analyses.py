@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from exigo.config import Config
 from exigo.pipeline import Analysis
+from exigo.saliency import SaliencyAnalysis
 
 __all__ = ["default_analyses"]
 
@@ -15,4 +16,5 @@ __all__ = ["default_analyses"]
 def default_analyses(config: Config) -> list[Analysis]:
     """The per-epoch analyses for `config`, in call order."""
     analyses: list[Analysis] = []
+    analyses.append(SaliencyAnalysis())
     return analyses

@@ -1,0 +1,400 @@
+r"""Saliency maps: where the network looks, relative to where it looks when shown nothing.
+
+Vanilla gradient saliency (Simonyan, Vedaldi & Zisserman 2013, "Deep Inside Convolutional
+Networks: Visualising Image Classification Models and Saliency Maps", arXiv:1312.6034, §3),
+extended with a blank-image baseline. With $f_y$ the logit of the true class $y$, $x$ the
+input image, $b$ the blank image (zero pixel intensity, normalised like the data) and $p(x)$
+the input's pixel intensities in $[0, 1]$:
+
+$$
+\begin{aligned}
+\text{source}   &= p(x) \\
+\text{baseline} &= \left| \nabla_x f_y(b) \right| \\
+\text{saliency} &= \left| \nabla_x f_y(x) \right| \\
+\text{delta}    &= \nabla_x f_y(x) - \nabla_x f_y(b) \\
+\text{overlay}  &= \text{delta} \odot \text{source}
+\end{aligned}
+$$
+
+The baseline shows where the network looks when shown nothing (its prior for class $y$);
+delta is the focus this particular image adds to it (signed: red raises $f_y$, blue lowers
+it); overlay keeps only the part of delta that falls on ink, i.e. what the network used of
+this image.
+
+Computation: one batched forward/backward per chunk of images, with the parameters'
+`requires_grad` switched off so only input gradients are computed. Samples are independent in
+eval mode, so the gradient of $\sum_i f_{y_i}(x_i)$ with respect to the batch holds every
+sample's own gradient. The blank baseline is the same image for every input, so its gradient
+depends only on the class: it is computed once per distinct class, not once per image.
+
+`input_gradients` is the one place in exigo that computes input gradients; the error and class
+model analyses use it too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from exigo._colour_scale import ROBUST_QUANTILE, colour_limit
+from exigo.data import Normalization
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from exigo.pipeline import EpochContext
+
+__all__ = [
+    "SaliencyAnalysis",
+    "SaliencyMaps",
+    "frozen",
+    "input_gradients",
+    "plot_saliency",
+    "reduce_channels",
+    "saliency_maps",
+    "source_pixels",
+]
+
+#: Images per forward/backward: 2,000 MNIST images in one batch fall out of the CPU's cache
+#: and run 2.5x slower than in chunks of 128-256 (../shared/MEASURED.md).
+DEFAULT_CHUNK_SIZE = 256
+
+ROW_NAMES = ("source", "baseline", "saliency", "delta", "overlay")
+
+
+@dataclass(frozen=True)
+class SaliencyMaps:
+    r"""The five maps of a batch, channels reduced; float tensors [N, H, W] on the input's device.
+
+    Attributes:
+        source: pixel intensities of the input in [0, 1].
+        baseline: $|\nabla_x f_y(b)|$, the gradient magnitude at the blank image.
+        saliency: $|\nabla_x f_y(x)|$, the gradient magnitude at the input.
+        delta: $\nabla_x f_y(x) - \nabla_x f_y(b)$, signed.
+        overlay: delta times source, signed.
+    """
+
+    source: Tensor
+    baseline: Tensor
+    saliency: Tensor
+    delta: Tensor
+    overlay: Tensor
+
+    def rows(self) -> list[tuple[str, Tensor]]:
+        """`(name, map [N, H, W])` in figure order."""
+        return [(name, getattr(self, name)) for name in ROW_NAMES]
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Put `model` in eval mode with every parameter's `requires_grad` off; restore both after.
+
+    Inside, backward passes compute input gradients only: no parameter gradient is computed or
+    accumulated in `.grad`. Eval mode makes samples independent (BatchNorm uses its running
+    statistics, dropout is off), which batched input gradients rely on. Exceptions propagate;
+    the mode and flags are restored in any case.
+
+    Args:
+        model: any module.
+
+    Yields:
+        The same model.
+    """
+    was_training = model.training
+    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    try:
+        model.eval()
+        for parameter, _ in flags:
+            parameter.requires_grad_(False)
+        yield model
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+        model.train(was_training)
+
+
+def input_gradients(
+    model: nn.Module,
+    images: Tensor,
+    targets: Tensor,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Tensor:
+    r"""Gradient of each image's target logit with respect to that image, $\nabla_x f_t(x)$.
+
+    Batched: one forward and one backward per chunk of `chunk_size` images, differentiating
+    $\sum_i f_{t_i}(x_i)$ (samples are independent in eval mode). The model is `frozen` for the
+    duration and comes back in the mode and with the `requires_grad` flags it had; no parameter
+    `.grad` is touched. `images` are not modified.
+
+    Args:
+        model: classifier mapping [N, C, H, W] to logits [N, K].
+        images: float tensor [N, C, H, W], as the model takes them, on the model's device.
+        targets: int64 tensor [N], the class whose logit is differentiated for each image.
+        chunk_size: images per forward/backward.
+
+    Returns:
+        Float tensor [N, C, H, W] on the images' device.
+    """
+    if images.shape[0] != targets.shape[0]:
+        raise ValueError(
+            f"{images.shape[0]} images but {targets.shape[0]} targets: need one target per image"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    targets = targets.to(images.device, torch.long)
+    gradients = torch.empty_like(images)
+    with frozen(model), torch.enable_grad():
+        for start in range(0, images.shape[0], chunk_size):
+            chunk = slice(start, start + chunk_size)
+            # a detached alias, not a copy: autograd never writes into its leaf's data
+            leaf = images[chunk].detach().requires_grad_(True)
+            logits = model(leaf)  # (B, K)
+            score = logits.gather(1, targets[chunk, None]).sum()
+            (gradients[chunk],) = torch.autograd.grad(score, leaf)
+    return gradients
+
+
+def reduce_channels(maps: Tensor) -> Tensor:
+    """Keep, at every pixel, the channel of largest magnitude, with its sign.
+
+    Args:
+        maps: float tensor [N, C, H, W].
+
+    Returns:
+        Float tensor [N, H, W]; for C = 1 simply the only channel.
+    """
+    if maps.shape[1] == 1:
+        return maps[:, 0]
+    strongest = maps.abs().argmax(dim=1, keepdim=True)  # (N, 1, H, W)
+    return maps.gather(1, strongest).squeeze(1)
+
+
+def source_pixels(images: Tensor, normalization: Normalization | None) -> Tensor:
+    """The images as pixel intensities in [0, 1], for display and for the overlay.
+
+    Args:
+        images: float tensor [N, C, H, W], normalised with `normalization`.
+        normalization: how the images were made from pixels; None: each image is min-max
+            stretched to [0, 1] (the original intensities are unknown).
+
+    Returns:
+        Float tensor [N, C, H, W] in [0, 1].
+    """
+    if normalization is not None:
+        return normalization.denormalize(images).clamp(0, 1)
+    low = images.amin(dim=(1, 2, 3), keepdim=True)
+    high = images.amax(dim=(1, 2, 3), keepdim=True)
+    return (images - low) / (high - low).clamp_min(1e-12)
+
+
+def _baseline_gradients(
+    model: nn.Module, baseline: Tensor, images: Tensor, labels: Tensor, chunk_size: int
+) -> Tensor:
+    r"""$\nabla_x f_y(b)$ for every image, [N, C, H, W]; once per class when b is shared."""
+    shared = baseline.ndim < images.ndim or baseline.shape[0] == 1
+    if not shared:
+        per_image = baseline.to(images).broadcast_to(images.shape)
+        return input_gradients(model, per_image, labels, chunk_size=chunk_size)
+    single = baseline.to(images).broadcast_to((1, *images.shape[1:]))
+    classes, position = torch.unique(labels, return_inverse=True)
+    per_class = input_gradients(
+        model, single.expand(classes.shape[0], -1, -1, -1), classes, chunk_size=chunk_size
+    )
+    return per_class[position]
+
+
+def saliency_maps(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    baseline: Tensor | None = None,
+    *,
+    normalization: Normalization | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> SaliencyMaps:
+    r"""Source, baseline, saliency, delta and overlay maps of a batch (see the module docstring).
+
+    Works for any `nn.Module` classifier mapping images to logits. The gradients are taken in
+    eval mode with the parameters frozen (`frozen`); the model comes back in the mode and
+    with the `requires_grad` flags it had, with no `.grad` added. `images`, `labels` and
+    `baseline` are not modified.
+
+    Multi-channel images are reduced to one map per image by keeping, at every pixel, the
+    channel of largest magnitude (`reduce_channels`): the signed value for delta and overlay,
+    the magnitude for baseline and saliency, the brightest channel for source. Delta and
+    overlay are computed per channel before the reduction.
+
+    Args:
+        model: classifier mapping [N, C, H, W] to logits [N, K].
+        images: float tensor [N, C, H, W], as the model takes them (normalised), on the model's
+            device.
+        labels: int64 tensor [N], the class $y$ whose logit is explained (usually the true
+            label).
+        baseline: float tensor broadcastable to `images`: the reference input $b$. Default: the
+            blank image, `normalization.blank(...)` (zero pixel intensity, normalised), or
+            all zeros when `normalization` is None. A baseline without a batch dimension (or
+            with batch size 1) is shared by all images, and its gradient is computed once per
+            distinct label.
+        normalization: how `images` were made from pixel intensities; builds the blank image
+            and maps `source` back to [0, 1]. None: the inputs are taken as they are, the blank
+            is the all-zero input and `source` is each image min-max stretched to [0, 1].
+        chunk_size: images per forward/backward (keeps large batches in cache).
+
+    Returns:
+        `SaliencyMaps`, each float [N, H, W] on the images' device.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
+    if labels.shape != (images.shape[0],):
+        raise ValueError(
+            f"labels must be [N] with N={images.shape[0]}, got shape {tuple(labels.shape)}"
+        )
+    if baseline is None:
+        single = (1, *images.shape[1:])
+        baseline = (
+            normalization.blank(single, device=images.device).to(images.dtype)
+            if normalization is not None
+            else images.new_zeros(single)
+        )
+    pixels = source_pixels(images.detach(), normalization)  # (N, C, H, W)
+    at_image = input_gradients(model, images, labels, chunk_size=chunk_size)
+    at_baseline = _baseline_gradients(model, baseline, images, labels, chunk_size)
+    delta = at_image - at_baseline
+    return SaliencyMaps(
+        source=reduce_channels(pixels),
+        baseline=reduce_channels(at_baseline).abs(),
+        saliency=reduce_channels(at_image).abs(),
+        delta=reduce_channels(delta),
+        overlay=reduce_channels(delta * pixels),
+    )
+
+
+def plot_saliency(
+    maps: SaliencyMaps,
+    labels: Sequence[int] | Tensor,
+    predictions: Sequence[int] | Tensor,
+    class_names: Sequence[str],
+    *,
+    title: str | None = None,
+) -> Figure:
+    """Draw the five maps: one row per map, one column per image.
+
+    Colour scales are shared along each row, so the columns compare: source in grey,
+    baseline and saliency in one sequential scale (both are gradient magnitudes), delta and
+    overlay each in a diverging scale centred at 0 with symmetric limits (red raises the true
+    class's logit, blue lowers it). Gradient scales end at the 99.5th percentile of the row
+    (`exigo._colour_scale`) so that a few hot pixels do not wash out the rest. Each column is
+    headed by its true and predicted label (the prediction in red when wrong).
+
+    Args:
+        maps: the `SaliencyMaps` of N images (any device).
+        labels: N true class indices.
+        predictions: N predicted class indices.
+        class_names: display name per class.
+        title: figure title.
+
+    Returns:
+        A matplotlib `Figure` (not attached to pyplot).
+    """
+    from matplotlib.figure import Figure
+
+    labels = [int(label) for label in torch.as_tensor(labels).flatten()]
+    predictions = [int(p) for p in torch.as_tensor(predictions).flatten()]
+    rows = [(name, values.detach().float().cpu()) for name, values in maps.rows()]
+    count = rows[0][1].shape[0]
+    magnitude_limit = colour_limit(maps.baseline, maps.saliency)
+    delta_limit = colour_limit(maps.delta)
+    overlay_limit = colour_limit(maps.overlay)
+    styles = {
+        "source": {"cmap": "gray", "vmin": 0.0, "vmax": 1.0},
+        "baseline": {"cmap": "viridis", "vmin": 0.0, "vmax": magnitude_limit},
+        "saliency": {"cmap": "viridis", "vmin": 0.0, "vmax": magnitude_limit},
+        "delta": {"cmap": "RdBu_r", "vmin": -delta_limit, "vmax": delta_limit},
+        "overlay": {"cmap": "RdBu_r", "vmin": -overlay_limit, "vmax": overlay_limit},
+    }
+    extend = {"source": "neither", "baseline": "max", "saliency": "max"}
+    row_titles = {
+        "source": "source\nimage",
+        "baseline": "baseline\n|∇f(blank)|",
+        "saliency": "saliency\n|∇f(x)|",
+        "delta": "delta\n∇f(x) − ∇f(blank)",
+        "overlay": "overlay\ndelta × source",
+    }
+
+    columns = max(count, 1)
+    figure = Figure(figsize=(1.25 * columns + 2.6, 7.2), layout="constrained")
+    axes = figure.subplots(len(rows), columns, squeeze=False)
+    for row, (name, values) in enumerate(rows):
+        image = None
+        for column in range(columns):
+            ax: Axes = axes[row, column]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if column < count:
+                image = ax.imshow(values[column].numpy(), interpolation="nearest", **styles[name])
+            if row == 0 and column < count:
+                truth, guess = labels[column], predictions[column]
+                ax.set_title(
+                    f"true {class_names[truth]}\npred {class_names[guess]}",
+                    fontsize=9,
+                    color="black" if truth == guess else "tab:red",
+                )
+        axes[row, 0].set_ylabel(row_titles[name], fontsize=9)
+        if image is not None:
+            bar = figure.colorbar(
+                image,
+                ax=list(axes[row]),
+                shrink=0.9,
+                pad=0.01,
+                aspect=12,
+                extend=extend.get(name, "both"),
+            )
+            bar.ax.tick_params(labelsize=7)
+            bar.formatter.set_powerlimits((-2, 3))
+    figure.suptitle(title or "Saliency towards the true class", fontsize=11)
+    figure.supxlabel(
+        "f = logit of the true class, blank = image of zero intensity.  delta and overlay: red "
+        "raises f, blue lowers it.  Colour scales are shared along each row and clipped at the "
+        f"{100 * ROBUST_QUANTILE:g}th percentile.",
+        fontsize=8,
+        color="0.3",
+    )
+    return figure
+
+
+class SaliencyAnalysis:
+    """Per-epoch hook: the five maps of the fixed probe images, `plots/saliency_{epoch}.png`.
+
+    Also called before training (`saliency_init.png`), so the untrained and trained network
+    can be compared. Predictions come from the evaluation pass (before training: from one
+    forward pass over the probe).
+    """
+
+    name = "saliency"
+    before_training = True
+
+    def __call__(self, ctx: EpochContext) -> None:
+        """Compute the probe's maps and save the figure."""
+        probe = ctx.probe
+        maps = saliency_maps(ctx.model, probe.images, probe.labels, normalization=ctx.normalization)
+        if ctx.eval is not None:
+            predictions = ctx.eval.predictions[probe.indices.cpu()]
+        else:
+            with torch.no_grad():
+                predictions = ctx.model(probe.images).argmax(1).cpu()
+        when = "before training" if ctx.epoch == 0 else f"after epoch {ctx.epoch}"
+        figure = plot_saliency(
+            maps,
+            probe.labels.cpu(),
+            predictions,
+            ctx.class_names,
+            title=f"Saliency towards the true class, {when}",
+        )
+        ctx.save_figure(figure, "saliency")

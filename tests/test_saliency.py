@@ -1,0 +1,200 @@
+import torch
+from PIL import Image
+from torch import nn
+
+from exigo.config import Config
+from exigo.data import Normalization
+from exigo.pipeline import run
+from exigo.saliency import (
+    SaliencyAnalysis,
+    frozen,
+    input_gradients,
+    plot_saliency,
+    reduce_channels,
+    saliency_maps,
+)
+
+from conftest import TinyNet
+
+NORM = Normalization(mean=(0.1307,), std=(0.3081,))
+
+
+def linear_model(channels: int = 1, size: int = 4, classes: int = 3, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(channels * size * size, classes))
+
+
+class Quadratic(nn.Module):
+    """f_k(x) = w_k . x + 0.5 v_k . (x * x), so the input gradient is w_k + v_k * x."""
+
+    def __init__(self, channels: int = 1, size: int = 4, classes: int = 3) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(1)
+        features = channels * size * size
+        self.w = nn.Parameter(torch.randn(classes, features, generator=generator))
+        self.v = nn.Parameter(torch.randn(classes, features, generator=generator))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.flatten(1)
+        return x @ self.w.T + 0.5 * (x * x) @ self.v.T
+
+    def gradient(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        x = images.flatten(1)
+        return (self.w[labels] + self.v[labels] * x).view_as(images).detach()
+
+
+def test_linear_model_maps_equal_weight_rows():
+    model = linear_model()
+    images = torch.randn(5, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([0, 2, 1, 2, 0])
+    maps = saliency_maps(model, images, labels, normalization=NORM)
+    rows = model[1].weight.detach()[labels].view(5, 4, 4)
+    torch.testing.assert_close(maps.source, (images[:, 0] * 0.3081 + 0.1307).clamp(0, 1))
+    torch.testing.assert_close(maps.baseline, rows.abs())
+    torch.testing.assert_close(maps.saliency, rows.abs())
+    # a linear model looks at the same pixels whatever it is shown: nothing above the baseline
+    torch.testing.assert_close(maps.delta, torch.zeros(5, 4, 4))
+    torch.testing.assert_close(maps.overlay, torch.zeros(5, 4, 4))
+
+
+def test_quadratic_model_maps_equal_closed_form_with_blank_baseline():
+    model = Quadratic()
+    images = torch.randn(6, 1, 4, 4, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([1, 1, 0, 2, 0, 1])
+    blank = torch.full((6, 1, 4, 4), -0.1307 / 0.3081)
+    maps = saliency_maps(model, images, labels, normalization=NORM)
+    at_image = model.gradient(images, labels)[:, 0]
+    at_blank = model.gradient(blank, labels)[:, 0]
+    source = (images[:, 0] * 0.3081 + 0.1307).clamp(0, 1)
+    torch.testing.assert_close(maps.source, source)
+    torch.testing.assert_close(maps.baseline, at_blank.abs())
+    torch.testing.assert_close(maps.saliency, at_image.abs())
+    torch.testing.assert_close(maps.delta, at_image - at_blank)
+    torch.testing.assert_close(maps.overlay, (at_image - at_blank) * source)
+
+
+def test_without_normalization_blank_is_zero_and_source_is_stretched():
+    model = Quadratic()
+    images = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(4))
+    labels = torch.tensor([0, 1, 2, 0])
+    maps = saliency_maps(model, images, labels)
+    at_zero = model.w.detach()[labels].view(4, 4, 4)  # the gradient at 0 is w
+    torch.testing.assert_close(maps.baseline, at_zero.abs())
+    flat = images.flatten(1)
+    low, high = flat.min(1).values, flat.max(1).values
+    stretched = (images[:, 0] - low[:, None, None]) / (high - low)[:, None, None]
+    torch.testing.assert_close(maps.source, stretched)
+    assert maps.source.min() == 0 and maps.source.max() == 1
+
+
+def test_explicit_per_image_baseline_matches_shared_blank():
+    model = Quadratic()
+    images = torch.randn(5, 1, 4, 4, generator=torch.Generator().manual_seed(5))
+    labels = torch.tensor([2, 0, 2, 1, 2])
+    shared = saliency_maps(model, images, labels, normalization=NORM)
+    per_image = saliency_maps(
+        model, images, labels, NORM.blank((5, 1, 4, 4)), normalization=NORM, chunk_size=2
+    )
+    for (name, a), (_, b) in zip(shared.rows(), per_image.rows(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_reduce_channels_keeps_signed_channel_of_largest_magnitude():
+    maps = torch.tensor([[[[1.0, -3.0]], [[-2.0, 2.0]], [[0.5, 0.0]]]])  # (1, 3, 1, 2)
+    assert reduce_channels(maps).tolist() == [[[-2.0, -3.0]]]
+    assert reduce_channels(maps[:, :1]).tolist() == [[[1.0, -3.0]]]
+
+
+def test_multi_channel_linear_model_reduces_channels():
+    model = linear_model(channels=3)
+    norm = Normalization(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    pixels = torch.rand(4, 3, 4, 4, generator=torch.Generator().manual_seed(6))
+    images = norm.normalize(pixels)
+    labels = torch.tensor([0, 1, 2, 1])
+    maps = saliency_maps(model, images, labels, normalization=norm)
+    rows = model[1].weight.detach()[labels].view(4, 3, 4, 4)
+    torch.testing.assert_close(maps.saliency, rows.abs().amax(1))
+    torch.testing.assert_close(maps.baseline, rows.abs().amax(1))
+    torch.testing.assert_close(maps.source, pixels.amax(1))
+    assert maps.delta.shape == (4, 4, 4) and maps.delta.abs().max() == 0
+
+
+def test_batched_gradients_equal_one_image_at_a_time():
+    torch.manual_seed(0)
+    model = TinyNet()
+    images = torch.randn(7, 1, 8, 8)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    batched = input_gradients(model, images, labels, chunk_size=3)
+    for i in range(7):
+        single = images[i : i + 1].clone().requires_grad_(True)
+        model.eval()
+        (grad,) = torch.autograd.grad(model(single)[0, labels[i]], single)
+        torch.testing.assert_close(batched[i], grad[0])
+
+
+def test_model_mode_flags_buffers_and_inputs_restored():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(32, 3)
+    )
+    model.train()
+    model[0].weight.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.randn(4, 1, 4, 4)
+    labels = torch.tensor([0, 1, 2, 0])
+    images_before, labels_before = images.clone(), labels.clone()
+    saliency_maps(model, images, labels, normalization=NORM)
+    assert model.training and all(m.training for m in model.modules())
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+    for key, value in model.state_dict().items():  # BatchNorm running stats untouched
+        torch.testing.assert_close(value, state[key])
+    assert torch.equal(images, images_before) and torch.equal(labels, labels_before)
+
+
+def test_frozen_restores_after_an_exception():
+    model = linear_model()
+    model.train()
+    try:
+        with frozen(model):
+            assert not model.training
+            assert not any(p.requires_grad for p in model.parameters())
+            raise KeyError("boom")
+    except KeyError:
+        pass
+    assert model.training and all(p.requires_grad for p in model.parameters())
+
+
+def test_plot_saliency_draws_five_rows_and_colour_bars():
+    model = Quadratic()
+    images = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(7))
+    labels = torch.tensor([0, 1, 2])
+    maps = saliency_maps(model, images, labels)
+    figure = plot_saliency(maps, labels, torch.tensor([0, 2, 2]), ["a", "b", "c"])
+    image_axes = [ax for ax in figure.axes if ax.images]
+    colour_bars = [ax for ax in figure.axes if ax.get_label() == "<colorbar>"]
+    assert len(image_axes) == 5 * 3 and len(colour_bars) == 5
+    assert [image_axes[3 * row].get_ylabel().split("\n")[0] for row in range(5)] == [
+        "source",
+        "baseline",
+        "saliency",
+        "delta",
+        "overlay",
+    ]
+    assert image_axes[1].get_title() == "true b\npred c"
+    delta_image = image_axes[3 * 3].images[0]
+    low, high = delta_image.get_clim()
+    assert low == -high and high > 0  # diverging scale centred at 0
+
+
+def test_analysis_writes_figures_before_and_after_training(blobs, tmp_path):
+    train, held_out = blobs
+    torch.manual_seed(0)
+    config = Config(epochs=1, batch_size=16, lr=1e-2, save_dir=tmp_path / "save", probe_size=3)
+    result = run(config, TinyNet(), train, held_out, [SaliencyAnalysis()])
+    assert result.failed_analyses == []
+    for tag in ("init", "1"):
+        path = tmp_path / "save" / "plots" / f"saliency_{tag}.png"
+        with Image.open(path) as png:
+            assert png.size[0] > 300 and png.size[1] > 300
