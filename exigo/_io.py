@@ -1,22 +1,56 @@
-"""Atomic file writes: a reader (or a crash) never sees a half-written file."""
+"""Safe file handling: atomic writes, and the lock that keeps two runs out of one folder.
+
+Atomic writes go to a temporary sibling that is renamed into place, so a reader, a crash or a
+Ctrl-C never leaves a half-written file: the path holds either the old content or the new one.
+
+`FolderLock` takes an exclusive `flock` on `<folder>/.lock`. The operating system drops the
+lock when the holding process exits for any reason (even `kill -9`), so a crashed run never
+leaves a folder locked; the file itself may stay behind and means nothing on its own.
+"""
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from types import TracebackType
 from typing import IO, Any
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_json"]
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; the lock is then a no-op (see FolderLock)
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = [
+    "FolderLock",
+    "FolderLockedError",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_json",
+]
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# tempfile creates files with mode 0600; renamed into place they would be unreadable to other
+# users (a shared TensorBoard server, a colleague). Give them the mode `open()` would have.
+_FILE_MODE = 0o666 & ~_current_umask()
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     """Write a file through `write(handle)` into a temporary sibling, then rename it into place.
 
     The rename is atomic on POSIX and Windows, so `path` holds either the old content or the
-    new one, never a mixture. The temporary file is removed if `write` raises.
+    new one, never a mixture. The temporary file is removed if `write` raises (or the process
+    is interrupted while writing).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -28,11 +62,27 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(handle.name, _FILE_MODE)
         os.replace(handle.name, path)
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)
     return path
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable across a power cut (POSIX; a no-op elsewhere)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass  # some file systems cannot fsync a folder; the rename is still atomic
+    finally:
+        os.close(descriptor)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -44,3 +94,82 @@ def atomic_write_json(path: str | Path, value: Any) -> Path:
     """Atomically replace `path` with `value` as indented JSON (NaN and infinity rejected)."""
     text = json.dumps(value, indent=2, allow_nan=False) + "\n"
     return atomic_write_bytes(path, text.encode())
+
+
+class FolderLockedError(Exception):
+    """Another live process holds the folder's lock.
+
+    Attributes:
+        holder: who holds it, as the holder recorded (`pid 123 on host since 2026-...`).
+    """
+
+    def __init__(self, folder: Path, holder: str) -> None:
+        super().__init__(f"{folder} is locked by {holder}")
+        self.holder = holder
+
+
+class FolderLock:
+    """An exclusive lock on a folder, held by one process at a time.
+
+    Use as a context manager, or call `acquire()` and `release()`. The lock is `flock` on
+    `<folder>/.lock`: released by the operating system when the process ends, however it ends.
+    The file records who holds it (pid, host, start time) for the message of whoever waits.
+    Where `fcntl` is missing (Windows) the lock does nothing.
+
+    Args:
+        folder: the folder to lock (must exist).
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.path = Path(folder) / ".lock"
+        self._handle: IO[str] | None = None
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock now."""
+        return self._handle is not None
+
+    def acquire(self) -> None:
+        """Take the lock, or fail at once.
+
+        Raises:
+            FolderLockedError: another process holds it; the message says which.
+            OSError: the lock file cannot be opened.
+        """
+        if self._handle is not None or fcntl is None:
+            return
+        handle = open(self.path, "a+")  # noqa: SIM115 (kept open while the lock is held)
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise FolderLockedError(self.path.parent, holder) from None
+        except BaseException:
+            handle.close()
+            raise
+        started = _dt.datetime.now().isoformat(timespec="seconds")
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {started}\n")
+        handle.flush()
+        self._handle = handle
+
+    def release(self) -> None:
+        """Give the lock back (closing the file releases the flock)."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> FolderLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.release()

@@ -1,22 +1,41 @@
 """Checkpoints that are safe to load: plain tensors and numbers, read with `weights_only=True`.
 
 A checkpoint is a dict `{"format": "exigo-checkpoint", "version": 1, "model": state_dict,
-"epoch": int, "eval_loss": float, "eval_accuracy": float, "model_class": str}`, written
-atomically. `torch.load(path, weights_only=True)` reads it, and so never executes code from it.
+"model_class": str, ...fields}`, written atomically (temporary file, then rename). The
+pipeline writes two:
+
+- `models/best.pt`: the weights of the epoch with the lowest evaluation loss, with `epoch`,
+  `eval_loss` and `eval_accuracy`.
+- `models/last.pt`: everything `--resume` needs to continue after the last completed epoch:
+  optimizer and scheduler state, random number generator states (`capture_rng`), best loss
+  and epoch, metrics history, run name, configuration, and each analysis' `state_dict()`.
+
+`torch.load(path, weights_only=True)` reads both, and so never executes code from the file:
+the optimizer (AdamW), scheduler (OneCycleLR) and RNG states are tensors, numbers, strings,
+tuples, lists and dicts, which that loader accepts.
 """
 
 from __future__ import annotations
 
 import io
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from exigo._io import atomic_write_bytes
 
-__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "apply_weights",
+    "capture_rng",
+    "load_checkpoint",
+    "restore_rng",
+    "save_checkpoint",
+]
 
 FORMAT = "exigo-checkpoint"
 VERSION = 1
@@ -32,7 +51,9 @@ def save_checkpoint(path: str | Path, model: nn.Module, **fields: Any) -> Path:
     Args:
         path: destination file (its folder is created).
         model: the weights saved are `model.state_dict()`.
-        **fields: extra entries such as `epoch`, `eval_loss`, `optimizer` state.
+        **fields: extra entries such as `epoch`, `eval_loss`, `optimizer` state. They must be
+            loadable with `weights_only=True`: tensors, numbers, strings, None, and
+            lists/tuples/dicts of those.
 
     Returns:
         `path`.
@@ -63,24 +84,102 @@ def load_checkpoint(
         The checkpoint dict.
 
     Raises:
-        CheckpointError: unreadable file, not an exigo checkpoint, or weights that do not fit
-            `model`; the message names the file.
+        CheckpointError: missing or unreadable file, not an exigo checkpoint (including any
+            file that would need to run code to load), or weights that do not fit `model`;
+            the message names the file.
     """
     path = Path(path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file") from None
     except Exception as error:
-        raise CheckpointError(f"{path} is not a loadable checkpoint ({error})") from None
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise CheckpointError(
+            f"{path} is not a loadable exigo checkpoint "
+            f"({type(error).__name__}: {first_line[:200]})"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an exigo checkpoint")
     if model is not None:
-        try:
-            model.load_state_dict(payload["model"])
-        except RuntimeError as error:
-            raise CheckpointError(
-                f"{path} holds weights of a {payload.get('model_class', 'different')} model "
-                f"that do not fit {type(model).__name__}: {error}"
-            ) from None
+        apply_weights(payload, model, path)
     return payload
+
+
+def apply_weights(payload: dict[str, Any], model: nn.Module, path: str | Path) -> None:
+    """Load a checkpoint's weights into `model`, strictly (every key and shape must match).
+
+    Args:
+        payload: a dict returned by `load_checkpoint`.
+        model: receives `payload["model"]`.
+        path: the file `payload` came from, for the message.
+
+    Raises:
+        CheckpointError: the weights do not fit `model`; the message names the file.
+    """
+    try:
+        model.load_state_dict(payload["model"])
+    except (RuntimeError, KeyError, TypeError) as error:
+        raise CheckpointError(
+            f"{path} holds weights of a {payload.get('model_class', 'different')} model "
+            f"that do not fit {type(model).__name__}: {error}"
+        ) from None
+
+
+def capture_rng(generator: torch.Generator | None = None) -> dict[str, Any]:
+    """Every random number generator state a run draws from, as weights_only-safe values.
+
+    Args:
+        generator: an extra generator (the pipeline's shuffling generator).
+
+    Returns:
+        A dict of uint8 tensors (torch CPU, CUDA per device, `generator`), numpy's global
+        MT19937 state as an int64 tensor with its position, and Python's `random` state.
+    """
+    numpy_state = np.random.get_state()
+    python_version, python_words, python_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(numpy_state[1].astype(np.int64)),
+            "position": int(numpy_state[2]),
+            "has_gauss": int(numpy_state[3]),
+            "cached_gaussian": float(numpy_state[4]),
+        },
+        "python": {"version": python_version, "words": list(python_words), "gauss": python_gauss},
+    }
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any], generator: torch.Generator | None = None) -> None:
+    """Put back the states `capture_rng` returned.
+
+    Args:
+        state: the dict from `capture_rng`.
+        generator: receives `state["generator"]` when both are present.
+    """
+    torch.set_rng_state(state["torch"])
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["position"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
+    python_state = state["python"]
+    random.setstate((python_state["version"], tuple(python_state["words"]), python_state["gauss"]))
+    if generator is not None and "generator" in state:
+        generator.set_state(state["generator"])
+    cuda_states = state.get("cuda")
+    # the same number of devices: a resume on another machine keeps its fresh CUDA seeds
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)

@@ -1,17 +1,31 @@
 """Command line of `python runner.py`: MNIST, the default CNN and the default analyses.
 
-Exit codes: 0 success; 1 the run finished but an analysis failed; 2 bad options, data or save
-directory (nothing was trained or written).
+Exit codes:
+
+- 0: success.
+- 1: the run finished but an analysis failed, or a write failed (disk full, read-only).
+- 2: bad options, data, save directory (unwritable, or in use by another run) or `--resume`
+  (nothing to resume, different options): checked before training, nothing was trained.
+- 3: the loss became NaN or infinite; the best checkpoint of earlier epochs is kept.
+- 130 / 143: stopped by SIGINT (Ctrl-C) / SIGTERM; completed epochs are kept (`--resume`).
+
+Expected failures print one message without a traceback; a traceback means a bug.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from exigo.config import Config
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 __all__ = ["build_parser", "config_from_args", "main"]
 
@@ -46,6 +60,29 @@ def _positive_float(text: str) -> float:
     if not value > 0 or value == float("inf"):  # rejects NaN, 0, negatives and infinity
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < math.inf:  # rejects NaN, negatives and infinity
+        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = _non_negative_int(text)
+    if value >= 2**63:  # torch.manual_seed's range
+        raise argparse.ArgumentTypeError(f"must be below 2**63, got {value}")
+    return value
+
+
+def _folder_name(text: str) -> str:
+    if text in ("", ".", "..") or "/" in text or "\\" in text or "\0" in text:
+        raise argparse.ArgumentTypeError(f"must be a plain folder name, got {text!r}")
+    return text
 
 
 def _fraction(text: str) -> float:
@@ -98,7 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="peak learning rate of the one-cycle schedule (AdamW)",
     )
     train.add_argument(
-        "--weight-decay", type=float, default=_DEFAULTS.weight_decay, help="AdamW weight decay"
+        "--weight-decay",
+        type=_non_negative_float,
+        default=_DEFAULTS.weight_decay,
+        help="AdamW weight decay",
     )
     train.add_argument(
         "--label-smoothing",
@@ -108,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--seed",
-        type=int,
+        type=_seed,
         default=_DEFAULTS.seed,
         help="seed of model init, shuffling and analyses; same seed, same metrics on the CPU",
     )
@@ -141,10 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     files.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in --save-dir from its last completed epoch",
+        help="continue the run in --save-dir from its last completed epoch (models/last.pt), "
+        "with the same options",
     )
     files.add_argument(
         "--run-name",
+        type=_folder_name,
         default=None,
         help="TensorBoard run folder under SAVE_DIR/logs (default: start time)",
     )
@@ -200,43 +242,98 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from rich.console import Console
 
-    console = Console()
-    err = Console(stderr=True)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        return _run(config, Console(), err)
+    except KeyboardInterrupt:  # before or after training; during it, run() handles signals
+        err.print("[bold red]interrupted[/bold red]")
+        return 130
 
+
+# errors of the machine, not of exigo: a message, not a traceback
+_ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EIO,
+    errno.EACCES,
+    errno.EPERM,
+}
+
+
+def _run(config: Config, console: Console, err: Console) -> int:
     import torch
 
     from exigo.analyses import default_analyses
+    from exigo.checkpoint import CheckpointError
     from exigo.data import DataError, load_mnist
     from exigo.model import MnistCNN
-    from exigo.pipeline import SaveDirError, prepare_save_dir, resolve_device, run
+    from exigo.pipeline import (
+        ResumeError,
+        RunDiverged,
+        RunInterrupted,
+        SaveDirError,
+        prepare_save_dir,
+        resolve_device,
+        run,
+    )
+
+    def fail(message: object, code: int) -> int:
+        err.print(f"[bold red]error:[/bold red] {message}")
+        return code
 
     try:
         resolve_device(config.device)
         prepare_save_dir(config.save_dir)
         train_data, val_data = load_mnist(config.data_dir, download=config.download)
     except (DataError, SaveDirError, ValueError) as error:
-        err.print(f"[bold red]error:[/bold red] {error}", highlight=False, soft_wrap=True)
-        return 2
+        return fail(error, 2)
 
     torch.manual_seed(config.seed)
     model = MnistCNN(num_classes=len(train_data.classes))
-    result = run(config, model, train_data, val_data, default_analyses(config), console=console)
-    best = result.history[result.best_epoch - 1]
-    console.print(
-        f"best epoch {result.best_epoch}: eval accuracy {best['eval_accuracy']:.2%}, "
-        f"model in {result.save_dir / 'models' / 'best.pt'}; "
-        f"tensorboard --logdir {result.save_dir / 'logs'}",
-        highlight=False,
-        soft_wrap=True,
-    )
-    if result.failed_analyses:
-        names = sorted({name for _, name, _ in result.failed_analyses})
-        err.print(
-            f"[bold red]{len(result.failed_analyses)} analysis run(s) failed:[/bold red] "
-            f"{', '.join(names)}"
+    try:
+        result = run(config, model, train_data, val_data, default_analyses(config), console=console)
+    except (SaveDirError, ResumeError, CheckpointError) as error:
+        return fail(error, 2)
+    except RunInterrupted as interrupt:
+        err.print(f"[bold yellow]stopped:[/bold yellow] {interrupt}")
+        return interrupt.exit_code
+    except RunDiverged as error:
+        return fail(f"training diverged: {error}", 3)
+    except OSError as error:
+        if error.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        return fail(
+            f"{error}. Outputs of completed epochs in {config.save_dir} are intact; "
+            "fix the cause and continue with --resume",
+            1,
         )
-        return 1
+
+    if result.history:
+        best = result.history[result.best_epoch - 1]
+        console.print(
+            f"best epoch {result.best_epoch}: eval accuracy {best['eval_accuracy']:.2%}, "
+            f"model in {result.save_dir / 'models' / 'best.pt'}; "
+            f"tensorboard --logdir {result.save_dir / 'logs'}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if result.failed_analyses:
+        return fail(_failure_summary(result.failed_analyses), 1)
     return 0
+
+
+def _failure_summary(failures: Sequence[tuple[int, str, str]]) -> str:
+    """`analysis NAME failed at epochs 1, 2: FIRST ERROR` for each failing analysis."""
+    by_name: dict[str, list[tuple[int, str]]] = {}
+    for epoch, name, message in failures:
+        by_name.setdefault(name, []).append((epoch, message))
+    lines = [
+        f"analysis {name} failed at epoch{'s' if len(seen) > 1 else ''} "
+        f"{', '.join(str(epoch) for epoch, _ in seen)}: {seen[0][1]}"
+        for name, seen in by_name.items()
+    ]
+    return f"{len(failures)} analysis run(s) failed (figures missing):\n  " + "\n  ".join(lines)
 
 
 if __name__ == "__main__":

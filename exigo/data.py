@@ -12,6 +12,7 @@ pipeline too; it is then read through a `DataLoader`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,50 +143,89 @@ def _read_mnist_split(root: Path, train: bool, download: bool) -> tuple[Tensor, 
     """Decode one split with torchvision, translating its failures into `DataError`."""
     from torchvision.datasets import MNIST  # torchvision takes ~1.5 s to import: only here
 
+    names = MNIST_FILES[:2] if train else MNIST_FILES[2:]
     try:
         dataset = MNIST(root=str(root), train=train, download=download)
     except RuntimeError as error:  # torchvision's "not found" and download failures
+        _check_idx_files(root, names)  # or a downloaded file it could not decode
         raise _missing_error(root, download, error) from None
-    except (AssertionError, ValueError, OSError) as error:
-        raise _corrupt_error(root, train, error) from None
+    except OSError as error:
+        raise DataError(f"cannot read MNIST under --data-dir {root}: {error}") from None
     images, labels = dataset.data, dataset.targets
-    if images.ndim != 3 or images.shape[0] != labels.shape[0]:
-        raise _corrupt_error(root, train, f"{images.shape[0]} images but {labels.shape[0]} labels")
+    if images.shape[0] != labels.shape[0]:
+        raise _corrupt_error(
+            root / names[1], f"{labels.shape[0]} labels for {images.shape[0]} images"
+        )
+    if labels.numel() and (labels.min() < 0 or labels.max() > 9):
+        raise _corrupt_error(root / names[1], "labels outside 0-9")
     return images, labels
 
 
 def _missing_error(root: Path, download: bool, cause: object) -> DataError:
-    expected = "\n".join(f"  {root / name}" for name in MNIST_FILES)
-    how = f"downloading them failed ({cause})" if download else "--no-download is set"
+    missing = [name for name in MNIST_FILES if not (root / name).is_file()]
+    expected = "\n".join(
+        f"  {root / name}{'  (missing)' if name in missing else ''}" for name in MNIST_FILES
+    )
+    offline = "(offline: --data-dir ../shared/mnist)"
+    if download:
+        reason = " ".join(str(cause).split())  # torchvision's message spans several lines
+        return DataError(
+            f"MNIST not found under --data-dir {root}, and downloading it failed: {reason}\n"
+            f"Expected these files:\n{expected}\n"
+            f"Check the network connection, or point --data-dir at a torchvision root that "
+            f"holds them {offline}."
+        )
     return DataError(
-        f"MNIST not found under --data-dir {root} and {how}.\n"
+        f"MNIST not found under --data-dir {root}, and --no-download is set.\n"
         f"Expected these files:\n{expected}\n"
-        "Point --data-dir at a torchvision root that holds them (offline: "
-        "--data-dir ../shared/mnist), or allow the download."
+        f"Point --data-dir at a torchvision root that holds them {offline}, "
+        "or drop --no-download to download them."
     )
 
 
-def _corrupt_error(root: Path, train: bool, cause: object) -> DataError:
-    names = MNIST_FILES[:2] if train else MNIST_FILES[2:]
-    culprit = _find_corrupt_file(root, names)
-    where = culprit if culprit is not None else " or ".join(str(root / n) for n in names)
+def _corrupt_error(path: Path, problem: str) -> DataError:
     return DataError(
-        f"MNIST file {where} is corrupt or truncated ({cause}). "
-        "Delete it and run again to download a fresh copy, or point --data-dir elsewhere."
+        f"MNIST file {path} is corrupt or truncated: {problem}. Replace it with an intact copy "
+        "(or delete it to have it downloaded again), or point --data-dir at another MNIST root."
     )
 
 
-def _find_corrupt_file(root: Path, names: Sequence[str]) -> Path | None:
-    from torchvision.datasets.mnist import read_image_file, read_label_file
+def _idx_problem(path: Path, shape_tail: tuple[int, ...]) -> str | None:
+    """What is wrong with an IDX file of uint8 values shaped [N, *shape_tail], or None.
 
+    IDX: bytes 0-1 zero, byte 2 the type (0x08: uint8), byte 3 the number of dimensions,
+    then one big-endian uint32 per dimension, then the values.
+    """
+    ndim = 1 + len(shape_tail)
+    header_size = 4 + 4 * ndim
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            header = handle.read(header_size)
+    except OSError as error:
+        return f"cannot be read ({error.strerror or error})"
+    if len(header) < header_size:
+        return f"{size} bytes, too short for an IDX header"
+    if header[:2] != b"\0\0" or header[2] != 0x08 or header[3] != ndim:
+        return f"header {header[:4].hex()} is not that of {ndim}-dimensional uint8 IDX data"
+    dims = tuple(int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    if dims[1:] != shape_tail:
+        return f"holds items of shape {list(dims[1:])}, expected {list(shape_tail)}"
+    expected = header_size + math.prod(dims)
+    if size != expected:
+        shape = " x ".join(map(str, dims))
+        return f"{size} bytes, but its header announces {expected} bytes ({shape} values)"
+    return None
+
+
+def _check_idx_files(root: Path, names: Sequence[str]) -> None:
+    """Raise `DataError` naming the first present file that is not intact; absent ones pass."""
     for name in names:
         path = root / name
-        reader = read_image_file if "images" in name else read_label_file
-        try:
-            reader(str(path))
-        except Exception:
-            return path
-    return None
+        if path.is_file():
+            problem = _idx_problem(path, (28, 28) if "images" in name else ())
+            if problem is not None:
+                raise _corrupt_error(path, problem)
 
 
 def load_mnist(
@@ -206,12 +246,11 @@ def load_mnist(
     """
     root = Path(root)
     classes = [str(digit) for digit in range(10)]
+    _check_idx_files(root, MNIST_FILES)  # before torchvision, which misreads damaged files
     splits = []
     for train in (True, False):
         raw_images, labels = _read_mnist_split(root, train, download)
         pixels = raw_images.unsqueeze(1).float().div_(255)  # (N, 1, 28, 28) in [0, 1]
-        if labels.numel() and (labels.min() < 0 or labels.max() > 9):
-            raise _corrupt_error(root, train, "labels outside 0-9")
         images = MNIST_NORMALIZATION.normalize(pixels)
         splits.append(TensorImageDataset(images, labels, classes, MNIST_NORMALIZATION))
     return splits[0], splits[1]

@@ -2,25 +2,48 @@
 
 ```
 run(config, model, train_data, val_data, analyses)
+  start:      lock save_dir; resume from models/last.pt, or replace the previous run's outputs
   per epoch:  train_epoch -> TrainResult      evaluate -> EvalResult (one pass over val_data)
               analysis(EpochContext) for each analysis (a failing analysis is logged, skipped)
-              metrics.json <- one row   TensorBoard <- scalars   models/best.pt if eval loss fell
+              commit: models/best.pt if eval loss fell, metrics.json row, TensorBoard scalars,
+                      models/last.pt (all that --resume needs)
 ```
 
-Outputs in `config.save_dir`: `plots/`, `models/best.pt` (and `models/last.pt`),
+Outputs in `config.save_dir`: `plots/`, `models/best.pt` and `models/last.pt`,
 `metrics.json`, `run.json`, and TensorBoard events in `logs/<run-name>/`. A new run replaces
 the previous run's plots, models and metrics there; TensorBoard runs accumulate side by side.
+
+What a run survives:
+
+- Another run on the same `save_dir`: it holds `save_dir/.lock` (`FolderLock`) and the second
+  run stops with `SaveDirError` before touching anything.
+- SIGINT (Ctrl-C) or SIGTERM: the run stops at the next batch or between two analyses,
+  drops the unfinished epoch, closes TensorBoard and raises `RunInterrupted`; a second signal
+  stops it at once. Every file is written atomically, so even `kill -9` leaves complete files.
+- A NaN or infinite loss: `RunDiverged` before any analysis sees the diverged model.
+- A failing analysis: logged with its traceback, skipped for that epoch, reported in
+  `RunResult.failed_analyses`.
+
+`--resume` (`Config.resume`) restores the model, optimizer, scheduler, every random number
+generator, the best loss, the metrics history and each analysis' `state_dict()` from
+`models/last.pt`, so on the CPU the resumed run's metrics equal an uninterrupted run's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
+import gc
 import io
 import json
+import math
 import platform
 import shutil
+import signal
 import sys
+import threading
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,21 +54,32 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from exigo._io import atomic_write_bytes, atomic_write_json
-from exigo.checkpoint import save_checkpoint
+from exigo._io import FolderLock, FolderLockedError, atomic_write_bytes, atomic_write_json
+from exigo.checkpoint import (
+    apply_weights,
+    capture_rng,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
 from exigo.config import Config
 from exigo.data import Normalization, dataset_targets, gather
-from exigo.training import EvalResult, TrainResult, evaluate, train_epoch
+from exigo.model import embedding_module
+from exigo.training import DivergenceError, EvalResult, TrainResult, evaluate, train_epoch
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from rich.console import Console
+    from rich.progress import Progress
     from torch.utils.tensorboard import SummaryWriter
 
 __all__ = [
     "Analysis",
     "EpochContext",
     "Probe",
+    "ResumeError",
+    "RunDiverged",
+    "RunInterrupted",
     "RunResult",
     "SaveDirError",
     "load_metrics",
@@ -57,10 +91,61 @@ __all__ = [
 
 #: Files and folders of one run inside the save directory, replaced by the next run.
 RUN_OUTPUTS = ("plots", "models", "metrics.json", "run.json", "report.html")
+BEST_CHECKPOINT = "models/best.pt"
+LAST_CHECKPOINT = "models/last.pt"
+
+#: Settings that may differ between a run and its `--resume`: they say where files are or how
+#: fast evaluation goes, not what is trained. Every other field must match.
+RESUMABLE_CHANGES = frozenset(
+    {"resume", "save_dir", "data_dir", "download", "device", "eval_batch_size", "run_name"}
+)
 
 
 class SaveDirError(Exception):
-    """The save directory cannot be created or written."""
+    """The save directory cannot be created, written or locked, or holds others' files."""
+
+
+class ResumeError(Exception):
+    """`--resume` finds nothing to continue, or settings that differ from the run's."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run; the outputs of every completed epoch are intact.
+
+    A `KeyboardInterrupt`, so code that catches `Exception` (such as the pipeline's guard
+    around each analysis) lets it through.
+
+    Attributes:
+        signal_number: the signal received (`signal.SIGINT` or `signal.SIGTERM`).
+        result: the completed epochs (set by the pipeline before the exception leaves `run`).
+    """
+
+    def __init__(self, signal_number: int, message: str | None = None) -> None:
+        self.signal_number = signal_number
+        self.result: RunResult | None = None
+        super().__init__(message or f"interrupted by {self.signal_name}")
+
+    @property
+    def signal_name(self) -> str:
+        """`SIGINT`, `SIGTERM`, ..."""
+        return signal.Signals(self.signal_number).name
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number, as a shell reports it: 130 for SIGINT, 143 for SIGTERM."""
+        return 128 + self.signal_number
+
+
+class RunDiverged(DivergenceError):
+    """The loss became NaN or infinite; the epoch was dropped, earlier outputs are intact.
+
+    Attributes:
+        result: the completed epochs.
+    """
+
+    def __init__(self, message: str, result: RunResult) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 @dataclass(frozen=True)
@@ -190,11 +275,27 @@ class RunResult:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` picks cuda, then mps, then cpu; any other name is passed to `torch.device`."""
+    """`auto` picks cuda, then mps, then cpu; any other name is passed to `torch.device`.
+
+    Raises:
+        ValueError: an unknown device name, or a device this machine does not have.
+    """
     if name != "auto":
-        device = torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ValueError(
+                f"--device {name!r} is not a device (auto, cpu, cuda, cuda:1, mps)"
+            ) from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {name}: CUDA is not available on this machine")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+        mps = getattr(torch.backends, "mps", None)
+        if device.type == "mps" and not (mps is not None and mps.is_available()):
+            raise ValueError(f"--device {name}: MPS is not available on this machine")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -251,9 +352,44 @@ def select_probe(targets: Tensor, size: int, num_classes: int) -> Tensor:
     return torch.tensor(chosen, dtype=torch.long)
 
 
-def _clear_previous_run(save_dir: Path) -> None:
-    for name in RUN_OUTPUTS:
-        path = save_dir / name
+def _check_run_name(run_name: str | None) -> None:
+    """A run name becomes a folder under `save_dir/logs`: one plain path component."""
+    if run_name is None:
+        return
+    if run_name in ("", ".", "..") or "/" in run_name or "\\" in run_name or "\0" in run_name:
+        raise ValueError(f"run name must be a plain folder name, got {run_name!r}")
+
+
+def _is_exigo_run(save_dir: Path) -> bool:
+    """Whether `save_dir/run.json` was written by exigo (so its neighbours are ours to replace)."""
+    try:
+        info = json.loads((save_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and "run_name" in info and "config" in info
+
+
+def _check_replaceable(save_dir: Path) -> None:
+    """Refuse to delete a folder's `plots/`, `models/`, ... unless an exigo run wrote them.
+
+    Guards against a typo such as `--save-dir ~`, which would otherwise remove `~/models`.
+    """
+    present = [
+        name
+        for name in RUN_OUTPUTS
+        if (save_dir / name).is_file()
+        or ((save_dir / name).is_dir() and any((save_dir / name).iterdir()))
+    ]
+    if present and not _is_exigo_run(save_dir):
+        raise SaveDirError(
+            f"--save-dir {save_dir} already holds {', '.join(present)} but no exigo run.json: "
+            "a new run would delete them. Choose an empty folder or one an exigo run wrote."
+        )
+
+
+def _clear_previous_run(save_dir: Path, run_name: str) -> None:
+    log_dir = save_dir / "logs" / run_name  # the same run name: replace, don't mix event files
+    for path in [*(save_dir / name for name in RUN_OUTPUTS), log_dir]:
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
@@ -292,6 +428,477 @@ def _numeric(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _analysis_name(analysis: Analysis) -> str:
+    return getattr(analysis, "name", type(analysis).__name__)
+
+
+class _StopSignals:
+    """SIGINT and SIGTERM ask the run to stop at the next safe point; a second one stops it now.
+
+    Safe points (`check()`) are batch boundaries and the gaps between analyses, so a stop never
+    lands in the middle of writing a checkpoint or metrics.json. Handlers can only be installed
+    from the main thread; elsewhere the signals keep their usual behaviour.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+        self._previous.clear()
+
+    def _handle(self, number: int, _frame: object) -> None:
+        if self.received is not None:  # asked twice: the user does not want to wait
+            raise RunInterrupted(number)
+        self.received = number
+
+    def check(self) -> None:
+        """Raise `RunInterrupted` if a stop was requested."""
+        if self.received is not None:
+            raise RunInterrupted(self.received)
+
+
+@dataclass
+class _RunState:
+    """What changes from epoch to epoch; `models/last.pt` saves it for `--resume`.
+
+    Attributes:
+        run_name: the TensorBoard run folder under `save_dir/logs`.
+        epoch: last completed epoch (0 before the first one completes).
+        best_epoch: epoch of the lowest evaluation loss so far (0: none yet).
+        best_eval_loss: that loss.
+        history: one metrics row per completed epoch.
+    """
+
+    run_name: str
+    epoch: int = 0
+    best_epoch: int = 0
+    best_eval_loss: float = float("inf")
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        """The fields as checkpoint entries."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_checkpoint(cls, payload: dict[str, Any]) -> _RunState:
+        """The state a `to_checkpoint()` dict (inside a loaded checkpoint) describes."""
+        return cls(**{name: payload[name] for name in cls.__dataclass_fields__})
+
+
+@dataclass
+class _Run:
+    """A run in progress: what stays fixed from epoch to epoch, and its `_RunState`."""
+
+    config: Config
+    model: nn.Module
+    train_data: Dataset
+    val_data: Dataset
+    analyses: Sequence[Analysis]
+    class_names: list[str]
+    normalization: Normalization | None
+    device: torch.device
+    probe: Probe
+    console: Console
+    stop: _StopSignals
+    save_dir: Path
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator  # the shuffling order of every epoch
+    state: _RunState
+    writer: SummaryWriter | None = None
+    failures: list[tuple[int, str, str]] = field(default_factory=list)
+    current_epoch: int = 0  # the epoch being trained (for messages)
+
+    @property
+    def log_dir(self) -> Path:
+        """The TensorBoard run folder."""
+        return self.save_dir / "logs" / self.state.run_name
+
+    @property
+    def plots_dir(self) -> Path:
+        """Where figures go."""
+        return self.save_dir / "plots"
+
+    def result(self) -> RunResult:
+        """The `RunResult` of the epochs completed so far."""
+        return RunResult(
+            history=self.state.history,
+            best_epoch=self.state.best_epoch,
+            best_eval_loss=self.state.best_eval_loss,
+            failed_analyses=self.failures,
+            save_dir=self.save_dir,
+            log_dir=self.log_dir,
+        )
+
+    # ---------------------------------------------------------------- the epoch loop
+
+    def train(self) -> RunResult:
+        """Run the remaining epochs; turn a stop or a divergence into an exception with a result.
+
+        Raises:
+            RunInterrupted: SIGINT or SIGTERM; the epoch in progress was dropped.
+            RunDiverged: a NaN or infinite loss; the epoch in progress was dropped.
+        """
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step hides events an interrupted attempt logged after its last completed epoch
+        purge_step = self.state.epoch + 1 if self.state.epoch else None
+        self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step)
+        try:
+            if self.state.epoch == 0:
+                early = [a for a in self.analyses if getattr(a, "before_training", False)]
+                self._analyse(self._context(0, None), early)
+            for epoch in range(self.state.epoch + 1, self.config.epochs + 1):
+                self._run_epoch(epoch)
+        except RunInterrupted as interrupt:
+            interrupt.args = (self._where_things_are(f"interrupted by {interrupt.signal_name}"),)
+            interrupt.result = self.result()
+            raise
+        except DivergenceError as error:
+            message = f"{error} (--lr is {self.config.lr:g})"
+            raise RunDiverged(self._where_things_are(message), self.result()) from None
+        finally:
+            self.writer.close()
+        return self.result()
+
+    def _run_epoch(self, epoch: int) -> None:
+        started = time.perf_counter()
+        self.current_epoch = epoch
+        trained, evaluation = self._fit(epoch)
+        ctx = self._context(epoch, evaluation)
+        analysis_seconds = self._analyse(ctx, self.analyses)
+        self._commit(ctx, trained, evaluation, analysis_seconds, started)
+
+    def _fit(self, epoch: int) -> tuple[TrainResult, EvalResult]:
+        """Train one epoch and evaluate; a NaN or infinite loss raises before any analysis."""
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        order = torch.randperm(len(self.train_data), generator=self.generator)
+        columns = (
+            TextColumn("{task.description:<24}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TimeElapsedColumn(),
+        )
+        label = f"epoch {epoch}/{self.config.epochs}"
+        with Progress(*columns, console=self.console, transient=False) as progress:
+            trained = train_epoch(
+                self.model,
+                self.train_data,
+                order,
+                self.optimizer,
+                self.scheduler,
+                batch_size=self.config.batch_size,
+                device=self.device,
+                label_smoothing=self.config.label_smoothing,
+                on_batch=self._ticker(progress, f"{label} training", len(self.train_data)),
+            )
+            evaluation = evaluate(
+                self.model,
+                self.val_data,
+                batch_size=self.config.eval_batch_size,
+                device=self.device,
+                on_batch=self._ticker(progress, f"{label} evaluating", len(self.val_data)),
+            )
+        if not math.isfinite(evaluation.loss):
+            raise DivergenceError(
+                f"evaluation loss became {evaluation.loss}; the learning rate is probably too "
+                "high (try a smaller --lr)"
+            )
+        return trained, evaluation
+
+    def _ticker(self, progress: Progress, description: str, total: int) -> Callable[[int], None]:
+        """A batch callback: advance the bar, then stop here if a signal asked to."""
+        task = progress.add_task(description, total=total)
+
+        def advance(images: int) -> None:
+            progress.advance(task, images)
+            self.stop.check()
+
+        return advance
+
+    def _context(self, epoch: int, evaluation: EvalResult | None) -> EpochContext:
+        assert self.writer is not None
+        return EpochContext(
+            epoch=epoch,
+            model=self.model,
+            eval=evaluation,
+            probe=self.probe,
+            class_names=self.class_names,
+            normalization=self.normalization,
+            val_data=self.val_data,
+            device=self.device,
+            config=self.config,
+            plots_dir=self.plots_dir,
+            writer=self.writer,
+            history=list(self.state.history),
+            log=self.console.print,
+        )
+
+    def _analyse(self, ctx: EpochContext, which: Sequence[Analysis]) -> dict[str, float]:
+        """Call each analysis; one that raises is reported and skipped (training goes on)."""
+        seconds: dict[str, float] = {}
+        self.model.eval()
+        for analysis in which:
+            self.stop.check()
+            name = _analysis_name(analysis)
+            known = set(ctx.metrics)
+            start = time.perf_counter()
+            try:
+                analysis(ctx)
+            except Exception as error:  # an analysis never kills training
+                self._report_failure(ctx.epoch, name, error)
+            seconds[name] = time.perf_counter() - start
+            self._check_metrics(ctx, known, name)
+        # matplotlib figures are reference cycles: free them now, not when the collector
+        # happens to run, so memory stays flat from epoch to epoch
+        gc.collect()
+        return seconds
+
+    def _report_failure(self, epoch: int, name: str, error: BaseException) -> None:
+        first_time = all(failed != name for _, failed, _ in self.failures)
+        self.failures.append((epoch, name, f"{type(error).__name__}: {error}"))
+        self.console.print(
+            f"[red]analysis {name} failed at epoch {epoch}:[/red] {type(error).__name__}: {error}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        if first_time:  # the traceback once per analysis: enough to find the bug
+            trace = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+            self.console.print(trace, markup=False, highlight=False, soft_wrap=True)
+
+    def _check_metrics(self, ctx: EpochContext, known: set[str], name: str) -> None:
+        """Keep an analysis' new metrics only if they are finite numbers (metrics.json is JSON)."""
+        for key in [key for key in ctx.metrics if key not in known]:
+            value = ctx.metrics[key]
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                del ctx.metrics[key]
+                self._report_failure(
+                    ctx.epoch, name, TypeError(f"metric {key} is not a number: {value!r}")
+                )
+                continue
+            if math.isfinite(number):
+                ctx.metrics[key] = number
+            else:
+                del ctx.metrics[key]
+                self.console.print(
+                    f"[yellow]analysis {name}: metric {key} is {number} at epoch {ctx.epoch}; "
+                    "left out of metrics.json[/yellow]",
+                    highlight=False,
+                )
+
+    def _commit(
+        self,
+        ctx: EpochContext,
+        trained: TrainResult,
+        evaluation: EvalResult,
+        analysis_seconds: dict[str, float],
+        started: float,
+    ) -> None:
+        """Write the epoch's outputs; once `models/last.pt` is written the epoch is complete."""
+        assert self.writer is not None
+        epoch, state = ctx.epoch, self.state
+        improved = evaluation.loss < state.best_eval_loss
+        if improved:
+            state.best_epoch, state.best_eval_loss = epoch, evaluation.loss
+            save_checkpoint(
+                self.save_dir / BEST_CHECKPOINT,
+                self.model,
+                epoch=epoch,
+                eval_loss=evaluation.loss,
+                eval_accuracy=evaluation.accuracy,
+            )
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": trained.loss,
+            "train_accuracy": trained.accuracy,
+            "eval_loss": evaluation.loss,
+            "eval_accuracy": evaluation.accuracy,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_seconds": trained.seconds,
+            "eval_seconds": evaluation.seconds,
+            "analysis_seconds": analysis_seconds,
+            "best": improved,
+            **ctx.metrics,
+        }
+        row["seconds"] = time.perf_counter() - started
+        state.history.append(row)
+        state.epoch = epoch
+        atomic_write_json(self.save_dir / "metrics.json", state.history)
+        _log_scalars(self.writer, row, epoch)
+        self.writer.flush()
+        self.console.print(
+            f"epoch {epoch}/{self.config.epochs}  train loss {trained.loss:.4f}  "
+            f"eval loss {evaluation.loss:.4f}  eval accuracy {evaluation.accuracy:.2%}  "
+            f"({row['seconds']:.1f} s{', best so far' if improved else ''})",
+            highlight=False,
+            soft_wrap=True,
+        )
+        self._write_report(epoch)
+        # last: whatever ran above (analyses, report) may have drawn random numbers
+        self._save_last()
+
+    def _write_report(self, epoch: int) -> None:
+        try:  # report.html from the files just written; like an analysis, never kills training
+            from exigo.report import write_report
+
+            write_report(self.save_dir)
+        except Exception as error:
+            self.failures.append((epoch, "report", f"{type(error).__name__}: {error}"))
+            self.console.print(
+                f"[red]report failed at epoch {epoch}:[/red] {type(error).__name__}: {error}"
+            )
+
+    def _save_last(self) -> None:
+        analysis_states = {
+            _analysis_name(analysis): analysis.state_dict()
+            for analysis in self.analyses
+            if callable(getattr(analysis, "state_dict", None))
+        }
+        save_checkpoint(
+            self.save_dir / LAST_CHECKPOINT,
+            self.model,
+            **self.state.to_checkpoint(),
+            config=self.config.to_dict(),
+            train_size=len(self.train_data),
+            val_size=len(self.val_data),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            rng=capture_rng(self.generator),
+            analyses=analysis_states,
+        )
+
+    def _where_things_are(self, what: str) -> str:
+        """One line: what happened, during which epoch, and where the outputs are."""
+        epoch, state = self.current_epoch, self.state
+        if epoch:
+            what += f" during epoch {epoch}/{self.config.epochs} (not saved)"
+        if state.best_epoch:
+            kept = (
+                f"best model (epoch {state.best_epoch}): {self.save_dir / BEST_CHECKPOINT}; "
+                f"metrics of epochs 1-{state.epoch}: {self.save_dir / 'metrics.json'}"
+            )
+        else:
+            kept = "no epoch completed, no checkpoint saved"
+        resume = "; --resume continues from epoch " + str(state.epoch) if state.epoch else ""
+        return f"{what}; {kept}; TensorBoard: {self.log_dir}{resume}"
+
+    # ---------------------------------------------------------------- starting a run
+
+    def start_fresh(self) -> None:
+        """Replace the previous run's outputs (the lock is held) and record this run."""
+        _check_replaceable(self.save_dir)
+        _clear_previous_run(self.save_dir, self.state.run_name)
+        self.plots_dir.mkdir(parents=True, exist_ok=True)
+        (self.save_dir / "models").mkdir(parents=True, exist_ok=True)
+        atomic_write_json(
+            self.save_dir / "run.json",
+            {
+                "run_name": self.state.run_name,
+                "config": self.config.to_dict(),
+                "seed": self.config.seed,
+                "device": str(self.device),
+                "versions": _versions(),
+                "model": type(self.model).__name__,
+                "started": _dt.datetime.now().isoformat(timespec="seconds"),
+                "train_size": len(self.train_data),
+                "val_size": len(self.val_data),
+                "class_names": self.class_names,
+                "resumed": [],
+            },
+        )
+
+    def start_resumed(self) -> None:
+        """Restore everything `models/last.pt` recorded; nothing in save_dir is removed.
+
+        Raises:
+            ResumeError: no `models/last.pt`, or options that differ from the run's.
+            CheckpointError: `models/last.pt` is not a loadable exigo checkpoint of this model.
+        """
+        path = self.save_dir / LAST_CHECKPOINT
+        if not path.exists():
+            raise ResumeError(
+                f"--resume: no {path}, so there is nothing to continue in --save-dir "
+                f"{self.save_dir} (a run writes it after its first epoch); "
+                "start a new run without --resume"
+            )
+        payload = load_checkpoint(path)
+        _check_resumable(payload, self, path)
+        apply_weights(payload, self.model, path)
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.state = _RunState.from_checkpoint(payload)
+        for analysis in self.analyses:
+            saved = payload["analyses"].get(_analysis_name(analysis))
+            if saved is not None and callable(getattr(analysis, "load_state_dict", None)):
+                try:
+                    analysis.load_state_dict(saved)
+                except Exception as error:  # a lost colour scale must not stop the run
+                    self._report_failure(self.state.epoch, _analysis_name(analysis), error)
+        self._record_resume()
+        restore_rng(payload["rng"], self.generator)  # last: nothing after this draws numbers
+
+    def _record_resume(self) -> None:
+        path = self.save_dir / "run.json"
+        info = json.loads(path.read_text()) if _is_exigo_run(self.save_dir) else {}
+        info.setdefault("resumed", []).append(
+            {
+                "at": _dt.datetime.now().isoformat(timespec="seconds"),
+                "after_epoch": self.state.epoch,
+                "device": str(self.device),
+                "versions": _versions(),
+            }
+        )
+        atomic_write_json(path, info)
+
+
+def _check_resumable(payload: dict[str, Any], session: _Run, path: Path) -> None:
+    """Raise `ResumeError` unless `session` would continue the run `payload` recorded exactly."""
+    saved = payload.get("config")
+    if not isinstance(saved, dict) or "history" not in payload or "rng" not in payload:
+        raise ResumeError(f"--resume: {path} is a checkpoint, but not one a run can resume from")
+    now = session.config.to_dict()
+    differences = [
+        f"{name} {saved.get(name)!r} then, {now.get(name)!r} now"
+        for name in sorted(set(saved) | set(now))
+        if name not in RESUMABLE_CHANGES and saved.get(name) != now.get(name)
+    ]
+    if session.config.run_name not in (None, payload["run_name"]):
+        differences.append(
+            f"run_name {payload['run_name']!r} then, {session.config.run_name!r} now"
+        )
+    if payload.get("model_class") != type(session.model).__name__:
+        differences.append(
+            f"model {payload.get('model_class')} then, {type(session.model).__name__} now"
+        )
+    for name, data in (("train_size", session.train_data), ("val_size", session.val_data)):
+        if payload.get(name) != len(data):
+            differences.append(f"{name} {payload.get(name)} then, {len(data)} now")
+    if differences:
+        raise ResumeError(
+            f"--resume: the run in {session.save_dir} was started with other settings ("
+            + "; ".join(differences)
+            + "). Resume with the same options, or start a new run without --resume."
+        )
+
+
 def run(
     config: Config,
     model: nn.Module,
@@ -306,14 +913,16 @@ def run(
     """Train `model` for `config.epochs` epochs and analyse it after each one.
 
     Works for any classifier mapping [N, C, H, W] images to [N, K] logits whose last
-    `nn.Linear` (or `classifier` attribute) receives the embedding.
+    `nn.Linear` (or `classifier` attribute) receives the embedding. With `config.resume`, the
+    run in `config.save_dir` continues after its last completed epoch (`models/last.pt`).
 
     Args:
         config: the run's settings (epochs, batch size, learning rate, seed, folders, device).
         model: the classifier to train, on any device (it is moved to the run's device).
         train_data: dataset of `(image [C, H, W], label)` pairs.
         val_data: held-out dataset, evaluated once per epoch.
-        analyses: per-epoch analyses, called in order after each evaluation.
+        analyses: per-epoch analyses, called in order after each evaluation. Those with
+            `state_dict()` / `load_state_dict()` have their state saved and restored on resume.
         class_names: display name per class; default `val_data.classes` or "0".."K-1".
         normalization: how images were made from pixels (for display and blank baselines);
             default `val_data.normalization` when present.
@@ -321,47 +930,80 @@ def run(
 
     Returns:
         The `RunResult`.
+
+    Raises:
+        SaveDirError: the save directory cannot be written, another run holds it, or it holds
+            files exigo did not write. Nothing was changed.
+        ResumeError: `config.resume` but nothing to resume, or different settings.
+        CheckpointError: `models/last.pt` cannot be loaded into `model`.
+        RunInterrupted: SIGINT or SIGTERM arrived; completed epochs are saved.
+        RunDiverged: the loss became NaN or infinite; completed epochs are saved.
     """
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
-    from torch.utils.tensorboard import SummaryWriter
 
-    console = console or Console()
+    _check_run_name(config.run_name)
     save_dir = prepare_save_dir(config.save_dir)
     device = resolve_device(config.device)
-    model = model.to(device)
+    embedding_module(model)  # a model without a linear layer fails now, before any file changes
+    lock = FolderLock(save_dir)
+    try:
+        lock.acquire()
+    except FolderLockedError as error:
+        raise SaveDirError(
+            f"--save-dir {save_dir} is in use by another exigo run ({error.holder}); "
+            "wait for it to finish or choose another --save-dir"
+        ) from None
+    except OSError as error:
+        raise SaveDirError(f"cannot lock --save-dir {save_dir}: {error}") from None
+    try:
+        with _StopSignals() as stop:
+            session = _open_run(
+                config,
+                model.to(device),
+                train_data,
+                val_data,
+                analyses,
+                class_names=class_names,
+                normalization=normalization,
+                console=console or Console(),
+                device=device,
+                stop=stop,
+                save_dir=save_dir,
+            )
+            if session.state.epoch >= config.epochs:
+                session.console.print(
+                    f"the run in {save_dir} already completed its {config.epochs} epochs; "
+                    "nothing to resume"
+                )
+                return session.result()
+            return session.train()
+    finally:
+        lock.release()
+
+
+def _open_run(
+    config: Config,
+    model: nn.Module,
+    train_data: Dataset,
+    val_data: Dataset,
+    analyses: Sequence[Analysis],
+    *,
+    class_names: Sequence[str] | None,
+    normalization: Normalization | None,
+    console: Console,
+    device: torch.device,
+    stop: _StopSignals,
+    save_dir: Path,
+) -> _Run:
+    """Build the run's fixed parts, then resume it or start it fresh."""
     targets = dataset_targets(val_data)
-    class_names = list(
-        class_names or getattr(val_data, "classes", None) or range(int(targets.max()) + 1)
-    )
-    class_names = [str(name) for name in class_names]
+    names = [
+        str(name)
+        for name in (
+            class_names or getattr(val_data, "classes", None) or range(int(targets.max()) + 1)
+        )
+    ]
     normalization = normalization or getattr(val_data, "normalization", None)
-
-    _clear_previous_run(save_dir)
-    plots_dir = save_dir / "plots"
-    models_dir = save_dir / "models"
-    plots_dir.mkdir(parents=True, exist_ok=True)
-    models_dir.mkdir(parents=True, exist_ok=True)
-    run_name = config.run_name or _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    log_dir = save_dir / "logs" / run_name
-    writer = SummaryWriter(log_dir=str(log_dir))
-    atomic_write_json(
-        save_dir / "run.json",
-        {
-            "run_name": run_name,
-            "config": config.to_dict(),
-            "seed": config.seed,
-            "device": str(device),
-            "versions": _versions(),
-            "model": type(model).__name__,
-            "started": _dt.datetime.now().isoformat(timespec="seconds"),
-            "train_size": len(train_data),
-            "val_size": len(val_data),
-            "class_names": class_names,
-        },
-    )
-
-    generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
@@ -369,143 +1011,31 @@ def run(
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch
     )
-    probe = _make_probe(
-        val_data, targets, config.probe_size, len(class_names), normalization, device
-    )
-    history: list[dict[str, Any]] = []
-    failures: list[tuple[int, str, str]] = []
-    best_epoch, best_loss = 0, float("inf")
-
-    def context(epoch: int, evaluation: EvalResult | None) -> EpochContext:
-        return EpochContext(
-            epoch=epoch,
-            model=model,
-            eval=evaluation,
-            probe=probe,
-            class_names=class_names,
-            normalization=normalization,
-            val_data=val_data,
-            device=device,
-            config=config,
-            plots_dir=plots_dir,
-            writer=writer,
-            history=list(history),
-            log=console.print,
-        )
-
-    def call_analyses(ctx: EpochContext, which: Sequence[Analysis]) -> dict[str, float]:
-        seconds: dict[str, float] = {}
-        model.eval()
-        for analysis in which:
-            name = getattr(analysis, "name", type(analysis).__name__)
-            start = time.perf_counter()
-            try:
-                analysis(ctx)
-            except Exception as error:  # an analysis never kills training
-                failures.append((ctx.epoch, name, f"{type(error).__name__}: {error}"))
-                console.print(
-                    f"[red]analysis {name} failed at epoch {ctx.epoch}:[/red] "
-                    f"{type(error).__name__}: {error}"
-                )
-            seconds[name] = time.perf_counter() - start
-        return seconds
-
-    try:
-        early = [a for a in analyses if getattr(a, "before_training", False)]
-        if early:
-            call_analyses(context(0, None), early)
-
-        columns = (
-            TextColumn("{task.description:<24}"),
-            BarColumn(),
-            TaskProgressColumn(),
-            TimeElapsedColumn(),
-        )
-        for epoch in range(1, config.epochs + 1):
-            epoch_start = time.perf_counter()
-            order = torch.randperm(len(train_data), generator=generator)
-            with Progress(*columns, console=console, transient=False) as progress:
-                task = progress.add_task(
-                    f"epoch {epoch}/{config.epochs} training", total=len(train_data)
-                )
-                trained: TrainResult = train_epoch(
-                    model,
-                    train_data,
-                    order,
-                    optimizer,
-                    scheduler,
-                    batch_size=config.batch_size,
-                    device=device,
-                    label_smoothing=config.label_smoothing,
-                    on_batch=lambda n, task=task: progress.advance(task, n),
-                )
-                task = progress.add_task(
-                    f"epoch {epoch}/{config.epochs} evaluating", total=len(val_data)
-                )
-                evaluation = evaluate(
-                    model,
-                    val_data,
-                    batch_size=config.eval_batch_size,
-                    device=device,
-                    on_batch=lambda n, task=task: progress.advance(task, n),
-                )
-            ctx = context(epoch, evaluation)
-            analysis_seconds = call_analyses(ctx, analyses)
-            improved = evaluation.loss < best_loss
-            if improved:
-                best_epoch, best_loss = epoch, evaluation.loss
-                save_checkpoint(
-                    models_dir / "best.pt",
-                    model,
-                    epoch=epoch,
-                    eval_loss=evaluation.loss,
-                    eval_accuracy=evaluation.accuracy,
-                )
-            row: dict[str, Any] = {
-                "epoch": epoch,
-                "train_loss": trained.loss,
-                "train_accuracy": trained.accuracy,
-                "eval_loss": evaluation.loss,
-                "eval_accuracy": evaluation.accuracy,
-                "lr": optimizer.param_groups[0]["lr"],
-                "train_seconds": trained.seconds,
-                "eval_seconds": evaluation.seconds,
-                "analysis_seconds": analysis_seconds,
-                "best": improved,
-                **ctx.metrics,
-            }
-            row["seconds"] = time.perf_counter() - epoch_start
-            history.append(row)
-            _log_scalars(writer, row, epoch)
-            atomic_write_json(save_dir / "metrics.json", history)
-            console.print(
-                f"epoch {epoch}/{config.epochs}  train loss {trained.loss:.4f}  "
-                f"eval loss {evaluation.loss:.4f}  eval accuracy {evaluation.accuracy:.2%}  "
-                f"({row['seconds']:.1f} s{', best so far' if improved else ''})",
-                highlight=False,
-                soft_wrap=True,
-            )
-            try:  # report.html from the files just written; like an analysis, never kills training
-                from exigo.report import write_report
-
-                write_report(save_dir)
-            except Exception as error:
-                failures.append((epoch, "report", f"{type(error).__name__}: {error}"))
-                console.print(
-                    f"[red]report failed at epoch {epoch}:[/red] {type(error).__name__}: {error}"
-                )
-    finally:
-        writer.flush()
-        writer.close()
-
-    return RunResult(
-        history=history,
-        best_epoch=best_epoch,
-        best_eval_loss=best_loss,
-        failed_analyses=failures,
+    session = _Run(
+        config=config,
+        model=model,
+        train_data=train_data,
+        val_data=val_data,
+        analyses=analyses,
+        class_names=names,
+        normalization=normalization,
+        device=device,
+        probe=_make_probe(val_data, targets, config.probe_size, len(names), normalization, device),
+        console=console,
+        stop=stop,
         save_dir=save_dir,
-        log_dir=log_dir,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        generator=torch.Generator().manual_seed(config.seed),
+        state=_RunState(
+            run_name=config.run_name or _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+        ),
     )
+    if config.resume:
+        session.start_resumed()
+    else:
+        session.start_fresh()
+    return session
 
 
 def _log_scalars(writer: SummaryWriter, row: dict[str, Any], epoch: int) -> None:
