@@ -16,8 +16,8 @@ so embedding $n$ bytes of PNG costs
 
 $$\text{size}_{\text{base64}}(n) = 4 \left\lceil \frac{n}{3} \right\rceil \approx 1.33\, n$$
 
-characters, and the report grows linearly with epochs times analyses (about 30-60 KB per
-figure at 100 dpi). A Content-Security-Policy meta tag forbids the page every network request
+characters, and the report grows linearly with epochs times analyses (at 100 dpi, 20-300 KB
+per figure: the MNIST saliency and attribution grids take 150-290 KB each). A Content-Security-Policy meta tag forbids the page every network request
 (only `data:` images and its own inline style and script are allowed).
 
 `build_report(save_dir)` only reads the save directory and returns the HTML text;
@@ -69,7 +69,12 @@ KNOWN_FIGURES: dict[str, tuple[str, str]] = {
     ),
     "attributions": (
         "Attribution methods compared",
-        "Several attribution methods on the same probe images, with their sanity checks.",
+        "Several attribution methods explaining the same probe images.",
+    ),
+    "attribution_checks": (
+        "Attribution checks",
+        "Can the attributions be trusted: faithfulness (deleting or inserting the pixels they "
+        "rank first) and sensitivity to randomising the model's weights.",
     ),
     "class_models": (
         "Class models",
@@ -404,16 +409,15 @@ _BASE_COLUMNS = {
 _NOT_SHOWN = {"best", "analysis_seconds", "train_seconds", "eval_seconds"}
 
 
-def _metric_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
-    """Base columns present in the rows, then analysis scalars in first-seen order."""
-    present = {key for row in rows for key in row}
-    columns = {key: header for key, header in _BASE_COLUMNS.items() if key in present}
+def _analysis_scalars(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Numeric row keys that the analyses added, in first-seen order."""
+    names: list[str] = []
     for row in rows:
         for key, value in row.items():
             numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if key not in columns and key not in _NOT_SHOWN and numeric:
-                columns[key] = key
-    return columns
+            if numeric and key not in _BASE_COLUMNS and key not in _NOT_SHOWN and key not in names:
+                names.append(key)
+    return names
 
 
 def build_report(save_dir: str | Path) -> str:
@@ -469,7 +473,8 @@ def build_report(save_dir: str | Path) -> str:
             }
         )
 
-    columns = _metric_columns(rows)
+    present = {key for row in rows for key in row}
+    columns = {key: header for key, header in _BASE_COLUMNS.items() if key in present}
     table = [
         {
             "epoch": int(row["epoch"]),
@@ -477,6 +482,11 @@ def build_report(save_dir: str | Path) -> str:
             "cells": [_format_metric(key, row.get(key)) for key in columns],
         }
         for row in rows
+    ]
+    # analysis scalars: one row per scalar, one column per epoch (their names are long)
+    scalars = [
+        {"name": _breakable(name), "cells": [_format_metric(name, row.get(name)) for row in rows]}
+        for name in _analysis_scalars(rows)
     ]
     charts = [
         line_chart("loss", rows, {"train_loss": "train", "eval_loss": "eval"}, best=best),
@@ -508,15 +518,20 @@ def build_report(save_dir: str | Path) -> str:
         config=config,
         planned_epochs=config.get("epochs"),
         rows=rows,
-        columns=[_breakable(header) for header in columns.values()],
+        columns=list(columns.values()),
         table=table,
+        scalars=scalars,
         charts=charts,
         best=best,
         best_row=best_row,
         steps=[{"step": step, "label": _step_label(step)} for step in steps],
         current=current,
         sections=sections,
-        embedded_megabytes=embedded_bytes / 1e6,
+        embedded_size=(
+            f"{embedded_bytes / 1e6:.1f} MB"
+            if embedded_bytes >= 1e6
+            else f"{embedded_bytes / 1e3:.0f} KB"
+        ),
         format_metric=_format_metric,
     )
 
