@@ -7,6 +7,7 @@ small hook class with `name` and `__call__(ctx)`) and adding one line here.
 from __future__ import annotations
 
 from exigo.config import Config
+from exigo.confusion import ConfusionAnalysis
 from exigo.pipeline import Analysis
 from exigo.saliency import SaliencyAnalysis
 
@@ -16,5 +17,6 @@ __all__ = ["default_analyses"]
 def default_analyses(config: Config) -> list[Analysis]:
     """The per-epoch analyses for `config`, in call order."""
     analyses: list[Analysis] = []
+    analyses.append(ConfusionAnalysis(normalize=config.confusion_normalize))
     analyses.append(SaliencyAnalysis())
     return analyses
