@@ -1,0 +1,834 @@
+r"""Six attribution methods compared on the probe images every epoch, and checked for trust.
+
+With $f_c$ the logit of the true class $c$, $x$ the image and $x'$ the blank image (zero
+intensity, normalised like the data; zeros when the normalisation is unknown):
+
+- Saliency (Simonyan et al. 2013): $a = \lvert \nabla_x f_c(x) \rvert$
+- Input × Gradient (Shrikumar et al. 2016): $a = x \odot \nabla_x f_c(x)$
+- Integrated Gradients (Sundararajan et al. 2017):
+  $a = (x - x') \odot \int_0^1 \nabla_x f_c(x' + \alpha (x - x')) \, d\alpha$
+- SmoothGrad (Smilkov et al. 2017):
+  $a = \frac{1}{n} \sum_{i=1}^{n} \lvert \nabla_x f_c(x + \varepsilon_i) \rvert$,
+  $\varepsilon_i \sim \mathcal{N}(0, \sigma^2 I)$
+- Occlusion (Zeiler & Fergus 2014): for each pixel, the mean over the patches $w$ covering it
+  of $f_c(x) - f_c(x_{w \leftarrow x'})$, the image with patch $w$ set to the baseline
+- Grad-CAM (Selvaraju et al. 2017): $a = \mathrm{ReLU}(\sum_k \alpha_k A^k)$,
+  $\alpha_k = \frac{1}{hw} \sum_{ij} \partial f_c / \partial A^k_{ij}$, upsampled
+
+$A^k$ are the channels of the last `nn.Conv2d`'s output (found generically), upsampled
+bilinearly to the image size. The methods are Captum's (`captum.attr`); maps are summed over
+colour channels to one value per pixel. SmoothGrad's noise is drawn from a fixed seed, so the
+same image gets the same noise every epoch and every randomised model: drift and the sanity
+check measure the model, not the noise.
+
+Every epoch, `AttributionAnalysis` also measures whether the maps can be trusted:
+faithfulness by deletion and insertion curves (`exigo.faithfulness`, Petsiuk et al. 2018),
+dependence on the weights by cascading model randomisation (`exigo.sanity`, Adebayo et al.
+2018), and drift: the Spearman rank correlation of each method's $|a|$ with its previous
+epoch's, from which the log names the epoch after which explanations settle.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from exigo.data import Normalization
+from exigo.faithfulness import FaithfulnessCurves, deletion_insertion
+from exigo.sanity import RandomisationResult, cascading_randomisation, spearman
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from exigo.pipeline import EpochContext
+
+__all__ = [
+    "METHOD_LABELS",
+    "AttributionAnalysis",
+    "AttributionMethod",
+    "AttributionSettings",
+    "attribution_maps",
+    "blank_baseline",
+    "default_methods",
+    "grad_cam",
+    "input_x_gradient",
+    "integrated_gradients",
+    "last_conv_layer",
+    "occlusion",
+    "plot_attribution_checks",
+    "plot_attributions",
+    "saliency",
+    "settled_after",
+    "smoothgrad",
+]
+
+#: `method(model, images [N, C, H, W], targets [N]) -> attributions [N, C or 1, H, W]`.
+AttributionMethod = Callable[[nn.Module, Tensor, Tensor], Tensor]
+
+#: Display name of each method key (keys name the metrics: `faithfulness/deletion_auc/<key>`).
+METHOD_LABELS = {
+    "saliency": "Saliency",
+    "input_x_gradient": "Input × Gradient",
+    "integrated_gradients": "Integrated Gradients",
+    "smoothgrad": "SmoothGrad",
+    "occlusion": "Occlusion",
+    "grad_cam": "Grad-CAM",
+    "random": "random order",
+}
+
+
+@dataclass(frozen=True)
+class AttributionSettings:
+    """Cost and thresholds of the attribution analysis (defaults fit 10 MNIST probe images).
+
+    The defaults keep the whole analysis near 1 s per epoch on a 2-core CPU (see the README).
+    """
+
+    ig_steps: int = 16  # Gauss-Legendre points of the Integrated Gradients path integral
+    smoothgrad_samples: int = 16  # noisy copies per image
+    smoothgrad_noise: float = 0.15  # noise sigma as a fraction of the images' value range
+    occlusion_window: int = 7  # side of the square occluding patch, pixels
+    occlusion_stride: int = 3  # step between patches, pixels (7 + 7 * 3 = 28 covers MNIST)
+    batch_size: int = 256  # images per forward/backward pass inside every method and curve
+    deletion_steps: int = 10  # k: deletion/insertion curves have k + 1 points
+    randomisation_stages: int = 2  # cascade depths evaluated: top layer, then all layers
+    unchanged_threshold: float = 0.7  # flag: Spearman of |maps| after full randomisation >= this
+    settled_threshold: float = 0.8  # settled: every method's drift Spearman >= this
+
+
+def _with_gradient(images: Tensor) -> Tensor:
+    # A leaf that requires grad: Captum then computes input gradients without warning.
+    return images.detach().clone().requires_grad_(True)
+
+
+def saliency(model: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
+    r"""Gradient magnitude $|\nabla_x f_c(x)|$ (Simonyan et al. 2013).
+
+    Args:
+        model: classifier mapping [N, C, H, W] to logits [N, K], in eval mode.
+        images: float tensor [N, C, H, W] as the model takes them.
+        targets: int64 tensor [N], the class whose logit is explained.
+
+    Returns:
+        Float tensor [N, C, H, W], non-negative.
+    """
+    from captum.attr import Saliency
+
+    return Saliency(model).attribute(_with_gradient(images), target=targets, abs=True).detach()
+
+
+def input_x_gradient(model: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
+    r"""$x \odot \nabla_x f_c(x)$ (Shrikumar et al. 2016); arguments as `saliency`, signed."""
+    from captum.attr import InputXGradient
+
+    return InputXGradient(model).attribute(_with_gradient(images), target=targets).detach()
+
+
+def integrated_gradients(
+    model: nn.Module,
+    images: Tensor,
+    targets: Tensor,
+    *,
+    baseline: Tensor,
+    steps: int = 16,
+    batch_size: int = 256,
+) -> Tensor:
+    r"""Integrated Gradients from `baseline` to the image (Sundararajan et al. 2017).
+
+    Completeness: the map sums to $f_c(x) - f_c(x')$ up to the quadrature error of `steps`
+    Gauss-Legendre points.
+
+    Args:
+        model: classifier, in eval mode.
+        images: float tensor [N, C, H, W].
+        targets: int64 tensor [N].
+        baseline: float tensor [1, C, H, W] or [N, C, H, W], the path's start $x'$.
+        steps: points of the path integral.
+        batch_size: path points x images per forward/backward pass.
+
+    Returns:
+        Float tensor [N, C, H, W], signed.
+    """
+    from captum.attr import IntegratedGradients
+
+    return (
+        IntegratedGradients(model)
+        .attribute(
+            images,
+            baselines=baseline.to(images),
+            target=targets,
+            n_steps=steps,
+            internal_batch_size=batch_size,
+        )
+        .detach()
+    )
+
+
+def smoothgrad(
+    model: nn.Module,
+    images: Tensor,
+    targets: Tensor,
+    *,
+    samples: int = 16,
+    noise: float = 0.15,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> Tensor:
+    r"""SmoothGrad of the gradient magnitude (Smilkov et al. 2017).
+
+    $\sigma$ = `noise` times the value range of `images`. The noise comes from `seed` and the
+    global random state is restored afterwards: the same call gives the same map.
+
+    Args:
+        model: classifier, in eval mode.
+        images: float tensor [N, C, H, W].
+        targets: int64 tensor [N].
+        samples: noisy copies per image.
+        noise: sigma as a fraction of `images.max() - images.min()` (the paper: 10-20%).
+        batch_size: noisy images per forward/backward pass.
+        seed: seed of the noise.
+
+    Returns:
+        Float tensor [N, C, H, W], non-negative.
+    """
+    from captum.attr import NoiseTunnel, Saliency
+
+    sigma = noise * float(images.max() - images.min())
+    devices = [images.device] if images.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return (
+            NoiseTunnel(Saliency(model))
+            .attribute(
+                _with_gradient(images),
+                nt_type="smoothgrad",
+                nt_samples=samples,
+                nt_samples_batch_size=max(1, batch_size // images.shape[0]),
+                stdevs=sigma,
+                target=targets,
+                abs=True,
+            )
+            .detach()
+        )
+
+
+def occlusion(
+    model: nn.Module,
+    images: Tensor,
+    targets: Tensor,
+    *,
+    baseline: Tensor,
+    window: int = 7,
+    stride: int = 3,
+    batch_size: int = 256,
+) -> Tensor:
+    r"""Drop of $f_c$ when a square patch is set to the baseline (Zeiler & Fergus 2014).
+
+    Each pixel gets the mean drop over the patches that cover it; pixels no patch reaches (when
+    `window` and `stride` do not tile the image) get 0.
+
+    Args:
+        model: classifier, in eval mode.
+        images: float tensor [N, C, H, W].
+        targets: int64 tensor [N].
+        baseline: float tensor [1, C, H, W], what an occluded pixel becomes.
+        window: side of the patch in pixels (clipped to the image).
+        stride: step between patches in pixels.
+        batch_size: occluded images per forward pass.
+
+    Returns:
+        Float tensor [N, C, H, W], signed (positive: occluding the patch lowers $f_c$).
+    """
+    from captum.attr import Occlusion
+
+    channels, height, width = images.shape[1:]
+    side = (channels, min(window, height), min(window, width))
+    with torch.no_grad():
+        return Occlusion(model).attribute(
+            images,
+            sliding_window_shapes=side,
+            strides=(channels, stride, stride),
+            baselines=baseline.to(images),
+            target=targets,
+            perturbations_per_eval=max(1, batch_size // images.shape[0]),
+        )
+
+
+def last_conv_layer(model: nn.Module) -> nn.Conv2d | None:
+    """The last `nn.Conv2d` registered in `model` (the Grad-CAM layer), or None."""
+    convolutions = [module for module in model.modules() if isinstance(module, nn.Conv2d)]
+    return convolutions[-1] if convolutions else None
+
+
+def grad_cam(model: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
+    r"""Grad-CAM on the last `nn.Conv2d`, upsampled bilinearly (Selvaraju et al. 2017).
+
+    Args:
+        model: classifier with at least one `nn.Conv2d`, in eval mode.
+        images: float tensor [N, C, H, W].
+        targets: int64 tensor [N].
+
+    Returns:
+        Float tensor [N, 1, H, W], non-negative.
+
+    Raises:
+        ValueError: the model has no `nn.Conv2d`.
+    """
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    layer = last_conv_layer(model)
+    if layer is None:
+        raise ValueError(f"{type(model).__name__} has no nn.Conv2d layer for Grad-CAM")
+    cam = LayerGradCam(model, layer).attribute(
+        _with_gradient(images), target=targets, relu_attributions=True
+    )  # (N, 1, h, w)
+    return LayerAttribution.interpolate(
+        cam.detach(), tuple(images.shape[-2:]), interpolate_mode="bilinear"
+    )
+
+
+def blank_baseline(normalization: Normalization | None, like: Tensor) -> Tensor:
+    """Float tensor [1, C, H, W] on `like`'s device: the blank image, or zeros if unknown."""
+    shape = (1, *like.shape[1:])
+    if normalization is None:
+        return torch.zeros(shape, dtype=like.dtype, device=like.device)
+    return normalization.blank(shape, device=like.device).to(like.dtype)
+
+
+def default_methods(
+    baseline: Tensor,
+    settings: AttributionSettings | None = None,
+    *,
+    seed: int = 0,
+    grad_cam_layer: bool = True,
+) -> dict[str, AttributionMethod]:
+    """The six methods with their settings bound, keyed as in `METHOD_LABELS`, in figure order.
+
+    Args:
+        baseline: float tensor [1, C, H, W], the blank image (Integrated Gradients' start and
+            Occlusion's patch content).
+        settings: costs of the methods; default `AttributionSettings()`.
+        seed: seed of SmoothGrad's noise.
+        grad_cam_layer: include Grad-CAM (False for models without `nn.Conv2d`).
+
+    Returns:
+        `{key: method}`; every method has the call shape `(model, images, targets) -> maps`.
+    """
+    settings = settings or AttributionSettings()
+    methods: dict[str, AttributionMethod] = {
+        "saliency": saliency,
+        "input_x_gradient": input_x_gradient,
+        "integrated_gradients": functools.partial(
+            integrated_gradients,
+            baseline=baseline,
+            steps=settings.ig_steps,
+            batch_size=settings.batch_size,
+        ),
+        "smoothgrad": functools.partial(
+            smoothgrad,
+            samples=settings.smoothgrad_samples,
+            noise=settings.smoothgrad_noise,
+            batch_size=settings.batch_size,
+            seed=seed,
+        ),
+        "occlusion": functools.partial(
+            occlusion,
+            baseline=baseline,
+            window=settings.occlusion_window,
+            stride=settings.occlusion_stride,
+            batch_size=settings.batch_size,
+        ),
+    }
+    if grad_cam_layer:
+        methods["grad_cam"] = grad_cam
+    return methods
+
+
+def attribution_maps(
+    model: nn.Module,
+    images: Tensor,
+    targets: Tensor,
+    methods: Mapping[str, AttributionMethod],
+    *,
+    batch_size: int = 256,
+) -> Tensor:
+    """Every method's map of every image, channels summed.
+
+    Args:
+        model: classifier in eval mode (only input gradients are taken; its parameters'
+            `.grad` are not touched).
+        images: float tensor [N, C, H, W] on the model's device.
+        targets: int64 tensor [N], the class each map explains.
+        methods: `{key: method}`, e.g. `default_methods(...)`.
+        batch_size: images handed to a method at once (each method batches its own inner
+            work with its settings' batch size).
+
+    Returns:
+        Float tensor [M, N, H, W] on the CPU, in the order of `methods`.
+    """
+    per_method = []
+    for method in methods.values():
+        parts = [
+            method(model, image_batch, target_batch).sum(dim=1).float().cpu()
+            for image_batch, target_batch in zip(
+                images.split(batch_size), targets.split(batch_size), strict=True
+            )
+        ]
+        per_method.append(torch.cat(parts))
+    return torch.stack(per_method)
+
+
+def settled_after(epochs: Sequence[int], drift: Tensor, threshold: float) -> int | None:
+    """The epoch after which every method's maps stay within `threshold` of the previous ones.
+
+    Args:
+        epochs: the epochs at which drift was measured (each compared with the one before).
+        drift: float tensor [E, M], Spearman of |maps| with the previous epoch's, per method.
+        threshold: the rank correlation that counts as unchanged.
+
+    Returns:
+        The epoch e such that every drift measured after e is at least `threshold` (and the
+        one at e is not, or e is the first compared epoch), or None if the last drift is below
+        the threshold or none was measured.
+    """
+    if drift.numel() == 0:
+        return None
+    stable = (drift >= threshold).all(dim=1).tolist()
+    if not stable[-1]:
+        return None
+    first = len(stable) - 1
+    while first > 0 and stable[first - 1]:
+        first -= 1
+    return epochs[first] - 1  # drift at epochs[first] compares it with the epoch before
+
+
+def _signed_colormap() -> Any:
+    from matplotlib import colormaps
+
+    return colormaps["RdBu_r"]
+
+
+def _two_lines(label: str) -> str:
+    """Break a long row label at its middle space so it fits beside one image."""
+    if len(label) <= 10 or " " not in label:
+        return label
+    spaces = [i for i, char in enumerate(label) if char == " "]
+    middle = min(spaces, key=lambda i: abs(i - len(label) / 2))
+    return label[:middle] + "\n" + label[middle + 1 :]
+
+
+def _mosaic(tiles: np.ndarray, gap: int, fill: float) -> np.ndarray:
+    """Tiles [N, H, W, ...] side by side with `gap` columns of `fill` between them."""
+    count, height = tiles.shape[:2]
+    spacer = np.full((height, gap, *tiles.shape[3:]), fill, dtype=float)
+    parts: list[np.ndarray] = []
+    for index in range(count):
+        if index:
+            parts.append(spacer)
+        parts.append(tiles[index].astype(float))
+    return np.concatenate(parts, axis=1)
+
+
+def plot_attributions(
+    pixels: Tensor,
+    maps: Tensor,
+    scales: Tensor,
+    names: Sequence[str],
+    labels: Sequence[int],
+    probabilities: Sequence[float],
+    class_names: Sequence[str],
+    title: str,
+) -> Figure:
+    """One row per method, one column per probe image, one colour bar per row.
+
+    Each row is drawn as one image (the maps side by side) so the figure renders in a fraction
+    of the time 70 separate axes take.
+
+    Args:
+        pixels: float tensor [N, C, H, W] in [0, 1], the images as seen.
+        maps: float tensor [M, N, H, W], signed attributions.
+        scales: float tensor [M], each row's colour limit (the map is drawn on [-s, s]).
+        names: M method keys (`METHOD_LABELS` gives the row titles).
+        labels: N true class indices.
+        probabilities: N true-class probabilities of the model.
+        class_names: display name per class.
+        title: the figure's title.
+
+    Returns:
+        A matplotlib Figure.
+    """
+    from matplotlib.figure import Figure
+
+    methods, count, height, width = maps.shape
+    gap = max(1, width // 14)
+    display = pixels.detach().float().cpu().permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
+    if display.shape[-1] == 1:
+        display = np.repeat(display, 3, axis=-1)
+    intensity = _mosaic(display.mean(axis=-1), gap, 0.0)  # for the ink outline
+    tile, row_gap, left, right, top, bottom = 0.95, 0.16, 1.15, 0.95, 0.95, 0.45  # inches
+    strip = tile * (count * width + (count - 1) * gap) / height  # inches, aspect kept
+    fig_width = left + strip + right
+    fig_height = top + (methods + 1) * (tile + row_gap) + bottom
+    figure = Figure(figsize=(fig_width, fig_height))
+
+    def row_axes(row: int) -> Any:
+        bottom_edge = fig_height - top - (row + 1) * (tile + row_gap) + row_gap
+        return figure.add_axes(
+            (left / fig_width, bottom_edge / fig_height, strip / fig_width, tile / fig_height)
+        )
+
+    axes = row_axes(0)
+    axes.imshow(_mosaic(display, gap, 1.0).clip(0, 1), interpolation="nearest")
+    axes.set_ylabel("image", fontsize=9)
+    for column in range(count):
+        axes.text(
+            column * (width + gap) + width / 2,
+            -1.5,
+            f"{class_names[labels[column]]}  p={probabilities[column]:.2f}",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    rows = [axes]
+    cmap = _signed_colormap().with_extremes(bad="white")
+    for row in range(methods):
+        axes = row_axes(row + 1)
+        limit = float(scales[row]) or 1.0
+        strip_maps = _mosaic(maps[row].detach().float().cpu().numpy(), gap, np.nan)
+        shown = axes.imshow(strip_maps, cmap=cmap, vmin=-limit, vmax=limit, interpolation="nearest")
+        axes.contour(intensity, levels=[0.5], colors="0.3", linewidths=0.4)
+        axes.set_ylabel(_two_lines(METHOD_LABELS.get(names[row], names[row])), fontsize=9)
+        box = axes.get_position()
+        bar_axes = figure.add_axes(
+            (box.x1 + 0.12 / fig_width, box.y0, 0.12 / fig_width, box.height)
+        )
+        bar = figure.colorbar(shown, cax=bar_axes)
+        bar.ax.tick_params(labelsize=7)
+        bar.ax.yaxis.get_offset_text().set_fontsize(7)
+        rows.append(axes)
+    for axes in rows:
+        axes.set_xticks([])
+        axes.set_yticks([])
+        for spine in axes.spines.values():
+            spine.set_visible(False)
+    figure.text(0.5, 1 - 0.3 / fig_height, title, ha="center", va="center", fontsize=11)
+    figure.text(
+        left / fig_width,
+        0.12 / fig_height,
+        "p: the model's probability of the true class.  Red raises the true class's logit, "
+        "blue lowers it.  Grey line: outline of the ink.\nEach row's colour scale is "
+        "± the largest |attribution| of that method in any epoch so far, so later epochs "
+        "compare with earlier ones.",
+        fontsize=8,
+        color="0.25",
+    )
+    return figure
+
+
+def plot_attribution_checks(
+    curves: FaithfulnessCurves,
+    randomisation: RandomisationResult,
+    unchanged_threshold: float,
+    title: str,
+) -> Figure:
+    """Mean deletion and insertion curves, and the rank correlation along the randomisation.
+
+    Args:
+        curves: the epoch's deletion/insertion curves (last order: random).
+        randomisation: the cascading randomisation of the same methods.
+        unchanged_threshold: the Spearman above which a method is flagged.
+        title: the figure's title.
+
+    Returns:
+        A matplotlib Figure with three panels.
+    """
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(14, 4.2))
+    figure.subplots_adjust(left=0.05, right=0.98, bottom=0.17, top=0.86, wspace=0.22)
+    deletion_axes, insertion_axes, sanity_axes = figure.subplots(1, 3)
+    fractions = curves.fractions.numpy()
+    for axes, values, aucs, noun, verb, better in (
+        (deletion_axes, curves.deletion, curves.deletion_auc, "deletion", "deleted", "lower"),
+        (insertion_axes, curves.insertion, curves.insertion_auc, "insertion", "inserted", "higher"),
+    ):
+        for index, key in enumerate(curves.names):
+            random_order = key == "random"
+            axes.plot(
+                fractions,
+                values[index].mean(dim=0).numpy(),
+                color="black" if random_order else f"C{index}",
+                linestyle="--" if random_order else "-",
+                linewidth=1.2,
+                label=f"{METHOD_LABELS.get(key, key)}  AUC {float(aucs[index]):.3f}",
+            )
+        axes.set_xlabel(f"fraction of pixels {verb}, most important first")
+        axes.set_ylabel("true-class probability, mean over images")
+        axes.set_title(f"{noun} (blank baseline): AUC {better} is better", fontsize=10)
+        axes.set_ylim(-0.02, 1.02)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7, loc="upper right" if verb == "deleted" else "lower right")
+    stages = list(range(randomisation.depth.numel() + 1))  # evenly spaced, labelled by depth
+    for index, key in enumerate(curves.names[:-1]):
+        rho = [1.0, *randomisation.spearman[:, index].tolist()]
+        sanity_axes.plot(
+            stages, rho, marker="o", color=f"C{index}", label=METHOD_LABELS.get(key, key)
+        )
+    sanity_axes.axhline(
+        unchanged_threshold,
+        color="red",
+        linestyle=":",
+        linewidth=1,
+        label=f"flag: unchanged (>= {unchanged_threshold:g})",
+    )
+    depth_labels = [
+        f"{depth} layer{'s' if depth > 1 else ''}\n(to {layer})"
+        for depth, layer in zip(randomisation.depth.tolist(), randomisation.layers, strict=True)
+    ]
+    sanity_axes.set_xticks(stages, ["none", *depth_labels], fontsize=8)
+    sanity_axes.set_xlabel(
+        f"layers re-initialised from the top down (of {randomisation.total_layers})"
+    )
+    sanity_axes.set_ylabel("Spearman of |map| with the trained model's, mean")
+    sanity_axes.set_ylim(-0.2, 1.05)
+    sanity_axes.set_xlim(-0.3, stages[-1] + 0.45)
+    sanity_axes.grid(alpha=0.3)
+    sanity_axes.set_title("model randomisation (Adebayo et al. 2018)", fontsize=10)
+    sanity_axes.legend(fontsize=7, loc="lower left")
+    figure.suptitle(title, fontsize=11)
+    return figure
+
+
+class AttributionAnalysis:
+    """Compare the attribution methods on the probe images and check them, every epoch.
+
+    Writes `plots/attributions_{epoch}.png` (maps; each row's colour scale is the running
+    maximum of |map| over the epochs so far, so later figures compare with earlier ones) and
+    `plots/attribution_checks_{epoch}.png` (curves), and adds these metrics per method key:
+    `faithfulness/deletion_auc/<key>`, `faithfulness/insertion_auc/<key>` (also for `random`),
+    `sanity/spearman/<key>`, `sanity/ssim/<key>` (after randomising every layer),
+    `sanity/unchanged/<key>` (1 when flagged), `attributions/drift/<key>` (from the second
+    epoch), and `attributions/seconds/<part>`.
+
+    Args:
+        settings: costs and thresholds.
+        seed: seeds SmoothGrad's noise, the random pixel order and the randomised weights.
+    """
+
+    name = "attributions"
+
+    def __init__(self, settings: AttributionSettings | None = None, seed: int = 0) -> None:
+        self.settings = settings or AttributionSettings()
+        self.seed = seed
+        self.method_keys: list[str] = []
+        self.scales = torch.zeros(0)
+        self.previous_maps: Tensor | None = None
+        self.previous_epoch = 0
+        self.drift_epochs: list[int] = []
+        self.drift = torch.zeros(0, 0)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What `--resume` needs: colour scales, last maps and the drift history."""
+        state: dict[str, Any] = {
+            "method_keys": list(self.method_keys),
+            "scales": self.scales.clone(),
+            "previous_epoch": self.previous_epoch,
+            "drift_epochs": list(self.drift_epochs),
+            "drift": self.drift.clone(),
+        }
+        if self.previous_maps is not None:
+            state["previous_maps"] = self.previous_maps.clone()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+        self.method_keys = list(state["method_keys"])
+        self.scales = torch.as_tensor(state["scales"]).float().clone()
+        self.previous_epoch = int(state["previous_epoch"])
+        self.drift_epochs = [int(epoch) for epoch in state["drift_epochs"]]
+        self.drift = torch.as_tensor(state["drift"]).float().clone()
+        previous = state.get("previous_maps")
+        self.previous_maps = None if previous is None else torch.as_tensor(previous).clone()
+
+    def _start(self, keys: list[str]) -> None:
+        if keys != self.method_keys:  # first call, or another set of methods: start afresh
+            self.method_keys = keys
+            self.scales = torch.zeros(len(keys))
+            self.previous_maps = None
+            self.drift_epochs = []
+            self.drift = torch.zeros(0, len(keys))
+
+    def __call__(self, ctx: EpochContext) -> None:
+        """Compute, check, draw and log the attributions of `ctx.probe`."""
+        settings, probe, model = self.settings, ctx.probe, ctx.model
+        seconds: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        baseline = blank_baseline(ctx.normalization, probe.images)
+        methods = default_methods(
+            baseline, settings, seed=self.seed, grad_cam_layer=last_conv_layer(model) is not None
+        )
+        keys = list(methods)
+        self._start(keys)
+        explain = functools.partial(
+            attribution_maps, methods=methods, batch_size=settings.batch_size
+        )
+        maps = explain(model, probe.images, probe.labels)  # (M, P, H, W)
+        self.scales = torch.maximum(self.scales, maps.abs().flatten(1).amax(dim=1))
+        seconds["maps"], clock = time.perf_counter() - clock, time.perf_counter()
+
+        curves = deletion_insertion(
+            model,
+            probe.images,
+            probe.labels,
+            maps,
+            baseline,
+            names=keys,
+            steps=settings.deletion_steps,
+            batch_size=settings.batch_size,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+        seconds["faithfulness"], clock = time.perf_counter() - clock, time.perf_counter()
+
+        randomisation = cascading_randomisation(
+            model,
+            probe.images,
+            probe.labels,
+            explain,
+            maps,
+            stages=settings.randomisation_stages,
+            seed=self.seed,
+        )
+        seconds["sanity"], clock = time.perf_counter() - clock, time.perf_counter()
+
+        drift = None
+        if self.previous_maps is not None and self.previous_maps.shape == maps.shape:
+            drift = (
+                spearman(
+                    maps.abs().flatten(0, 1),
+                    self.previous_maps.abs().flatten(0, 1),
+                    ignore_joint_zeros=True,
+                )
+                .view(len(keys), -1)
+                .mean(dim=1)
+            )
+            self.drift_epochs.append(ctx.epoch)
+            self.drift = torch.cat([self.drift, drift[None]])
+        previous_epoch, self.previous_maps, self.previous_epoch = (
+            self.previous_epoch,
+            maps,
+            ctx.epoch,
+        )
+
+        when = "before training" if ctx.epoch == 0 else f"epoch {ctx.epoch}"
+        ctx.save_figure(
+            plot_attributions(
+                probe.pixels,
+                maps,
+                self.scales,
+                keys,
+                probe.labels.tolist(),
+                curves.deletion[0, :, 0].tolist(),
+                ctx.class_names,
+                title=f"Attributions towards the true class, {when}",
+            ),
+            "attributions",
+        )
+        ctx.save_figure(
+            plot_attribution_checks(
+                curves,
+                randomisation,
+                settings.unchanged_threshold,
+                title=f"Can the attributions be trusted? {when}, {probe.labels.numel()} probe "
+                "images",
+            ),
+            "attribution_checks",
+        )
+        seconds["figures"] = time.perf_counter() - clock
+
+        self._record(ctx, keys, curves, randomisation, drift, previous_epoch, seconds)
+
+    def _record(
+        self,
+        ctx: EpochContext,
+        keys: list[str],
+        curves: FaithfulnessCurves,
+        randomisation: RandomisationResult,
+        drift: Tensor | None,
+        previous_epoch: int,
+        seconds: dict[str, float],
+    ) -> None:
+        settings = self.settings
+        deletion, insertion = curves.deletion_auc.tolist(), curves.insertion_auc.tolist()
+        for key, deleted, inserted in zip(curves.names, deletion, insertion, strict=True):
+            ctx.metrics[f"faithfulness/deletion_auc/{key}"] = deleted
+            ctx.metrics[f"faithfulness/insertion_auc/{key}"] = inserted
+        random_deletion, random_insertion = deletion[-1], insertion[-1]
+        not_beating = [
+            METHOD_LABELS[key]
+            for key, deleted, inserted in zip(keys, deletion, insertion, strict=False)
+            if not (deleted < random_deletion and inserted > random_insertion)
+        ]
+        ctx.log(
+            "attributions, faithfulness (AUC deletion lower / insertion higher is better): "
+            + ", ".join(
+                f"{METHOD_LABELS[key]} {d:.2f}/{i:.2f}"
+                for key, d, i in zip(curves.names, deletion, insertion, strict=True)
+            )
+            + f"; not better than random on both: {', '.join(not_beating) or 'none'}"
+        )
+
+        if randomisation.depth.numel():
+            rho, similarity = randomisation.spearman[-1], randomisation.ssim[-1]
+            flagged = []
+            for index, key in enumerate(keys):
+                unchanged = float(rho[index]) >= settings.unchanged_threshold
+                ctx.metrics[f"sanity/spearman/{key}"] = float(rho[index])
+                ctx.metrics[f"sanity/ssim/{key}"] = float(similarity[index])
+                ctx.metrics[f"sanity/unchanged/{key}"] = float(unchanged)
+                if unchanged:
+                    flagged.append(METHOD_LABELS[key])
+            depth = int(randomisation.depth[-1])
+            ctx.log(
+                f"attributions, sanity (|map| Spearman / SSIM after randomising {depth} of "
+                f"{randomisation.total_layers} layers): "
+                + ", ".join(
+                    f"{METHOD_LABELS[key]} {float(rho[i]):.2f}/{float(similarity[i]):.2f}"
+                    for i, key in enumerate(keys)
+                )
+                + (
+                    f"; FLAGGED (Spearman >= {settings.unchanged_threshold}: the maps do not "
+                    f"depend on the weights): {', '.join(flagged)}"
+                    if flagged
+                    else "; none flagged"
+                )
+            )
+        else:
+            ctx.log("attributions, sanity: the model has no layer with reset_parameters()")
+
+        if drift is not None:
+            for key, value in zip(keys, drift.tolist(), strict=True):
+                ctx.metrics[f"attributions/drift/{key}"] = value
+            settled = settled_after(self.drift_epochs, self.drift, settings.settled_threshold)
+            verdict = (
+                f"explanations settled after epoch {settled}"
+                if settled is not None
+                else "explanations still moving"
+            )
+            ctx.log(
+                f"attributions, drift (|map| Spearman with epoch {previous_epoch}): "
+                + ", ".join(
+                    f"{METHOD_LABELS[key]} {value:.2f}"
+                    for key, value in zip(keys, drift.tolist(), strict=True)
+                )
+                + f"; {verdict} (every method >= {settings.settled_threshold})"
+            )
+        for part, value in seconds.items():
+            ctx.metrics[f"attributions/seconds/{part}"] = value
