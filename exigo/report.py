@@ -17,8 +17,9 @@ so embedding $n$ bytes of PNG costs
 $$\text{size}_{\text{base64}}(n) = 4 \left\lceil \frac{n}{3} \right\rceil \approx 1.33\, n$$
 
 characters, and the report grows linearly with epochs times analyses (at 100 dpi, 20-300 KB
-per figure: the MNIST saliency and attribution grids take 150-290 KB each). A Content-Security-Policy meta tag forbids the page every network request
-(only `data:` images and its own inline style and script are allowed).
+per figure: the MNIST saliency and attribution grids take 150-290 KB each). A
+Content-Security-Policy meta tag forbids the page every network request (only `data:` images
+and its own inline style and script are allowed).
 
 `build_report(save_dir)` only reads the save directory and returns the HTML text;
 `write_report(save_dir)` also assembles the animation and writes both files atomically.
@@ -393,7 +394,7 @@ def _format_metric(key: str, value: Any) -> str:
         return f"{value:.2e}"
     if "seconds" in key:
         return f"{value:.1f}"
-    return f"{value:.4g}"
+    return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}"  # aligned decimals
 
 
 #: Metrics table columns that every run has: row key -> header.

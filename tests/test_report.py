@@ -155,7 +155,7 @@ def test_build_report_embeds_every_figure_and_references_nothing_else(tmp_path):
     assert 'class="best"' in html and "best: epoch 1" in html  # epoch 1 kept, not the last
     assert "hand&lt;made&gt;" in html and "hand<made>" not in html  # escaped
     # analysis scalars: one row each, one cell per epoch, plain numbers
-    assert re.search(r"<th>my_probe/<wbr>score</th><td[^>]*>0.25</td><td[^>]*>0.5</td>", html)
+    assert re.search(r"<th>my_probe/<wbr>score</th><td[^>]*>0.2500</td><td[^>]*>0.5000</td>", html)
     assert "after epoch 2 of 3" in html
 
 
