@@ -507,11 +507,11 @@ def build_report(save_dir: str | Path) -> str:
         if key in run_info
     }
 
-    environment_template = jinja2.Environment(
+    jinja = jinja2.Environment(
         autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True
     )
     source = resources.files("exigo").joinpath("templates", _TEMPLATE).read_text("utf-8")
-    template = environment_template.from_string(source)
+    template = jinja.from_string(source)
     return template.render(
         run=run_info,
         environment=environment,
