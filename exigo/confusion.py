@@ -240,19 +240,18 @@ def plot_confusion(
     error_norm = _error_norm(values[~on_diagonal], normalize)
     ratio_norm = PowerNorm(4.0, vmin=0.0, vmax=1.0)
     undefined = np.array([0.88, 0.88, 0.88, 1.0])
-    rgba = np.ones((num_classes + 1, num_classes + 1, 4))
-    for i in range(num_classes):
-        for j in range(num_classes):
-            if values[i, j] == 0:
-                continue
-            if i == j:
-                rgba[i, j] = correct_cmap(correct_norm(values[i, j]))
-            else:
-                assert error_norm is not None
-                rgba[i, j] = error_cmap(error_norm(values[i, j]))
-    for c in range(num_classes):
-        rgba[num_classes, c] = ratio_cmap(ratio_norm(precision[c])) if predicted[c] else undefined
-        rgba[c, num_classes] = ratio_cmap(ratio_norm(recall[c])) if support[c] else undefined
+    rgba = np.ones((num_classes + 1, num_classes + 1, 4))  # white: empty cells
+    cells = rgba[:num_classes, :num_classes]
+    filled = values > 0
+    cells[filled & on_diagonal] = correct_cmap(correct_norm(values[filled & on_diagonal]))
+    if error_norm is not None:
+        cells[filled & ~on_diagonal] = error_cmap(error_norm(values[filled & ~on_diagonal]))
+    rgba[num_classes, :num_classes] = np.where(
+        (predicted > 0)[:, None], ratio_cmap(ratio_norm(precision)), undefined
+    )
+    rgba[:num_classes, num_classes] = np.where(
+        (support > 0)[:, None], ratio_cmap(ratio_norm(recall)), undefined
+    )
     accuracy = correct / total if total else None
     rgba[num_classes, num_classes] = (
         ratio_cmap(ratio_norm(accuracy)) if accuracy is not None else undefined
