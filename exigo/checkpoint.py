@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import io
 import random
+import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +91,17 @@ def load_checkpoint(
             the message names the file.
     """
     path = Path(path)
+    if path.is_file() and not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        size = path.stat().st_size
+        raise CheckpointError(
+            f"{path} is not a loadable exigo checkpoint: "
+            + (
+                "the file is empty"
+                if size == 0
+                else f"{size} bytes that are not a PyTorch zip "
+                "archive (truncated, or another kind of file)"
+            )
+        )
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
@@ -96,16 +109,26 @@ def load_checkpoint(
     except IsADirectoryError:
         raise CheckpointError(f"{path} is a folder, not a checkpoint file") from None
     except Exception as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise CheckpointError(
-            f"{path} is not a loadable exigo checkpoint "
-            f"({type(error).__name__}: {first_line[:200]})"
-        ) from None
+        raise CheckpointError(f"{path} is not a loadable exigo checkpoint: {_why(error)}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an exigo checkpoint")
     if model is not None:
         apply_weights(payload, model, path)
     return payload
+
+
+def _why(error: Exception) -> str:
+    """A short reason from torch.load's error (its refusals run to a dozen lines)."""
+    text = str(error)
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if refused:
+        return (
+            f"it holds a Python object ({refused.group(1)}) that only running code from the "
+            "file could rebuild, and exigo loads tensors and plain values only"
+        )
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines()]
+    first = next((line for line in lines if line), "")
+    return f"{type(error).__name__}: {first[:200]}"
 
 
 def apply_weights(payload: dict[str, Any], model: nn.Module, path: str | Path) -> None:
@@ -122,9 +145,11 @@ def apply_weights(payload: dict[str, Any], model: nn.Module, path: str | Path) -
     try:
         model.load_state_dict(payload["model"])
     except (RuntimeError, KeyError, TypeError) as error:
+        details = " ".join(str(error).split())  # torch lists every key, one per line
         raise CheckpointError(
             f"{path} holds weights of a {payload.get('model_class', 'different')} model "
-            f"that do not fit {type(model).__name__}: {error}"
+            f"that do not fit {type(model).__name__}: "
+            + (details if len(details) <= 300 else details[:300] + " ...")
         ) from None
 
 

@@ -564,7 +564,7 @@ class _Run:
             interrupt.result = self.result()
             raise
         except DivergenceError as error:
-            message = f"{error} (--lr is {self.config.lr:g})"
+            message = f"{error}; --lr is {self.config.lr:g}"
             raise RunDiverged(self._where_things_are(message), self.result()) from None
         finally:
             self.writer.close()
@@ -786,19 +786,20 @@ class _Run:
         )
 
     def _where_things_are(self, what: str) -> str:
-        """One line: what happened, during which epoch, and where the outputs are."""
+        """One line: in which epoch what happened, and where the outputs are."""
         epoch, state = self.current_epoch, self.state
-        if epoch:
-            what += f" during epoch {epoch}/{self.config.epochs} (not saved)"
+        where = f"epoch {epoch}/{self.config.epochs}: " if epoch else "before training: "
+        dropped = " (epoch not saved)" if epoch else ""
         if state.best_epoch:
+            epochs = "epoch 1" if state.epoch == 1 else f"epochs 1-{state.epoch}"
             kept = (
                 f"best model (epoch {state.best_epoch}): {self.save_dir / BEST_CHECKPOINT}; "
-                f"metrics of epochs 1-{state.epoch}: {self.save_dir / 'metrics.json'}"
+                f"metrics of {epochs}: {self.save_dir / 'metrics.json'}"
             )
         else:
             kept = "no epoch completed, no checkpoint saved"
-        resume = "; --resume continues from epoch " + str(state.epoch) if state.epoch else ""
-        return f"{what}; {kept}; TensorBoard: {self.log_dir}{resume}"
+        resume = f"; --resume continues after epoch {state.epoch}" if state.epoch else ""
+        return f"{where}{what}{dropped}; {kept}; TensorBoard: {self.log_dir}{resume}"
 
     # ---------------------------------------------------------------- starting a run
 
