@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from exigo._modes import evaluation_mode
 from exigo.data import Normalization
 from exigo.faithfulness import FaithfulnessCurves, deletion_insertion
 from exigo.sanity import RandomisationResult, cascading_randomisation, spearman
@@ -151,7 +152,7 @@ def integrated_gradients(
         targets: int64 tensor [N].
         baseline: float tensor [1, C, H, W] or [N, C, H, W], the path's start $x'$.
         steps: points of the path integral.
-        batch_size: path points x images per forward/backward pass.
+        batch_size: path points x images per forward/backward pass (at least N).
 
     Returns:
         Float tensor [N, C, H, W], signed.
@@ -165,7 +166,7 @@ def integrated_gradients(
             baselines=baseline.to(images),
             target=targets,
             n_steps=steps,
-            internal_batch_size=batch_size,
+            internal_batch_size=max(batch_size, images.shape[0]),  # Captum's minimum
         )
         .detach()
     )
@@ -178,20 +179,24 @@ def smoothgrad(
     *,
     samples: int = 16,
     noise: float = 0.15,
+    value_range: float | None = None,
     batch_size: int = 256,
     seed: int = 0,
 ) -> Tensor:
     r"""SmoothGrad of the gradient magnitude (Smilkov et al. 2017).
 
-    $\sigma$ = `noise` times the value range of `images`. The noise comes from `seed` and the
-    global random state is restored afterwards: the same call gives the same map.
+    $\sigma$ = `noise` times the value range of the data. The noise comes from `seed` and the
+    global random state is restored afterwards: the same call gives the same map. (The draws
+    are shared out over the images of the call, so an image's map also depends on which
+    images are attributed with it; `attribution_maps` always passes the same chunks.)
 
     Args:
         model: classifier, in eval mode.
         images: float tensor [N, C, H, W].
         targets: int64 tensor [N].
         samples: noisy copies per image.
-        noise: sigma as a fraction of `images.max() - images.min()` (the paper: 10-20%).
+        noise: sigma as a fraction of `value_range` (the paper: 10-20%).
+        value_range: max - min of the data; default: that of `images`.
         batch_size: noisy images per forward/backward pass.
         seed: seed of the noise.
 
@@ -200,7 +205,9 @@ def smoothgrad(
     """
     from captum.attr import NoiseTunnel, Saliency
 
-    sigma = noise * float(images.max() - images.min())
+    if value_range is None:
+        value_range = float(images.max() - images.min())
+    sigma = noise * value_range
     devices = [images.device] if images.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
@@ -307,6 +314,7 @@ def default_methods(
     settings: AttributionSettings | None = None,
     *,
     seed: int = 0,
+    value_range: float | None = None,
     grad_cam_layer: bool = True,
 ) -> dict[str, AttributionMethod]:
     """The six methods with their settings bound, keyed as in `METHOD_LABELS`, in figure order.
@@ -316,6 +324,8 @@ def default_methods(
             Occlusion's patch content).
         settings: costs of the methods; default `AttributionSettings()`.
         seed: seed of SmoothGrad's noise.
+        value_range: max - min of the data, the unit of SmoothGrad's noise; default: the
+            range of the images of each call.
         grad_cam_layer: include Grad-CAM (False for models without `nn.Conv2d`).
 
     Returns:
@@ -335,6 +345,7 @@ def default_methods(
             smoothgrad,
             samples=settings.smoothgrad_samples,
             noise=settings.smoothgrad_noise,
+            value_range=value_range,
             batch_size=settings.batch_size,
             seed=seed,
         ),
@@ -361,9 +372,11 @@ def attribution_maps(
 ) -> Tensor:
     """Every method's map of every image, channels summed.
 
+    The model runs in eval mode (each module's mode is restored afterwards); only input
+    gradients are taken, so its parameters' `.grad` are not touched.
+
     Args:
-        model: classifier in eval mode (only input gradients are taken; its parameters'
-            `.grad` are not touched).
+        model: classifier mapping [N, C, H, W] to logits [N, K].
         images: float tensor [N, C, H, W] on the model's device.
         targets: int64 tensor [N], the class each map explains.
         methods: `{key: method}`, e.g. `default_methods(...)`.
@@ -374,14 +387,15 @@ def attribution_maps(
         Float tensor [M, N, H, W] on the CPU, in the order of `methods`.
     """
     per_method = []
-    for method in methods.values():
-        parts = [
-            method(model, image_batch, target_batch).sum(dim=1).float().cpu()
-            for image_batch, target_batch in zip(
-                images.split(batch_size), targets.split(batch_size), strict=True
-            )
-        ]
-        per_method.append(torch.cat(parts))
+    with evaluation_mode(model):
+        for method in methods.values():
+            parts = [
+                method(model, image_batch, target_batch).sum(dim=1).float().cpu()
+                for image_batch, target_batch in zip(
+                    images.split(batch_size), targets.split(batch_size), strict=True
+                )
+            ]
+            per_method.append(torch.cat(parts))
     return torch.stack(per_method)
 
 
@@ -673,7 +687,11 @@ class AttributionAnalysis:
 
         baseline = blank_baseline(ctx.normalization, probe.images)
         methods = default_methods(
-            baseline, settings, seed=self.seed, grad_cam_layer=last_conv_layer(model) is not None
+            baseline,
+            settings,
+            seed=self.seed,
+            value_range=float(probe.images.max() - probe.images.min()),
+            grad_cam_layer=last_conv_layer(model) is not None,
         )
         keys = list(methods)
         self._start(keys)

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from exigo._modes import evaluation_mode
+
 __all__ = ["FaithfulnessCurves", "deletion_insertion", "pixel_order"]
 
 
@@ -90,11 +92,12 @@ def _true_class_probability(
 ) -> Tensor:
     """Float tensor [K] on the CPU: softmax probability of `targets` [K] for `images` [K, ...]."""
     out = []
-    for image_batch, target_batch in zip(
-        images.split(batch_size), targets.split(batch_size), strict=True
-    ):
-        probabilities = model(image_batch).float().softmax(dim=1)
-        out.append(probabilities.gather(1, target_batch[:, None]).squeeze(1).cpu())
+    with evaluation_mode(model):
+        for image_batch, target_batch in zip(
+            images.split(batch_size), targets.split(batch_size), strict=True
+        ):
+            probabilities = model(image_batch).float().softmax(dim=1)
+            out.append(probabilities.gather(1, target_batch[:, None]).squeeze(1).cpu())
     return torch.cat(out)
 
 
@@ -112,8 +115,8 @@ def deletion_insertion(
 ) -> FaithfulnessCurves:
     """Deletion and insertion curves of each attribution map, plus a random-order reference.
 
-    The model must be in the mode it should be evaluated in (eval); it is only run forward,
-    without gradients.
+    The model runs forward only, without gradients, in eval mode (each module's mode is
+    restored afterwards).
 
     Args:
         model: classifier mapping [B, C, H, W] to logits [B, K].

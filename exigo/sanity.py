@@ -53,6 +53,10 @@ __all__ = [
     "ssim",
 ]
 
+#: Added to the seed of the re-initialisation: a model built right after `torch.manual_seed(s)`
+#: would otherwise get its own initial weights back when randomised with seed s.
+_SEED_OFFSET = 7_919
+
 #: `explain(model, images [N, C, H, W], targets [N]) -> maps [M, N, H, W]`.
 Explainer = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
@@ -239,7 +243,8 @@ def cascading_randomisation(
             model (passed in so it is not computed twice).
         stages: how many cascade depths to evaluate (the top layer alone and the whole model
             always among them when 2 or more); None evaluates every depth.
-        seed: seeds the re-initialisation (the same seed gives the same random weights).
+        seed: seeds the re-initialisation (the same seed gives the same random weights,
+            which differ from those a model built after `torch.manual_seed(seed)` starts with).
 
     Returns:
         `RandomisationResult`, empty (L = 0) when the model has no randomisable layer.
@@ -258,7 +263,7 @@ def cascading_randomisation(
         copied_layers = randomisable_layers(copied)
         devices = [images.device] if images.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+            torch.manual_seed(_SEED_OFFSET + seed)
             randomised = 0
             for depth in depths:
                 while randomised < depth:

@@ -1,0 +1,163 @@
+import functools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from exigo.attributions import attribution_maps, saliency
+from exigo.model import MnistCNN
+from exigo.sanity import cascading_randomisation, randomisable_layers, spearman, ssim
+
+
+def gradient_maps(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return attribution_maps(model, images, targets, {"saliency": saliency})
+
+
+def image_maps(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """A fake 'attribution' that ignores the model: the image itself. [1, N, H, W]."""
+    return images.sum(dim=1)[None].detach().cpu()
+
+
+def both_maps(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.cat([gradient_maps(model, images, targets), image_maps(model, images, targets)])
+
+
+def snapshot(model: nn.Module) -> dict:
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "training": [m.training for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "grad": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+    }
+
+
+def assert_unchanged(model: nn.Module, before: dict) -> None:
+    after = snapshot(model)
+    assert before["state"].keys() == after["state"].keys()
+    for key, value in before["state"].items():
+        assert torch.equal(value, after["state"][key]), key
+    assert before["training"] == after["training"]
+    assert before["requires_grad"] == after["requires_grad"]
+    for old, new in zip(before["grad"], after["grad"], strict=True):
+        assert (old is None and new is None) or torch.equal(old, new)
+
+
+def test_spearman_hand_computed():
+    a = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [1.0, 1.0, 2.0], [5.0, 5.0, 5.0]])
+    b = torch.tensor([[10.0, 20.0, 30.0], [3.0, 2.0, 1.0], [1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
+    rho = spearman(a, b)
+    # ties: ranks (1.5, 1.5, 3) against (1, 2, 3) -> 1.5 / sqrt(1.5 * 2)
+    assert rho.tolist() == pytest.approx([1.0, -1.0, 1.5 / math.sqrt(3.0), 0.0])
+
+
+def test_spearman_can_leave_out_pixels_that_are_zero_in_both_maps():
+    a = torch.tensor([[0.0, 0.0, 0.0, 1.0, 2.0, 3.0]])
+    b = torch.tensor([[0.0, 0.0, 0.0, 3.0, 2.0, 1.0]])
+    # with the shared zeros the reversed rankings still correlate: 11.5 / 15.5
+    assert float(spearman(a, b)) == pytest.approx(11.5 / 15.5)
+    assert float(spearman(a, b, ignore_joint_zeros=True)) == pytest.approx(-1.0)
+    # a zero in only one map is kept
+    c = torch.tensor([[0.0, 0.0, 4.0, 1.0, 2.0, 3.0]])
+    assert float(spearman(a, c, ignore_joint_zeros=True)) == pytest.approx(
+        float(spearman(a[:, 2:], c[:, 2:]))
+    )
+
+
+def test_ssim_closed_form_for_constant_images():
+    first = torch.full((1, 12, 12), 0.2)
+    second = torch.full((1, 12, 12), 0.6)
+    c1 = 0.01**2
+    expected = (2 * 0.2 * 0.6 + c1) / (0.2**2 + 0.6**2 + c1)  # variances and covariance 0
+    assert float(ssim(first, second)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_ssim_is_one_for_identical_images_and_lower_for_a_different_one():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 8, 8, generator=generator)  # smaller than the 11-pixel window
+    assert ssim(images, images).tolist() == pytest.approx([1.0, 1.0, 1.0])
+    other = torch.rand(3, 8, 8, generator=generator)
+    scores = ssim(images, other)
+    assert (scores < 0.5).all()
+    assert torch.allclose(scores, ssim(other, images))
+
+
+def test_randomisable_layers_top_down():
+    names = [name for name, _ in randomisable_layers(MnistCNN())]
+    assert names == [
+        "classifier",
+        "embedding.1",
+        "features.5",
+        "features.4",
+        "features.1",
+        "features.0",
+    ]
+
+
+def small_cnn(batch_norm: bool) -> nn.Module:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Conv2d(1, 4, 3, padding=1)]
+    if batch_norm:
+        layers.append(nn.BatchNorm2d(4))
+    layers += [nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)]
+    return nn.Sequential(*layers)
+
+
+def test_gradient_passes_and_an_image_copy_fails_the_randomisation_check():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 3)).eval()
+    images = torch.rand(6, 1, 8, 8)
+    targets = torch.arange(6) % 3
+    reference = both_maps(model, images, targets)
+    result = cascading_randomisation(model, images, targets, both_maps, reference, seed=0)
+    assert result.layers == ["1"] and result.total_layers == 1
+    gradient_rho, image_rho = result.spearman[-1].tolist()
+    # The gradient of a linear model is its weight row: new random weights, a new map.
+    assert abs(gradient_rho) < 0.3
+    assert image_rho == pytest.approx(1.0)
+    assert float(result.ssim[-1, 1]) == pytest.approx(1.0)
+    assert float(result.ssim[-1, 0]) < 0.5
+
+
+def test_cascade_stages_and_reproducibility():
+    model = small_cnn(batch_norm=True).eval()
+    images, targets = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+    reference = gradient_maps(model, images, targets)
+    every = cascading_randomisation(model, images, targets, gradient_maps, reference)
+    assert every.layers == ["4", "1", "0"]
+    assert every.depth.tolist() == [1, 2, 3]
+    assert every.maps.shape == (3, 1, 4, 8, 8)
+    two = cascading_randomisation(model, images, targets, gradient_maps, reference, stages=2)
+    assert two.depth.tolist() == [1, 3]
+    # the same seed gives the same random weights, so the same maps at the same depths
+    assert torch.allclose(two.maps, every.maps[[0, 2]])
+    assert torch.allclose(two.spearman, every.spearman[[0, 2]])
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_trained_model_global_rng_and_batch_norm_are_safe(training):
+    model = small_cnn(batch_norm=True)
+    model.train()
+    for _ in range(3):  # give BatchNorm non-trivial running statistics and parameters .grad
+        model(torch.randn(16, 1, 8, 8) * 3 + 1).sum().backward()
+    model.train(training)
+    model[0].bias.requires_grad_(False)
+    before = snapshot(model)
+    images, targets = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+    reference = gradient_maps(model, images, targets)
+    rng = torch.random.get_rng_state()
+    result = cascading_randomisation(model, images, targets, gradient_maps, reference, seed=3)
+    assert torch.equal(rng, torch.random.get_rng_state())
+    assert_unchanged(model, before)
+    assert torch.isfinite(result.maps).all()
+    assert torch.isfinite(result.spearman).all() and torch.isfinite(result.ssim).all()
+
+
+def test_model_without_randomisable_layers_gives_an_empty_result():
+    model = nn.Sequential(nn.Flatten(), nn.ReLU())
+    explain = functools.partial(lambda m, x, t: x.sum(dim=1)[None])
+    images = torch.rand(2, 1, 4, 4)
+    result = cascading_randomisation(
+        model, images, torch.zeros(2, dtype=torch.long), explain, explain(model, images, None)
+    )
+    assert result.layers == [] and result.spearman.shape == (0, 1)
