@@ -6,6 +6,7 @@ small hook class with `name` and `__call__(ctx)`) and adding one line here.
 
 from __future__ import annotations
 
+from exigo.attributions import AttributionAnalysis
 from exigo.config import Config
 from exigo.confusion import ConfusionAnalysis
 from exigo.pipeline import Analysis
@@ -19,4 +20,6 @@ def default_analyses(config: Config) -> list[Analysis]:
     analyses: list[Analysis] = []
     analyses.append(ConfusionAnalysis(normalize=config.confusion_normalize))
     analyses.append(SaliencyAnalysis())
+    if config.attribution_checks:
+        analyses.append(AttributionAnalysis(seed=config.seed))
     return analyses
