@@ -7,8 +7,10 @@ small hook class with `name` and `__call__(ctx)`) and adding one line here.
 from __future__ import annotations
 
 from exigo.attributions import AttributionAnalysis
+from exigo.class_model import ClassModelAnalysis
 from exigo.config import Config
 from exigo.confusion import ConfusionAnalysis
+from exigo.errors import ErrorAnalysis
 from exigo.pipeline import Analysis
 from exigo.saliency import SaliencyAnalysis
 
@@ -20,6 +22,8 @@ def default_analyses(config: Config) -> list[Analysis]:
     analyses: list[Analysis] = []
     analyses.append(ConfusionAnalysis(normalize=config.confusion_normalize))
     analyses.append(SaliencyAnalysis())
+    analyses.append(ClassModelAnalysis(seed=config.seed))
+    analyses.append(ErrorAnalysis())
     if config.attribution_checks:
         analyses.append(AttributionAnalysis(seed=config.seed))
     return analyses

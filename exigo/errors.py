@@ -1,0 +1,304 @@
+r"""The errors, explained: the most frequent confusions and what pulled each image both ways.
+
+A confusion matrix says which classes are confused; this analysis shows why. From the
+evaluation pass (no extra pass over the data) it takes the most frequent (true, predicted)
+pairs among the misclassified images and, for up to five images of each pair (the most
+confident mistakes first), draws the image and two signed saliency maps (Simonyan, Vedaldi &
+Zisserman 2013, arXiv:1312.6034, §3):
+
+$$ \nabla_x f_y(x) \quad \text{(towards the true class } y\text{)}, \qquad
+   \nabla_x f_{\hat y}(x) \quad \text{(towards the predicted class } \hat y\text{)} $$
+
+on one shared colour scale, with $p(y \mid x)$ and $p(\hat y \mid x)$ from the evaluation pass.
+Red pixels raise that class's logit, blue pixels lower it: where the predicted-class map is
+red on ink that the true-class map leaves white or blue, that stroke is what misled the
+network. The gradients come from `exigo.saliency.input_gradients`, one batched call for both
+maps of every image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from exigo._colour_scale import ROBUST_QUANTILE, colour_limit
+from exigo.data import gather
+from exigo.saliency import input_gradients, reduce_channels, source_pixels
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from exigo.pipeline import EpochContext
+
+__all__ = [
+    "Confusion",
+    "ErrorAnalysis",
+    "ErrorSaliency",
+    "error_saliency",
+    "frequent_confusions",
+    "plot_errors",
+]
+
+
+@dataclass(frozen=True)
+class Confusion:
+    """One (true, predicted) pair of classes and some of its misclassified images.
+
+    Attributes:
+        true: the images' true class.
+        predicted: the class the model predicted instead.
+        count: how many images of the evaluation set have this pair.
+        indices: int64 tensor [k], k <= the number asked for: positions of some of those
+            images in the evaluation set, the most confident mistakes first.
+    """
+
+    true: int
+    predicted: int
+    count: int
+    indices: Tensor
+
+
+def frequent_confusions(
+    targets: Tensor,
+    predictions: Tensor,
+    probabilities: Tensor | None = None,
+    *,
+    pairs: int = 3,
+    per_pair: int = 5,
+) -> list[Confusion]:
+    """The most frequent (true, predicted) confusions, with example images of each.
+
+    Pairs are ordered by count, most frequent first; equal counts by true, then predicted
+    class. Within a pair, images are ordered by the probability of the wrong class, highest
+    first (the most confident mistakes), or by position when `probabilities` is None.
+
+    Args:
+        targets: int64 tensor [N], true classes.
+        predictions: int64 tensor [N], predicted classes.
+        probabilities: float tensor [N, C] of class probabilities, or None.
+        pairs: at most this many pairs.
+        per_pair: at most this many images per pair.
+
+    Returns:
+        Up to `pairs` `Confusion`s; empty when every prediction is right.
+    """
+    targets, predictions = targets.cpu().long(), predictions.cpu().long()
+    wrong = torch.nonzero(targets != predictions).flatten()
+    if wrong.numel() == 0 or pairs < 1:
+        return []
+    classes = int(max(targets.max(), predictions.max())) + 1
+    if probabilities is not None:
+        classes = max(classes, probabilities.shape[1])
+    pair_ids = targets[wrong] * classes + predictions[wrong]
+    counts = torch.bincount(pair_ids, minlength=classes * classes)
+    present = torch.nonzero(counts).flatten()
+    # stable sort of the (ascending) pair ids by count: ties stay in (true, predicted) order
+    order = torch.sort(counts[present], descending=True, stable=True).indices
+    result = []
+    for pair_id in present[order[:pairs]].tolist():
+        true, predicted = divmod(pair_id, classes)
+        members = wrong[pair_ids == pair_id]  # ascending positions
+        if probabilities is not None:
+            confidence = probabilities.cpu()[members, predicted]
+            members = members[torch.sort(confidence, descending=True, stable=True).indices]
+        result.append(Confusion(true, predicted, int(counts[pair_id]), members[:per_pair].clone()))
+    return result
+
+
+@dataclass(frozen=True)
+class ErrorSaliency:
+    r"""Signed input gradients of a batch towards two classes, channels reduced.
+
+    Attributes:
+        towards_true: float tensor [N, H, W], $\nabla_x f_y(x)$.
+        towards_predicted: float tensor [N, H, W], $\nabla_x f_{\hat y}(x)$.
+    """
+
+    towards_true: Tensor
+    towards_predicted: Tensor
+
+
+def error_saliency(
+    model: nn.Module, images: Tensor, true: Tensor, predicted: Tensor
+) -> ErrorSaliency:
+    """Saliency of each image towards its true and its predicted class, signed.
+
+    One batched `input_gradients` call for both maps; the model comes back unchanged (see
+    `exigo.saliency.frozen`) and `images` are not modified. Multi-channel gradients keep, at
+    every pixel, the channel of largest magnitude (`reduce_channels`).
+
+    Args:
+        model: classifier mapping [N, C, H, W] to logits.
+        images: float tensor [N, C, H, W], as the model takes them, on the model's device.
+        true: int64 tensor [N], true classes.
+        predicted: int64 tensor [N], predicted classes.
+
+    Returns:
+        `ErrorSaliency` on the images' device.
+    """
+    count = images.shape[0]
+    both = input_gradients(
+        model, torch.cat([images, images]), torch.cat([true, predicted]).to(images.device)
+    )
+    maps = reduce_channels(both)  # (2N, H, W)
+    return ErrorSaliency(towards_true=maps[:count], towards_predicted=maps[count:])
+
+
+def plot_errors(
+    confusions: Sequence[Confusion],
+    pixels: Tensor,
+    saliency: ErrorSaliency,
+    true_probabilities: Tensor,
+    predicted_probabilities: Tensor,
+    class_names: Sequence[str],
+    *,
+    title: str | None = None,
+) -> Figure:
+    """Per confusion, three rows: the images, saliency towards the true and the predicted class.
+
+    The images of all confusions are concatenated in order (the first `len(confusions[0].
+    indices)` belong to the first confusion, and so on). Both saliency rows of every block use
+    one diverging colour scale centred at 0, shared by the whole figure.
+
+    Args:
+        confusions: the pairs to draw, with their images' indices.
+        pixels: float tensor [N, C, H, W] in [0, 1], the images for display.
+        saliency: their `ErrorSaliency`.
+        true_probabilities: float tensor [N], probability of the true class.
+        predicted_probabilities: float tensor [N], probability of the predicted class.
+        class_names: display name per class.
+        title: figure title.
+
+    Returns:
+        A matplotlib `Figure` (not attached to pyplot).
+    """
+    from matplotlib.figure import Figure
+
+    pixels = pixels.detach().float().cpu()
+    towards_true = saliency.towards_true.detach().float().cpu()
+    towards_predicted = saliency.towards_predicted.detach().float().cpu()
+    limit = colour_limit(towards_true, towards_predicted)
+    columns = max(max((c.indices.numel() for c in confusions), default=1), 1)
+    blocks = max(len(confusions), 1)
+    width = max(1.3 * columns + 2.4, 6.4)  # wide enough for the captions above few images
+    figure = Figure(figsize=(width, 4.1 * blocks + 0.8), layout="constrained")
+    subfigures = figure.subfigures(blocks, 1, squeeze=False)[:, 0]
+    start = 0
+    for block, confusion in zip(subfigures, confusions, strict=False):
+        true_name = class_names[confusion.true]
+        predicted_name = class_names[confusion.predicted]
+        block.suptitle(
+            f"true {true_name} predicted as {predicted_name}: {confusion.count} "
+            f"image{'s' if confusion.count != 1 else ''}"
+            + (f", {confusion.indices.numel()} shown" if confusion.count > columns else ""),
+            fontsize=10,
+            fontweight="bold",
+        )
+        axes = block.subplots(3, columns, squeeze=False)
+        image = None
+        for column in range(columns):
+            for ax in axes[:, column]:
+                ax.set_xticks([])
+                ax.set_yticks([])
+            if column >= confusion.indices.numel():
+                for ax in axes[:, column]:
+                    ax.set_axis_off()
+                continue
+            index = start + column
+            shown = pixels[index]
+            if shown.shape[0] == 1:
+                axes[0, column].imshow(shown[0].numpy(), cmap="gray", vmin=0, vmax=1)
+            else:
+                axes[0, column].imshow(shown.permute(1, 2, 0).numpy())
+            axes[0, column].set_title(
+                f"p({true_name}) = {float(true_probabilities[index]):.2f}\n"
+                f"p({predicted_name}) = {float(predicted_probabilities[index]):.2f}",
+                fontsize=8,
+            )
+            style = {"cmap": "RdBu_r", "vmin": -limit, "vmax": limit, "interpolation": "nearest"}
+            image = axes[1, column].imshow(towards_true[index].numpy(), **style)
+            axes[2, column].imshow(towards_predicted[index].numpy(), **style)
+            ink = shown.amax(0).numpy()  # the digit's outline, to tell strokes from background
+            for ax in axes[1:, column]:
+                ax.contour(ink, levels=[0.5], colors="0.45", linewidths=0.6)
+        axes[0, 0].set_ylabel("image", fontsize=9)
+        axes[1, 0].set_ylabel(f"saliency\ntowards {true_name}\n(true)", fontsize=9)
+        axes[2, 0].set_ylabel(f"saliency\ntowards {predicted_name}\n(predicted)", fontsize=9)
+        start += confusion.indices.numel()
+        if image is not None:  # the same scale in every block: repeated for the reader's eye
+            bar = block.colorbar(  # beside the saliency rows only, all rows keep one width
+                image,
+                ax=list(axes.flat),
+                shrink=0.62,
+                anchor=(0.0, 0.0),
+                panchor=(1.0, 0.0),
+                aspect=15,
+                pad=0.01,
+                extend="both",
+            )
+            bar.set_label("∂ logit / ∂ pixel", fontsize=8)
+            bar.ax.tick_params(labelsize=7)
+            bar.formatter.set_powerlimits((-2, 3))
+    figure.suptitle(title or "Most frequent errors", fontsize=12)
+    figure.supxlabel(
+        "Saliency: red raises that class's logit, blue lowers it; grey line: the digit's "
+        "outline.\nOne colour scale for every map, clipped at the "
+        f"{100 * ROBUST_QUANTILE:g}th percentile. The most confident mistakes first.",
+        fontsize=8,
+        color="0.3",
+    )
+    return figure
+
+
+class ErrorAnalysis:
+    """Per-epoch hook: `plots/errors_{epoch}.png` for the most frequent confusions.
+
+    Reads the evaluation pass; only the (at most `pairs * per_pair`) shown images go through
+    the model again, for their gradients. With no error at all it writes no figure and logs
+    one line.
+
+    Args:
+        pairs: how many (true, predicted) pairs to show.
+        per_pair: how many images per pair.
+    """
+
+    name = "errors"
+
+    def __init__(self, pairs: int = 3, per_pair: int = 5) -> None:
+        self.pairs = pairs
+        self.per_pair = per_pair
+
+    def __call__(self, ctx: EpochContext) -> None:
+        """Select the confusions, compute their saliency and save the figure."""
+        evaluation = ctx.eval
+        if evaluation is None:
+            return
+        confusions = frequent_confusions(
+            evaluation.targets,
+            evaluation.predictions,
+            evaluation.probabilities,
+            pairs=self.pairs,
+            per_pair=self.per_pair,
+        )
+        if not confusions:
+            ctx.log(f"errors: every held-out image is classified correctly at epoch {ctx.epoch}")
+            return
+        indices = torch.cat([confusion.indices for confusion in confusions])
+        images, _ = gather(ctx.val_data, indices)
+        true = torch.cat([torch.full_like(c.indices, c.true) for c in confusions])
+        predicted = torch.cat([torch.full_like(c.indices, c.predicted) for c in confusions])
+        saliency = error_saliency(ctx.model, images.to(ctx.device), true, predicted)
+        figure = plot_errors(
+            confusions,
+            source_pixels(images, ctx.normalization),
+            saliency,
+            evaluation.probabilities[indices, true],
+            evaluation.probabilities[indices, predicted],
+            ctx.class_names,
+            title=f"Most frequent errors after epoch {ctx.epoch}: what pulled each image both ways",
+        )
+        ctx.save_figure(figure, "errors")
