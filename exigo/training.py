@@ -159,6 +159,7 @@ def evaluate(
     batch_size: int = 500,
     device: torch.device | str = "cpu",
     on_batch: BatchCallback | None = None,
+    indices: Sequence[int] | Tensor | None = None,
 ) -> EvalResult:
     """Run `model` over all of `dataset` once, in order, in eval mode.
 
@@ -172,6 +173,8 @@ def evaluate(
         batch_size: images per forward pass.
         device: where the model lives.
         on_batch: called with the number of images after each forward pass.
+        indices: evaluate only these images, in this order (the result's rows follow it);
+            default: all of `dataset`.
 
     Returns:
         The `EvalResult`, with every tensor on the CPU.
@@ -187,7 +190,8 @@ def evaluate(
     handle = embedding_module(model).register_forward_pre_hook(keep_embedding)
     logits_parts, target_parts = [], []
     try:
-        for images, labels in iterate_batches(dataset, range(len(dataset)), batch_size):
+        order = range(len(dataset)) if indices is None else indices
+        for images, labels in iterate_batches(dataset, order, batch_size):
             logits_parts.append(model(images.to(device, non_blocking=True)).float())
             target_parts.append(labels)
             if on_batch is not None:

@@ -1,0 +1,505 @@
+r"""Several processes, one run: torchrun, DistributedDataParallel, evaluation gathered to rank 0.
+
+`torchrun --nproc_per_node=W runner.py ...` starts W processes and tells each its place through
+environment variables (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`).
+`join()` reads them and opens the process group: NCCL when the processes train on CUDA
+(process `LOCAL_RANK` on `cuda:LOCAL_RANK`), Gloo on the CPU. Without torchrun (or with
+`WORLD_SIZE=1`) there is no process group and exigo runs exactly as a single process.
+
+Training is PyTorch's DistributedDataParallel (DDP): every process holds the same model, takes
+its own shard of each epoch's shuffled training set (`torch.utils.data.DistributedSampler`,
+re-shuffled per epoch by `set_epoch`) in batches of `--batch-size` images, and the gradients are
+averaged across the W processes before every optimizer step,
+
+$$ g = \frac{1}{W} \sum_{r=0}^{W-1} \nabla_\theta \frac{1}{B} \sum_{i \in \mathcal{B}_r}
+\ell(f_\theta(x_i), y_i), $$
+
+so one step sees $W \cdot B$ images and all copies of the model stay identical.
+
+Evaluation is split too: process $r$ evaluates the images $r, r + W, r + 2W, \dots$ (no padding,
+so no image counts twice), the loss and accuracy are summed over processes,
+
+$$ \bar\ell = \frac{\sum_r n_r \, \bar\ell_r}{\sum_r n_r}, \qquad
+\mathrm{acc} = \frac{\sum_r c_r}{\sum_r n_r}, $$
+
+and the predictions, targets, probabilities and embeddings are gathered to rank 0 in dataset
+order. The result equals a single-process `exigo.training.evaluate` of the same model (the loss up
+to float rounding of the split sum).
+
+Every collective runs under the process group's timeout: a process that crashed, hangs or waits
+longer than `--dist-timeout` for the others makes the collective fail with a `DistributedError`
+that says so, instead of a silent hang.
+
+Reference: S. Li et al., "PyTorch Distributed: Experiences on Accelerating Data Parallel
+Training", VLDB 2020 (arXiv:2006.15704).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset, DistributedSampler
+
+from exigo.training import EvalResult, TrainResult, evaluate
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "DistributedError",
+    "World",
+    "all_or_none",
+    "broadcast_buffers",
+    "current",
+    "evaluate_sharded",
+    "evaluation_shard",
+    "interleave_shards",
+    "is_main",
+    "join",
+    "launched_by_torchrun",
+    "leave",
+    "process_group",
+    "reduce_train_result",
+    "training_indices",
+    "wrap",
+]
+
+#: Seconds a process waits for the others at a collective before it gives up (`--dist-timeout`).
+DEFAULT_TIMEOUT = 1800.0
+
+
+class DistributedError(RuntimeError):
+    """A collective failed: another process crashed, stopped, or did not answer in time."""
+
+
+@dataclass(frozen=True)
+class World:
+    """This process' place among the processes of a torchrun run.
+
+    Attributes:
+        rank: 0 ... world_size - 1; rank 0 writes every output.
+        world_size: W, the number of processes (all machines together).
+        local_rank: index of this process on its machine (its GPU index under CUDA).
+        backend: "nccl" (CUDA) or "gloo" (CPU).
+        device: where this process trains: `cuda:LOCAL_RANK` or the CPU.
+        timeout: seconds a collective waits for the other processes.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    device: torch.device
+    timeout: float
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this is rank 0, the process that writes."""
+        return self.rank == 0
+
+    @contextmanager
+    def collective(self, what: str) -> Iterator[None]:
+        """Turn a failed collective inside the block into a `DistributedError` that says why.
+
+        Gloo reports a lost peer or a timeout as a bare `RuntimeError`, NCCL as a
+        `torch.distributed.DistError`; exigo's own exceptions (subclasses) pass unchanged.
+
+        Args:
+            what: what the processes were doing, for the message ("evaluating").
+        """
+        try:
+            yield
+        except (RuntimeError, dist.DistError) as error:
+            if type(error) is not RuntimeError and not isinstance(error, dist.DistError):
+                raise
+            reason = " ".join(str(error).split())[:400]
+            raise DistributedError(
+                f"rank {self.rank} of {self.world_size}: {what} failed, {reason}. Another "
+                "process probably crashed, was stopped, or did not reach the same point within "
+                f"--dist-timeout {self.timeout:g} s: its own error, named in torchrun's summary, "
+                "is the cause (raise --dist-timeout if rank 0's analyses take that long)"
+            ) from error
+
+    def _tensor(self, values: Sequence[float], dtype: torch.dtype) -> Tensor:
+        # NCCL reduces tensors on the GPU only; Gloo on the CPU
+        return torch.tensor(values, dtype=dtype, device=self.device)
+
+    def agree_on_signal(self, signal_number: int | None) -> int | None:
+        """The signal any process received (the largest number), or None: all learn the same.
+
+        Args:
+            signal_number: the signal this process received, or None.
+        """
+        flag = self._tensor([signal_number or 0], torch.int64)
+        with self.collective("agreeing whether to stop"):
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None
+
+    def all_ok(self, ok: bool) -> bool:
+        """Whether every process passes `ok=True`: one failing process tells all the others."""
+        flag = self._tensor([1 if ok else 0], torch.int64)
+        with self.collective("checking that every process is ready"):
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def broadcast_object(self, value: Any) -> Any:
+        """Rank 0's `value` on every process (pickled; other ranks pass anything, e.g. None)."""
+        box = [value]
+        with self.collective("receiving rank 0's state"):
+            dist.broadcast_object_list(box, src=0, device=self.device)
+        return box[0]
+
+
+_WORLD: World | None = None  # the process group join() opened, or None
+
+
+def launched_by_torchrun() -> bool:
+    """Whether the environment asks for more than one process (`WORLD_SIZE` > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def is_main() -> bool:
+    """Whether this process writes: always without torchrun, else rank 0 (before `join()` too)."""
+    if _WORLD is not None:
+        return _WORLD.is_main
+    return not launched_by_torchrun() or int(os.environ.get("RANK", "0")) == 0
+
+
+def current() -> World | None:
+    """The `World` that `join()` opened, or None in a single-process run."""
+    return _WORLD
+
+
+def _device_and_backend(device_name: str, local_rank: int) -> tuple[torch.device, str]:
+    """`cuda:LOCAL_RANK` with NCCL, or the CPU with Gloo, for `--device` `device_name`."""
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device_name)
+    except RuntimeError:
+        raise ValueError(f"--device {device_name!r} is not a device (auto, cpu, cuda)") from None
+    if device.type == "cpu":
+        return torch.device("cpu"), "gloo"
+    if device.type != "cuda":
+        raise ValueError(
+            f"--device {device_name}: torchrun runs train on CUDA (NCCL) or the CPU (Gloo); "
+            "pass --device cuda or --device cpu"
+        )
+    if device.index is not None:
+        raise ValueError(
+            f"--device {device_name}: under torchrun every process takes the GPU of its "
+            "LOCAL_RANK; pass --device cuda (or auto)"
+        )
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device_name}: CUDA is not available on this machine")
+    if local_rank >= torch.cuda.device_count():
+        raise ValueError(
+            f"LOCAL_RANK {local_rank} but this machine has {torch.cuda.device_count()} CUDA "
+            "device(s): start at most one process per GPU (--nproc_per_node)"
+        )
+    return torch.device("cuda", local_rank), "nccl"
+
+
+def join(device: str = "auto", timeout: float = DEFAULT_TIMEOUT) -> World | None:
+    """Open the process group torchrun described in the environment; None without torchrun.
+
+    Idempotent: a second call returns the same `World`. A process group opened by someone
+    else (`torch.distributed.init_process_group` before exigo) is used as it is.
+
+    Args:
+        device: `--device`: "auto" or "cuda" (NCCL, one GPU per process) or "cpu" (Gloo).
+        timeout: seconds any collective (and the rendezvous) waits for the other processes.
+
+    Returns:
+        This process' `World`, or None for a single-process run.
+
+    Raises:
+        ValueError: a device that cannot be shared out among the processes.
+        DistributedError: the other processes did not show up within `timeout`.
+    """
+    global _WORLD
+    if _WORLD is not None:
+        return _WORLD
+    if not dist.is_initialized() and not launched_by_torchrun():
+        return None
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    chosen, backend = _device_and_backend(device, local_rank)
+    if not dist.is_initialized():
+        if chosen.type == "cuda":
+            torch.cuda.set_device(chosen)  # before NCCL starts, so it binds this GPU
+        try:
+            dist.init_process_group(backend=backend, timeout=_dt.timedelta(seconds=timeout))
+        except (RuntimeError, ValueError, dist.DistError) as error:
+            raise DistributedError(
+                f"rank {os.environ.get('RANK', '?')}: cannot join the other torchrun processes "
+                f"({' '.join(str(error).split())[:300]}); check --rdzv-endpoint / MASTER_ADDR "
+                "and that every machine started torchrun"
+            ) from error
+        _WORLD = World(
+            rank=dist.get_rank(),
+            world_size=dist.get_world_size(),
+            local_rank=local_rank,
+            backend=backend,
+            device=chosen,
+            timeout=timeout,
+        )
+        return _WORLD
+    return World(  # someone else's group: describe it, leave it to its owner
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local_rank,
+        backend=str(dist.get_backend()),
+        device=chosen,
+        timeout=timeout,
+    )
+
+
+def leave() -> None:
+    """Close the process group `join()` opened (nothing happens otherwise)."""
+    global _WORLD
+    if _WORLD is not None:
+        _WORLD = None
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@contextmanager
+def process_group(device: str = "auto", timeout: float = DEFAULT_TIMEOUT) -> Iterator[World | None]:
+    """`join()` for the block, and `leave()` after it if this block opened the group.
+
+    Yields:
+        The `World`, or None for a single-process run.
+    """
+    opened_here = _WORLD is None and not dist.is_initialized()
+    world = join(device, timeout)
+    try:
+        yield world
+    finally:
+        if opened_here and world is not None:
+            leave()
+
+
+@contextmanager
+def all_or_none(world: World | None, what: str) -> Iterator[None]:
+    """A block that may fail on some processes only: if it fails on one, it fails on all.
+
+    Each process runs the block, then all agree whether every one succeeded (one collective).
+    The process whose block raised re-raises its own error; the others raise
+    `DistributedError`, instead of waiting at their next collective for a process that left.
+    Without a `World` the block just runs.
+
+    Args:
+        world: the processes, or None.
+        what: what the block does, for the others' message ("starting the run").
+    """
+    if world is None:
+        yield
+        return
+    try:
+        yield
+    except BaseException:
+        # the others may be gone already; this process' own error matters more than that
+        with suppress(DistributedError):
+            world.all_ok(False)
+        raise
+    if not world.all_ok(True):
+        raise DistributedError(
+            f"rank {world.rank} of {world.world_size}: another process failed while {what}; "
+            "its message says why"
+        )
+
+
+def wrap(model: nn.Module, world: World) -> DistributedDataParallel:
+    """`model` (already on `world.device`) in DistributedDataParallel.
+
+    DDP copies rank 0's parameters and buffers to every process here, so all start equal.
+    Train through the wrapper; evaluate, analyse and save `wrapper.module` (the model itself),
+    which runs no collective.
+    """
+    device_ids = [world.device.index] if world.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def broadcast_buffers(model: nn.Module, world: World) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) into every process' `model`.
+
+    DDP synchronises buffers at the start of each training step, but the last step updates each
+    process' statistics from its own batch; after this call every process evaluates the model
+    rank 0 saves.
+    """
+    with world.collective("sharing rank 0's BatchNorm statistics"):
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
+def training_indices(dataset: Dataset, epoch: int, seed: int, rank: int, world_size: int) -> Tensor:
+    """This process' shard of the epoch's shuffled training set, from a `DistributedSampler`.
+
+    The permutation depends on `seed` and `epoch` only (`set_epoch`), so every process draws
+    the same one and takes every `world_size`-th index of it from `rank` on; the last shards
+    are padded with the first indices so that all have ceil(N / W) (equal step counts keep the
+    processes in step).
+
+    Args:
+        dataset: the training set (only its length is used).
+        epoch: 1-based epoch.
+        seed: the run's seed.
+        rank: this process.
+        world_size: W.
+
+    Returns:
+        int64 tensor [ceil(N / W)] of indices into `dataset`.
+    """
+    sampler = DistributedSampler(
+        dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False
+    )
+    sampler.set_epoch(epoch)
+    return torch.tensor(list(sampler), dtype=torch.long)
+
+
+def evaluation_shard(size: int, rank: int, world_size: int) -> Tensor:
+    """Indices rank, rank + W, rank + 2W, ... of a dataset of `size`: every image exactly once.
+
+    Returns:
+        int64 tensor [len(range(rank, size, world_size))].
+    """
+    return torch.arange(rank, size, world_size, dtype=torch.long)
+
+
+def interleave_shards(parts: Sequence[Tensor], size: int) -> Tensor:
+    """Put per-rank rows back in dataset order: the inverse of `evaluation_shard`.
+
+    Args:
+        parts: W tensors [>= n_r, ...]; part r holds the rows of `evaluation_shard(size, r, W)`
+            first (padding after them is dropped).
+        size: N, the number of rows of the result.
+
+    Returns:
+        Tensor [N, ...] whose row i comes from part i mod W, row i div W.
+    """
+    world_size = len(parts)
+    out = parts[0].new_empty((size, *parts[0].shape[1:]))
+    for rank, part in enumerate(parts):
+        out[rank::world_size] = part[: len(range(rank, size, world_size))]
+    return out
+
+
+def _gather_rows(rows: Tensor, world: World, size: int) -> Tensor | None:
+    """Gather each process' `rows` [n_r, ...] to rank 0 as a [size, ...] tensor in dataset order.
+
+    `dist.gather` needs equal shapes: every process pads to ceil(N / W) rows first.
+    """
+    longest = math.ceil(size / world.world_size)
+    padded = rows.new_zeros((longest, *rows.shape[1:]))
+    padded[: rows.shape[0]] = rows
+    padded = padded.to(world.device)
+    parts = [torch.empty_like(padded) for _ in range(world.world_size)] if world.is_main else None
+    dist.gather(padded, parts, dst=0)
+    if parts is None:
+        return None
+    return interleave_shards([part.cpu() for part in parts], size)
+
+
+def evaluate_sharded(
+    model: nn.Module,
+    dataset: Dataset,
+    world: World,
+    *,
+    batch_size: int = 500,
+    device: torch.device | str = "cpu",
+    on_batch: Callable[[int], None] | None = None,
+) -> EvalResult:
+    """Evaluate `dataset` split across the processes, as one `evaluate` would.
+
+    Every process must call this at the same point. Pass the model itself, not its DDP wrapper:
+    the processes evaluate different numbers of batches, and a wrapper could start a collective
+    in its forward pass that the others never join.
+
+    Args:
+        model: classifier mapping [B, C, H, W] to logits [B, K], identical on every process.
+        dataset: validation images and labels, with at least W images.
+        world: the processes.
+        batch_size: images per forward pass.
+        device: where the model lives.
+        on_batch: called with the number of images after each of this process' forward passes.
+
+    Returns:
+        On every process: the loss and accuracy over the whole dataset. On rank 0: also
+        predictions [N], targets [N], probabilities [N, C] and embeddings [N, D] in dataset
+        order, on the CPU. On the other ranks those tensors are empty ([0] and [0, C] / [0, D]).
+    """
+    start = time.perf_counter()
+    size = len(dataset)
+    if size < world.world_size:
+        raise ValueError(
+            f"cannot share {size} validation images among {world.world_size} processes"
+        )
+    shard = evaluation_shard(size, world.rank, world.world_size)
+    local = evaluate(
+        model, dataset, indices=shard, batch_size=batch_size, device=device, on_batch=on_batch
+    )
+    count = shard.numel()
+    correct = int((local.predictions == local.targets).sum())
+    totals = world._tensor([local.loss * count, correct, count], torch.float64)
+    with world.collective("evaluating"):
+        dist.all_reduce(totals)
+        gathered = [
+            _gather_rows(rows, world, size)
+            for rows in (local.predictions, local.targets, local.probabilities, local.embeddings)
+        ]
+    loss_sum, correct_sum, total = totals.tolist()
+    predictions, targets, probabilities, embeddings = (
+        rows if rows is not None else local_rows[:0]
+        for rows, local_rows in zip(
+            gathered,
+            (local.predictions, local.targets, local.probabilities, local.embeddings),
+            strict=True,
+        )
+    )
+    return EvalResult(
+        loss=loss_sum / total,
+        # float32 like `evaluate`'s mean of correct predictions, so both report the same number
+        accuracy=(torch.tensor(correct_sum, dtype=torch.float32) / total).item(),
+        predictions=predictions,
+        targets=targets,
+        probabilities=probabilities,
+        embeddings=embeddings,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def reduce_train_result(result: TrainResult, world: World) -> TrainResult:
+    """One process' `TrainResult` turned into the epoch's over all processes.
+
+    Loss and accuracy become image-weighted means over the processes; a NaN on any process
+    makes the loss NaN everywhere, so all processes see a divergence together.
+
+    Args:
+        result: this process' epoch (its shard).
+        world: the processes.
+
+    Returns:
+        The `TrainResult` of all processes' images; `seconds` stays this process' own.
+    """
+    totals = world._tensor(
+        [result.loss * result.images, result.accuracy * result.images, result.images],
+        torch.float64,
+    )
+    with world.collective("summing the training loss"):
+        dist.all_reduce(totals)
+    loss_sum, correct_sum, images = totals.tolist()
+    return TrainResult(
+        loss=loss_sum / images,
+        accuracy=correct_sum / images,
+        seconds=result.seconds,
+        images=int(images),
+    )
