@@ -37,6 +37,7 @@ affine map (no NaN). The trained model is only read: its copy is made with `copy
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -228,6 +229,7 @@ def cascading_randomisation(
     *,
     stages: int | None = None,
     seed: int = 0,
+    cache: dict[str, Tensor] | None = None,
 ) -> RandomisationResult:
     """Re-initialise a copy of `model` layer by layer from the top and compare the maps.
 
@@ -245,6 +247,11 @@ def cascading_randomisation(
             always among them when 2 or more); None evaluates every depth.
         seed: seeds the re-initialisation (the same seed gives the same random weights,
             which differ from those a model built after `torch.manual_seed(seed)` starts with).
+        cache: maps of earlier calls with the same `explain`, keyed by a fingerprint of the
+            randomised model's state and of the inputs; filled and used when given. Maps are
+            a deterministic function of these, and once every layer is re-initialised the
+            state no longer depends on training, so from the second epoch on the fully
+            randomised model's maps come from the cache.
 
     Returns:
         `RandomisationResult`, empty (L = 0) when the model has no randomisable layer.
@@ -261,6 +268,7 @@ def cascading_randomisation(
     if depths:
         copied = copy.deepcopy(model).eval()
         copied_layers = randomisable_layers(copied)
+        used: list[str] = []
         devices = [images.device] if images.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(_SEED_OFFSET + seed)
@@ -269,7 +277,14 @@ def cascading_randomisation(
                 while randomised < depth:
                     copied_layers[randomised][1].reset_parameters()
                     randomised += 1
-                maps = explain(copied, images, targets).detach().cpu()
+                key = _fingerprint(copied, images, targets) if cache is not None else ""
+                used.append(key)
+                if cache is not None and key in cache:
+                    maps = cache[key]
+                else:
+                    maps = explain(copied, images, targets).detach().cpu()
+                    if cache is not None:
+                        cache[key] = maps
                 if not torch.isfinite(maps).all():
                     raise ValueError(
                         f"maps of the model randomised down to {layers[depth - 1][0]} "
@@ -291,6 +306,9 @@ def cascading_randomisation(
                     .mean(dim=1)
                 )
         del copied
+        if cache is not None:  # keep only this call's stages: the cache stays small
+            for key in set(cache) - set(used):
+                del cache[key]
     empty = torch.empty(0, methods)
     return RandomisationResult(
         layers=[layers[depth - 1][0] for depth in depths],
@@ -300,3 +318,14 @@ def cascading_randomisation(
         ssim=torch.stack(stage_ssim) if depths else empty,
         maps=torch.stack(stage_maps) if depths else torch.empty(0, *reference.shape),
     )
+
+
+def _fingerprint(model: nn.Module, images: Tensor, targets: Tensor) -> str:
+    """SHA-1 of a model's state (names, dtypes, shapes, values) and of its inputs."""
+    digest = hashlib.sha1()
+    tensors = [*model.state_dict().items(), ("images", images), ("targets", targets)]
+    for name, tensor in tensors:
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+        digest.update(value.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

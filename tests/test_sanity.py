@@ -161,3 +161,30 @@ def test_model_without_randomisable_layers_gives_an_empty_result():
         model, images, torch.zeros(2, dtype=torch.long), explain, explain(model, images, None)
     )
     assert result.layers == [] and result.spearman.shape == (0, 1)
+
+
+def test_cache_reuses_the_maps_of_an_identical_randomised_model():
+    model = small_cnn(batch_norm=True)
+    model(torch.randn(16, 1, 8, 8) + 1)  # BatchNorm statistics that its reset changes
+    model.eval()
+    images, targets = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+    calls = []
+
+    def counting(model, images, targets):
+        calls.append(1)
+        return gradient_maps(model, images, targets)
+
+    reference = gradient_maps(model, images, targets)
+    cache: dict = {}
+    first = cascading_randomisation(model, images, targets, counting, reference, cache=cache)
+    assert len(calls) == 3 and len(cache) == 3
+    with torch.no_grad():
+        model[4].weight.mul_(2)  # "another epoch": only the top layer differs
+    second = cascading_randomisation(model, images, targets, counting, reference, cache=cache)
+    # the top layer is re-initialised first, so every stage's state is as before
+    assert len(calls) == 3
+    assert torch.equal(first.maps, second.maps)
+    with torch.no_grad():
+        model[0].weight.mul_(2)  # the bottom layer changed: only full randomisation is reused
+    cascading_randomisation(model, images, targets, counting, reference, cache=cache)
+    assert len(calls) == 5 and len(cache) == 3
