@@ -27,6 +27,11 @@ What a run survives:
 `--resume` (`Config.resume`) restores the model, optimizer, scheduler, every random number
 generator, the best loss, the metrics history and each analysis' `state_dict()` from
 `models/last.pt`, so on the CPU the resumed run's metrics equal an uninterrupted run's.
+
+Under `torchrun` (`exigo.distributed`) every process trains its shard of each epoch through
+DistributedDataParallel and evaluates its shard of the validation set; rank 0 receives the
+whole evaluation, runs the analyses and writes every output, the other processes print and
+write nothing. The processes agree on a stop (signal) or a divergence, so they stop together.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -64,6 +70,17 @@ from exigo.checkpoint import (
 )
 from exigo.config import Config
 from exigo.data import Normalization, dataset_targets, gather
+from exigo.distributed import (
+    DistributedError,
+    World,
+    all_or_none,
+    broadcast_buffers,
+    evaluate_sharded,
+    process_group,
+    reduce_train_result,
+    training_indices,
+    wrap,
+)
 from exigo.model import embedding_module
 from exigo.training import DivergenceError, EvalResult, TrainResult, evaluate, train_epoch
 
@@ -97,8 +114,21 @@ LAST_CHECKPOINT = "models/last.pt"
 #: Settings that may differ between a run and its `--resume`: they say where files are or how
 #: fast evaluation goes, not what is trained. Every other field must match.
 RESUMABLE_CHANGES = frozenset(
-    {"resume", "save_dir", "data_dir", "download", "device", "eval_batch_size", "run_name"}
+    {
+        "resume",
+        "save_dir",
+        "data_dir",
+        "download",
+        "device",
+        "eval_batch_size",
+        "run_name",
+        "dist_timeout",
+    }
 )
+
+#: Under torchrun the processes agree whether a signal stops them every this many training
+#: batches: often enough to stop within seconds, rarely enough to cost no measurable time.
+STOP_CHECK_BATCHES = 10
 
 
 class SaveDirError(Exception):
@@ -517,6 +547,14 @@ class _Run:
     writer: SummaryWriter | None = None
     failures: list[tuple[int, str, str]] = field(default_factory=list)
     current_epoch: int = 0  # the epoch being trained (for messages)
+    world: World | None = None  # the torchrun processes; None in a single-process run
+    trainer: nn.Module | None = None  # `model` in DistributedDataParallel (torchrun runs)
+    resumed: dict[str, Any] | None = None  # rank 0's models/last.pt, until the others have it
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes: always, unless it is torchrun's rank 1, 2, ..."""
+        return self.world is None or self.world.is_main
 
     @property
     def log_dir(self) -> Path:
@@ -552,11 +590,14 @@ class _Run:
 
         # purge_step hides events an interrupted attempt logged after its last completed epoch
         purge_step = self.state.epoch + 1 if self.state.epoch else None
-        self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step)
+        if self.is_main:
+            self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step)
         try:
             if self.state.epoch == 0:
                 early = [a for a in self.analyses if getattr(a, "before_training", False)]
-                self._analyse(self._context(0, None), early)
+                if self.is_main:
+                    self._analyse_on_main(self._context(0, None), early)
+                self._stop_together()
             for epoch in range(self.state.epoch + 1, self.config.epochs + 1):
                 self._run_epoch(epoch)
         except RunInterrupted as interrupt:
@@ -567,16 +608,43 @@ class _Run:
             message = f"{error}; --lr is {self.config.lr:g}"
             raise RunDiverged(self._where_things_are(message), self.result()) from None
         finally:
-            self.writer.close()
+            if self.writer is not None:
+                self.writer.close()
         return self.result()
 
     def _run_epoch(self, epoch: int) -> None:
         started = time.perf_counter()
         self.current_epoch = epoch
         trained, evaluation = self._fit(epoch)
+        if not self.is_main:  # rank 0 analyses and writes while this process waits
+            self._stop_together()
+            self.state.epoch = epoch
+            return
         ctx = self._context(epoch, evaluation)
-        analysis_seconds = self._analyse(ctx, self.analyses)
+        analysis_seconds = self._analyse_on_main(ctx, self.analyses)
+        self._stop_together()
         self._commit(ctx, trained, evaluation, analysis_seconds, started)
+
+    def _stop_together(self) -> None:
+        """Under torchrun, every process stops here if any one received a signal.
+
+        A no-op in a single-process run, which checks its own signals at every batch.
+        """
+        if self.world is None:
+            return
+        signal_number = self.world.agree_on_signal(self.stop.received)
+        if signal_number is not None:
+            raise RunInterrupted(signal_number)
+
+    def _analyse_on_main(self, ctx: EpochContext, which: Sequence[Analysis]) -> dict[str, float]:
+        """`_analyse`; a stop first tells the processes waiting in `_stop_together`."""
+        try:
+            return self._analyse(ctx, which)
+        except RunInterrupted as interrupt:
+            if self.world is not None:
+                with suppress(DistributedError):  # the others may have left already
+                    self.world.agree_on_signal(interrupt.signal_number)
+            raise
 
     def _fit(self, epoch: int) -> tuple[TrainResult, EvalResult]:
         """Train one epoch and evaluate; a NaN or infinite loss raises before any analysis."""
@@ -588,7 +656,12 @@ class _Run:
             TimeElapsedColumn,
         )
 
-        order = torch.randperm(len(self.train_data), generator=self.generator)
+        if self.world is None:
+            order = torch.randperm(len(self.train_data), generator=self.generator)
+        else:  # this process' shard, re-shuffled every epoch (DistributedSampler.set_epoch)
+            order = training_indices(
+                self.train_data, epoch, self.config.seed, self.world.rank, self.world.world_size
+            )
         columns = (
             TextColumn("{task.description:<24}"),
             BarColumn(),
@@ -596,8 +669,23 @@ class _Run:
             TimeElapsedColumn(),
         )
         label = f"epoch {epoch}/{self.config.epochs}"
-        with Progress(*columns, console=self.console, transient=False) as progress:
-            trained = train_epoch(
+        bars = Progress(*columns, console=self.console, transient=False, disable=not self.is_main)
+        with bars as progress:
+            trained = self._train_epoch(
+                order, self._ticker(progress, f"{label} training", len(order))
+            )
+            evaluation = self._evaluate(progress, f"{label} evaluating")
+        if not math.isfinite(evaluation.loss):
+            raise DivergenceError(
+                f"evaluation loss became {evaluation.loss}; the learning rate is probably too "
+                "high (try a smaller --lr)"
+            )
+        return trained, evaluation
+
+    def _train_epoch(self, order: Tensor, on_batch: Callable[[int], None]) -> TrainResult:
+        """One epoch over `order`; under torchrun through DDP, the result summed over processes."""
+        if self.world is None:
+            return train_epoch(
                 self.model,
                 self.train_data,
                 order,
@@ -606,29 +694,77 @@ class _Run:
                 batch_size=self.config.batch_size,
                 device=self.device,
                 label_smoothing=self.config.label_smoothing,
-                on_batch=self._ticker(progress, f"{label} training", len(self.train_data)),
+                on_batch=on_batch,
             )
-            evaluation = evaluate(
+        assert self.trainer is not None
+        diverged: str | None = None
+        try:
+            with self.world.collective("training (DistributedDataParallel)"):
+                trained = train_epoch(
+                    self.trainer,
+                    self.train_data,
+                    order,
+                    self.optimizer,
+                    self.scheduler,
+                    batch_size=self.config.batch_size,
+                    device=self.device,
+                    label_smoothing=self.config.label_smoothing,
+                    on_batch=on_batch,
+                )
+        except DivergenceError as error:  # found on this shard: the others must hear of it
+            diverged = str(error)
+            trained = TrainResult(loss=math.nan, accuracy=math.nan, seconds=0.0, images=len(order))
+        trained = reduce_train_result(trained, self.world)  # NaN anywhere: NaN everywhere
+        if not math.isfinite(trained.loss):
+            raise DivergenceError(
+                diverged
+                or f"training loss became {trained.loss} in another process; the learning "
+                "rate is probably too high (try a smaller --lr)"
+            )
+        broadcast_buffers(self.model, self.world)  # evaluate the BatchNorm statistics rank 0 saves
+        return trained
+
+    def _evaluate(self, progress: Progress, description: str) -> EvalResult:
+        """The evaluation pass; under torchrun each process its shard, gathered to rank 0."""
+        if self.world is None:
+            return evaluate(
                 self.model,
                 self.val_data,
                 batch_size=self.config.eval_batch_size,
                 device=self.device,
-                on_batch=self._ticker(progress, f"{label} evaluating", len(self.val_data)),
+                on_batch=self._ticker(progress, description, len(self.val_data)),
             )
-        if not math.isfinite(evaluation.loss):
-            raise DivergenceError(
-                f"evaluation loss became {evaluation.loss}; the learning rate is probably too "
-                "high (try a smaller --lr)"
-            )
-        return trained, evaluation
+        shard = range(self.world.rank, len(self.val_data), self.world.world_size)
+        return evaluate_sharded(
+            self.model,  # not the DDP wrapper: shards differ in batch count
+            self.val_data,
+            self.world,
+            batch_size=self.config.eval_batch_size,
+            device=self.device,
+            on_batch=self._ticker(progress, description, len(shard), check_stop=False),
+        )
 
-    def _ticker(self, progress: Progress, description: str, total: int) -> Callable[[int], None]:
-        """A batch callback: advance the bar, then stop here if a signal asked to."""
+    def _ticker(
+        self, progress: Progress, description: str, total: int, *, check_stop: bool = True
+    ) -> Callable[[int], None]:
+        """A batch callback: advance the bar, then stop here if a signal asked to.
+
+        Under torchrun the processes decide together every `STOP_CHECK_BATCHES` training
+        batches (their shards have equal batch counts). Evaluation shards may differ by one
+        batch, so evaluation (`check_stop=False`) leaves the decision to the end of the epoch.
+        """
         task = progress.add_task(description, total=total)
+        batches = 0
 
         def advance(images: int) -> None:
+            nonlocal batches
             progress.advance(task, images)
-            self.stop.check()
+            if self.world is None:
+                self.stop.check()
+                return
+            batches += 1
+            if check_stop and batches % STOP_CHECK_BATCHES == 0:
+                self._stop_together()
 
         return advance
 
@@ -783,6 +919,7 @@ class _Run:
             scheduler=self.scheduler.state_dict(),
             rng=capture_rng(self.generator),
             analyses=analysis_states,
+            world_size=1 if self.world is None else self.world.world_size,
         )
 
     def _where_things_are(self, what: str) -> str:
@@ -809,22 +946,26 @@ class _Run:
         _clear_previous_run(self.save_dir, self.state.run_name)
         self.plots_dir.mkdir(parents=True, exist_ok=True)
         (self.save_dir / "models").mkdir(parents=True, exist_ok=True)
-        atomic_write_json(
-            self.save_dir / "run.json",
-            {
-                "run_name": self.state.run_name,
-                "config": self.config.to_dict(),
-                "seed": self.config.seed,
-                "device": str(self.device),
-                "versions": _versions(),
-                "model": type(self.model).__name__,
-                "started": _dt.datetime.now().isoformat(timespec="seconds"),
-                "train_size": len(self.train_data),
-                "val_size": len(self.val_data),
-                "class_names": self.class_names,
-                "resumed": [],
-            },
-        )
+        atomic_write_json(self.save_dir / "run.json", self._run_info())
+
+    def _run_info(self) -> dict[str, Any]:
+        """run.json: what a reader needs to reproduce the run."""
+        return {
+            "run_name": self.state.run_name,
+            "config": self.config.to_dict(),
+            "seed": self.config.seed,
+            "device": str(self.device),
+            "distributed": None
+            if self.world is None
+            else {"world_size": self.world.world_size, "backend": self.world.backend},
+            "versions": _versions(),
+            "model": type(self.model).__name__,
+            "started": _dt.datetime.now().isoformat(timespec="seconds"),
+            "train_size": len(self.train_data),
+            "val_size": len(self.val_data),
+            "class_names": self.class_names,
+            "resumed": [],
+        }
 
     def start_resumed(self) -> None:
         """Restore everything `models/last.pt` recorded; nothing in save_dir is removed.
@@ -855,10 +996,28 @@ class _Run:
                     self._report_failure(self.state.epoch, _analysis_name(analysis), error)
         self._record_resume()
         restore_rng(payload["rng"], self.generator)  # last: nothing after this draws numbers
+        if self.world is not None:
+            self.resumed = payload
+
+    def join_processes(self) -> None:
+        """Under torchrun: the others take rank 0's resumed state; the model goes into DDP."""
+        if self.world is None:
+            return
+        if self.config.resume:
+            payload = self.world.broadcast_object(self.resumed)
+            self.resumed = None
+            if not self.is_main:
+                apply_weights(payload, self.model, LAST_CHECKPOINT)
+                self.optimizer.load_state_dict(payload["optimizer"])
+                self.scheduler.load_state_dict(payload["scheduler"])
+                self.state = _RunState.from_checkpoint(payload)
+                restore_rng(payload["rng"], self.generator)
+        with self.world.collective("wrapping the model in DistributedDataParallel"):
+            self.trainer = wrap(self.model, self.world)
 
     def _record_resume(self) -> None:
         path = self.save_dir / "run.json"
-        info = json.loads(path.read_text()) if _is_exigo_run(self.save_dir) else {}
+        info = json.loads(path.read_text()) if _is_exigo_run(self.save_dir) else self._run_info()
         info.setdefault("resumed", []).append(
             {
                 "at": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -872,9 +1031,20 @@ class _Run:
 
 def _check_resumable(payload: dict[str, Any], session: _Run, path: Path) -> None:
     """Raise `ResumeError` unless `session` would continue the run `payload` recorded exactly."""
+    needed = {
+        *_RunState.__dataclass_fields__,
+        "config",
+        "optimizer",
+        "scheduler",
+        "rng",
+        "analyses",
+    }
     saved = payload.get("config")
-    if not isinstance(saved, dict) or "history" not in payload or "rng" not in payload:
-        raise ResumeError(f"--resume: {path} is a checkpoint, but not one a run can resume from")
+    if not isinstance(saved, dict) or not needed <= set(payload):
+        raise ResumeError(
+            f"--resume: {path} is a checkpoint, but not one a run can resume from "
+            f"(it lacks {', '.join(sorted(needed - set(payload)))})"
+        )
     now = session.config.to_dict()
     differences = [
         f"{name} {saved.get(name)!r} then, {now.get(name)!r} now"
@@ -892,6 +1062,9 @@ def _check_resumable(payload: dict[str, Any], session: _Run, path: Path) -> None
     for name, data in (("train_size", session.train_data), ("val_size", session.val_data)):
         if payload.get(name) != len(data):
             differences.append(f"{name} {payload.get(name)} then, {len(data)} now")
+    processes = 1 if session.world is None else session.world.world_size
+    if payload.get("world_size", 1) != processes:  # the schedule counts steps per process
+        differences.append(f"{payload.get('world_size', 1)} process(es) then, {processes} now")
     if differences:
         raise ResumeError(
             f"--resume: the run in {session.save_dir} was started with other settings ("
@@ -939,13 +1112,56 @@ def run(
         CheckpointError: `models/last.pt` cannot be loaded into `model`.
         RunInterrupted: SIGINT or SIGTERM arrived; completed epochs are saved.
         RunDiverged: the loss became NaN or infinite; completed epochs are saved.
+        DistributedError: under torchrun, another process failed or stopped answering.
+
+    Under `torchrun`, every process calls `run`: each trains its shard through
+    DistributedDataParallel with `config.batch_size` images per step, and only rank 0 writes
+    (the others print nothing and return a `RunResult` with an empty history).
     """
     from rich.console import Console
 
     _check_run_name(config.run_name)
-    save_dir = prepare_save_dir(config.save_dir)
-    device = resolve_device(config.device)
-    embedding_module(model)  # a model without a linear layer fails now, before any file changes
+    with process_group(config.device, config.dist_timeout) as world:
+        main = world is None or world.is_main
+        lock: FolderLock | None = None
+        try:
+            with all_or_none(world, "preparing --save-dir"):  # rank 0's failure stops all
+                save_dir = prepare_save_dir(config.save_dir) if main else Path(config.save_dir)
+                device = world.device if world is not None else resolve_device(config.device)
+                embedding_module(model)  # a model without a linear layer fails before any write
+                if main:
+                    lock = _lock_save_dir(save_dir)
+            with _StopSignals() as stop:
+                with all_or_none(world, "starting the run"):
+                    session = _open_run(
+                        config,
+                        model.to(device),
+                        train_data,
+                        val_data,
+                        analyses,
+                        class_names=class_names,
+                        normalization=normalization,
+                        console=(console or Console()) if main else Console(quiet=True),
+                        device=device,
+                        stop=stop,
+                        save_dir=save_dir,
+                        world=world,
+                    )
+                session.join_processes()
+                if session.state.epoch >= config.epochs:
+                    session.console.print(
+                        f"the run in {save_dir} already completed its {config.epochs} epochs; "
+                        "nothing to resume"
+                    )
+                    return session.result()
+                return session.train()
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+def _lock_save_dir(save_dir: Path) -> FolderLock:
+    """Hold `save_dir`'s lock, or raise `SaveDirError` saying who holds it."""
     lock = FolderLock(save_dir)
     try:
         lock.acquire()
@@ -956,30 +1172,7 @@ def run(
         ) from None
     except OSError as error:
         raise SaveDirError(f"cannot lock --save-dir {save_dir}: {error}") from None
-    try:
-        with _StopSignals() as stop:
-            session = _open_run(
-                config,
-                model.to(device),
-                train_data,
-                val_data,
-                analyses,
-                class_names=class_names,
-                normalization=normalization,
-                console=console or Console(),
-                device=device,
-                stop=stop,
-                save_dir=save_dir,
-            )
-            if session.state.epoch >= config.epochs:
-                session.console.print(
-                    f"the run in {save_dir} already completed its {config.epochs} epochs; "
-                    "nothing to resume"
-                )
-                return session.result()
-            return session.train()
-    finally:
-        lock.release()
+    return lock
 
 
 def _open_run(
@@ -995,8 +1188,9 @@ def _open_run(
     device: torch.device,
     stop: _StopSignals,
     save_dir: Path,
+    world: World | None = None,
 ) -> _Run:
-    """Build the run's fixed parts, then resume it or start it fresh."""
+    """Build the run's fixed parts, then resume it or start it fresh (rank 0 only)."""
     targets = dataset_targets(val_data)
     names = [
         str(name)
@@ -1008,7 +1202,9 @@ def _open_run(
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
-    steps_per_epoch = -(-len(train_data) // config.batch_size)
+    # a DistributedSampler gives each process ceil(N / W) images per epoch
+    samples = len(train_data) if world is None else -(-len(train_data) // world.world_size)
+    steps_per_epoch = -(-samples // config.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch
     )
@@ -1031,8 +1227,11 @@ def _open_run(
         state=_RunState(
             run_name=config.run_name or _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
         ),
+        world=world,
     )
-    if config.resume:
+    if not session.is_main:
+        pass  # rank 0 reads or writes save_dir; join_processes() shares what it resumed
+    elif config.resume:
         session.start_resumed()
     else:
         session.start_fresh()

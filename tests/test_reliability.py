@@ -210,7 +210,8 @@ def test_sigterm_mid_epoch_leaves_valid_outputs_and_restores_handlers(tmp_path):
     assert "\n" not in message and str(save / "models" / "best.pt") in message
     assert load_checkpoint(save / "models" / "best.pt", TinyNet())["epoch"] == 1
     assert [row["epoch"] for row in json.loads((save / "metrics.json").read_text())] == [1]
-    assert [step for step, _ in scalar_steps(save / "logs" / "r", "loss/eval")] == [1]
+    for tag in ("loss/eval", "seconds/eval"):  # the first and the last scalar of a row
+        assert [step for step, _ in scalar_steps(save / "logs" / "r", tag)] == [1]
     assert not list(save.rglob("*.tmp"))
 
 
