@@ -40,6 +40,7 @@ class Config:
     attribution_checks: bool = True  # compare attribution methods and sanity-check them
     resume: bool = False  # continue the run in save_dir from its last completed epoch
     run_name: str | None = None  # TensorBoard run folder under save_dir/logs; None: a timestamp
+    dist_timeout: float = 1800.0  # seconds a torchrun process waits for the others, then fails
     extra: dict[str, Any] = field(default_factory=dict)  # free-form, recorded in run.json
 
     def __post_init__(self) -> None:
@@ -61,6 +62,8 @@ class Config:
             problems.append(f"probe_size must be at least 1, got {self.probe_size}")
         if self.projection_limit < 0:
             problems.append(f"projection_limit must be non-negative, got {self.projection_limit}")
+        if not 0 < self.dist_timeout < float("inf"):  # also rejects NaN
+            problems.append(f"dist_timeout must be a positive number, got {self.dist_timeout}")
         if problems:
             raise ValueError("; ".join(problems))
         object.__setattr__(self, "data_dir", Path(self.data_dir))
