@@ -12,6 +12,7 @@ from exigo.config import Config
 from exigo.confusion import ConfusionAnalysis
 from exigo.errors import ErrorAnalysis
 from exigo.pipeline import Analysis
+from exigo.projection import ProjectionAnalysis
 from exigo.saliency import SaliencyAnalysis
 
 __all__ = ["default_analyses"]
@@ -26,4 +27,6 @@ def default_analyses(config: Config) -> list[Analysis]:
     analyses.append(ErrorAnalysis())
     if config.attribution_checks:
         analyses.append(AttributionAnalysis(seed=config.seed))
+    if config.projection_limit > 0:
+        analyses.append(ProjectionAnalysis())
     return analyses

@@ -1,0 +1,589 @@
+r"""Where the validation images sit in the model's embedding space, epoch after epoch.
+
+The same fixed validation points are shown two ways after every epoch:
+
+- in TensorBoard's embedding projector (`tensorboard --logdir save/logs`, tab "Projector"):
+  the embeddings $z_i \in \mathbb{R}^D$ (the input of the classifier layer), with metadata
+  columns `label`, `predicted`, `correct` and each point drawn as its image (a sprite);
+- as a t-SNE picture `plots/tsne_{epoch}.png` that needs no browser.
+
+t-SNE (van der Maaten & Hinton, 2008) turns distances between embeddings into neighbour
+probabilities and looks for 2-D positions $y_i$ whose heavy-tailed neighbour probabilities
+match them:
+
+$$ p_{j|i} = \frac{\exp(-\lVert z_i - z_j \rVert^2 / 2\sigma_i^2)}
+               {\sum_{k \ne i} \exp(-\lVert z_i - z_k \rVert^2 / 2\sigma_i^2)}, \qquad
+   p_{ij} = \frac{p_{j|i} + p_{i|j}}{2K}, \qquad
+   q_{ij} = \frac{(1 + \lVert y_i - y_j \rVert^2)^{-1}}
+               {\sum_{k \ne l} (1 + \lVert y_k - y_l \rVert^2)^{-1}}, $$
+
+$$ \min_{y} \; \mathrm{KL}(P \,\Vert\, Q) = \sum_{i \ne j} p_{ij} \log \frac{p_{ij}}{q_{ij}}, $$
+
+with each bandwidth $\sigma_i$ chosen so that the perplexity $2^{H(P_i)}$ of point $i$'s
+neighbour distribution equals a set value (30 by default: about 30 effective neighbours).
+The layout keeps neighbourhoods, not distances; its axes have no units. The optimisation is
+openTSNE's (Poličar, Stražar & Zupan, 2024, J. Stat. Softw. 109(3)): exact nearest neighbours,
+Barnes-Hut gradients, a PCA start and an early-exaggeration phase on the first epoch; every
+later epoch starts from the previous epoch's layout and skips the exaggeration, so clusters
+move rather than jump (`bench/tsne.py` measures why).
+
+References:
+    L. van der Maaten and G. Hinton, "Visualizing Data using t-SNE", JMLR 9:2579-2605, 2008.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from exigo.data import Normalization, gather
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from torch.utils.tensorboard import SummaryWriter
+
+    from exigo.pipeline import EpochContext
+
+__all__ = [
+    "MIN_TSNE_POINTS",
+    "PROJECTOR_TAG",
+    "ProjectionAnalysis",
+    "effective_perplexity",
+    "log_projector",
+    "plot_tsne",
+    "projector_metadata",
+    "sprite_images",
+    "stratified_indices",
+    "tsne_layout",
+]
+
+#: t-SNE needs a perplexity of at least 1, hence 3 neighbours per point, hence 4 points.
+MIN_TSNE_POINTS = 4
+
+#: Name of the embedding in TensorBoard's projector (`validation:00002` at epoch 2).
+PROJECTOR_TAG = "validation"
+
+#: TensorBoard's projector refuses sprites larger than this many pixels per side.
+_MAX_SPRITE_SIDE = 8192
+
+
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def stratified_indices(targets: Tensor, limit: int, seed: int) -> Tensor:
+    """At most `limit` positions, stratified by class: each class in proportion to its size.
+
+    Class `c` with `n_c` of the `N` points gets `floor(n_c * limit / N)` places; the places
+    left over go to the classes with the largest remainders `(n_c * limit) mod N` (ties: the
+    smaller class label first). Integer arithmetic, so the counts are exact. Within a class the
+    points are drawn at random with a generator seeded by `seed`, so the same targets and seed
+    always give the same points.
+
+    Args:
+        targets: int64 tensor [N], class labels.
+        limit: the most points wanted; 0 gives none, `limit >= N` gives all.
+        seed: seed of the draw within each class.
+
+    Returns:
+        int64 tensor [min(limit, N)] of positions in `targets`, ascending.
+    """
+    if limit < 0:
+        raise ValueError(f"limit must be non-negative, got {limit}")
+    total = targets.numel()
+    if limit >= total:
+        return torch.arange(total, dtype=torch.long)
+    if limit == 0:
+        return torch.empty(0, dtype=torch.long)
+    classes, counts = torch.unique(targets, return_counts=True)  # classes ascending
+    places = counts * limit // total
+    remainders = counts * limit % total
+    short = limit - int(places.sum())
+    # stable sort: equal remainders keep ascending class order
+    order = torch.sort(-remainders, stable=True).indices
+    places[order[:short]] += 1
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for label, wanted in zip(classes.tolist(), places.tolist(), strict=True):
+        members = torch.nonzero(targets == label).flatten()
+        draw = torch.randperm(members.numel(), generator=generator)[:wanted]
+        chosen.append(members[draw])
+    return torch.cat(chosen).sort().values
+
+
+def effective_perplexity(num_points: int, perplexity: float) -> float:
+    """The perplexity t-SNE can use on `num_points` points: at most `(num_points - 1) / 3`.
+
+    Each point's neighbour distribution is computed over its `3 * perplexity` nearest
+    neighbours (the rule of van der Maaten's bhtsne and openTSNE), so there must be that many
+    other points.
+
+    Args:
+        num_points: K, the number of points to lay out.
+        perplexity: the perplexity wanted (positive).
+
+    Returns:
+        `min(perplexity, (K - 1) / 3)`, at least 1.
+
+    Raises:
+        ValueError: fewer than `MIN_TSNE_POINTS` points, or a non-positive perplexity.
+    """
+    if not perplexity > 0:
+        raise ValueError(f"perplexity must be positive, got {perplexity}")
+    if num_points < MIN_TSNE_POINTS:
+        raise ValueError(
+            f"t-SNE needs at least {MIN_TSNE_POINTS} points (a perplexity of 1 needs 3 "
+            f"neighbours per point), got {num_points}"
+        )
+    return min(float(perplexity), (num_points - 1) / 3)
+
+
+def tsne_layout(
+    embeddings: Tensor,
+    initialization: Tensor | None = None,
+    perplexity: float = 30.0,
+    seed: int = 0,
+    *,
+    n_iter: int | None = None,
+    early_exaggeration_iter: int | None = None,
+    negative_gradient_method: str = "bh",
+    neighbors: str = "exact",
+    n_jobs: int | None = None,
+) -> Tensor:
+    """A 2-D t-SNE layout of `embeddings` (openTSNE), optionally continuing a previous layout.
+
+    Without `initialization`: PCA start (scaled to standard deviation 1e-4; a random start of
+    the same scale when all embeddings are identical), 125 iterations of early exaggeration
+    (factor 12, momentum 0.5), then 250 plain iterations (momentum 0.8): half of openTSNE's
+    250 + 500, which on MNIST embeddings leaves the neighbour preservation unchanged (KL
+    divergence 3% higher) and keeps 2,000 points within a few seconds (`bench/tsne.py`).
+    With `initialization` (the previous epoch's layout of the same
+    points): the layout is taken as it is and only 250 plain iterations run, which keeps
+    clusters where they were unless the embeddings moved them: on MNIST, points move a tenth
+    as far as with a fresh start, neighbours are preserved as well and the KL divergence is
+    5% higher (`bench/tsne.py`).
+    The perplexity is lowered to what `K` points allow (`effective_perplexity`). The result
+    depends only on the inputs and `seed` (exact neighbours, Barnes-Hut gradients computed
+    point by point, whatever `n_jobs`).
+
+    Args:
+        embeddings: float tensor [K, D], K >= `MIN_TSNE_POINTS`. Not modified.
+        initialization: float tensor [K, 2] to start from, or None for a PCA start.
+        perplexity: wanted perplexity (effective number of neighbours).
+        seed: seeds the PCA jitter, the random start and the approximate neighbour search.
+        n_iter: iterations after the exaggeration phase; None: 250.
+        early_exaggeration_iter: iterations of the exaggeration phase; None: 125 without
+            `initialization`, 0 with it.
+        negative_gradient_method: `"bh"` (Barnes-Hut, faster below ~10,000 points) or `"fft"`.
+        neighbors: openTSNE's neighbour search, `"exact"` or `"annoy"`.
+        n_jobs: threads openTSNE may use; None: half the CPUs this process may run on (its
+            threads wait for each other every iteration, so on a busy machine more threads
+            are slower: 3x with 2 threads on 2 shared cores, `bench/tsne.py`).
+
+    Returns:
+        float32 tensor [K, 2] on the CPU.
+
+    Raises:
+        ValueError: too few points, or `initialization` of the wrong shape.
+    """
+    from openTSNE import TSNEEmbedding, affinity
+    from openTSNE import initialization as openTSNE_init
+
+    if embeddings.ndim != 2:
+        raise ValueError(f"embeddings must be [K, D], got shape {tuple(embeddings.shape)}")
+    num_points = embeddings.shape[0]
+    used_perplexity = effective_perplexity(num_points, perplexity)
+    data = embeddings.detach().to("cpu", torch.float64).numpy()
+    if n_jobs is None:
+        n_jobs = max(1, _available_cpus() // 2)
+    affinities = affinity.PerplexityBasedNN(
+        data,
+        perplexity=used_perplexity,
+        method=neighbors,
+        n_jobs=n_jobs,
+        random_state=seed,
+    )
+    if initialization is None:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)
+            start = openTSNE_init.pca(data, n_components=2, random_state=seed)
+        if not np.isfinite(start).all():  # identical embeddings have no principal direction
+            start = openTSNE_init.random(data, n_components=2, random_state=seed)
+        warm = False
+    else:
+        if tuple(initialization.shape) != (num_points, 2):
+            raise ValueError(
+                f"initialization must be [{num_points}, 2], got {tuple(initialization.shape)}"
+            )
+        start = initialization.detach().to("cpu", torch.float64).numpy().copy()
+        warm = True
+    if early_exaggeration_iter is None:
+        early_exaggeration_iter = 0 if warm else 125
+    if n_iter is None:
+        n_iter = 250
+    layout = TSNEEmbedding(
+        start,
+        affinities,
+        negative_gradient_method=negative_gradient_method,
+        n_jobs=n_jobs,
+        random_state=seed,
+    )
+    if early_exaggeration_iter > 0:
+        layout = layout.optimize(
+            n_iter=early_exaggeration_iter, exaggeration=12, momentum=0.5, inplace=True
+        )
+    if n_iter > 0:
+        layout = layout.optimize(n_iter=n_iter, momentum=0.8, inplace=True)
+    return torch.from_numpy(np.asarray(layout, dtype=np.float32).copy())
+
+
+def projector_metadata(
+    targets: Tensor, predictions: Tensor, class_names: Sequence[str]
+) -> list[list[str]]:
+    """Rows of the projector's metadata table: `[label, predicted, correct]` per point.
+
+    Args:
+        targets: int64 tensor [K], true classes.
+        predictions: int64 tensor [K], predicted classes.
+        class_names: display name per class.
+
+    Returns:
+        K rows of three strings: true class name, predicted class name, `"yes"` or `"no"`.
+    """
+    return [
+        [class_names[true], class_names[predicted], "yes" if true == predicted else "no"]
+        for true, predicted in zip(targets.tolist(), predictions.tolist(), strict=True)
+    ]
+
+
+def display_pixels(images: Tensor, normalization: Normalization | None) -> Tensor:
+    """Model inputs back to displayable intensities.
+
+    Args:
+        images: float tensor [K, C, H, W], normalised like the training data.
+        normalization: how they were normalised; None stretches each image to [0, 1].
+
+    Returns:
+        Float tensor [K, C, H, W] in [0, 1].
+    """
+    if normalization is not None:
+        return normalization.denormalize(images).clamp(0, 1)
+    low = images.amin(dim=(1, 2, 3), keepdim=True)
+    high = images.amax(dim=(1, 2, 3), keepdim=True)
+    return (images - low) / (high - low).clamp_min(1e-12)
+
+
+def sprite_images(pixels: Tensor) -> Tensor:
+    """Thumbnails TensorBoard can tile into one sprite: square, 1 or 3 channels, small enough.
+
+    TensorBoard tiles K thumbnails into a square of `ceil(sqrt(K))` per side and assumes square
+    thumbnails; its projector rejects sprites over 8192 pixels per side. Non-square images are
+    padded with black, images with neither 1 nor 3 channels become grey (channel mean), and
+    thumbnails shrink (area averaging) until the sprite fits.
+
+    Args:
+        pixels: float tensor [K, C, H, W] in [0, 1]. Not modified.
+
+    Returns:
+        Float tensor [K, 1 or 3, S, S] in [0, 1].
+    """
+    thumbs = pixels.detach().float().cpu()
+    if thumbs.shape[1] not in (1, 3):
+        thumbs = thumbs.mean(dim=1, keepdim=True)
+    height, width = thumbs.shape[-2:]
+    if height != width:
+        side = max(height, width)
+        thumbs = F.pad(thumbs, (0, side - width, 0, side - height))
+    side = _thumbnail_side(thumbs.shape[0], thumbs.shape[-1])
+    if side != thumbs.shape[-1]:
+        thumbs = F.interpolate(thumbs, size=(side, side), mode="area")
+    return thumbs.clamp(0, 1)
+
+
+def _thumbnail_side(count: int, side: int) -> int:
+    """Largest thumbnail side <= `side` whose `ceil(sqrt(count))`-wide tiling fits a sprite."""
+    per_row = math.ceil(math.sqrt(max(count, 1)))
+    return max(1, min(side, _MAX_SPRITE_SIDE // per_row))
+
+
+def log_projector(
+    writer: SummaryWriter,
+    embeddings: Tensor,
+    metadata: list[list[str]],
+    sprites: Tensor,
+    step: int,
+    tag: str = PROJECTOR_TAG,
+) -> None:
+    """Write one embedding for TensorBoard's projector (`{logdir}/{step:05d}/{tag}/`).
+
+    torch's `add_embedding` rewrites `projector_config.pbtxt` from a list kept in the writer,
+    which starts empty in every new `SummaryWriter`; a resumed run would drop the earlier
+    epochs from the projector. So the file already on disk is read into that list first, and
+    an entry of the same name (an epoch run again after a crash) is replaced, not duplicated.
+
+    Args:
+        writer: the run's SummaryWriter.
+        embeddings: float tensor [K, D].
+        metadata: K rows `[label, predicted, correct]` (`projector_metadata`).
+        sprites: float tensor [K, 1 or 3, S, S] in [0, 1] (`sprite_images`).
+        step: the epoch.
+        tag: the embedding's name; TensorBoard shows `{tag}:{step:05d}`.
+    """
+    from pathlib import Path
+
+    from google.protobuf import text_format
+    from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
+
+    config = getattr(writer, "_projector_config", None)
+    if config is None:
+        config = ProjectorConfig()
+        on_disk = Path(writer.get_logdir()) / "projector_config.pbtxt"
+        if on_disk.exists():
+            text_format.Parse(on_disk.read_text(), config)
+        writer._projector_config = config
+    name = f"{tag}:{str(step).zfill(5)}"
+    kept = [entry for entry in config.embeddings if entry.tensor_name != name]
+    if len(kept) != len(config.embeddings):
+        del config.embeddings[:]
+        config.embeddings.extend(kept)
+    writer.add_embedding(
+        embeddings,
+        metadata=metadata,
+        metadata_header=["label", "predicted", "correct"],
+        label_img=sprites,
+        global_step=step,
+        tag=tag,
+    )
+
+
+def _class_colours(num_classes: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    if num_classes <= 10:
+        return [colormaps["tab10"](c) for c in range(num_classes)]
+    if num_classes <= 20:
+        return [colormaps["tab20"](c) for c in range(num_classes)]
+    return [colormaps["turbo"](c / max(num_classes - 1, 1)) for c in range(num_classes)]
+
+
+def plot_tsne(
+    layout: Tensor,
+    targets: Tensor,
+    predictions: Tensor,
+    class_names: Sequence[str],
+    *,
+    epoch: int,
+    perplexity: float,
+    continued: bool = False,
+) -> Figure:
+    """Draw a t-SNE layout: one colour per true class, misclassified points ringed in black.
+
+    Args:
+        layout: float tensor [K, 2].
+        targets: int64 tensor [K], true classes.
+        predictions: int64 tensor [K], predicted classes.
+        class_names: display name per class.
+        epoch: the epoch, for the title.
+        perplexity: the perplexity used, for the caption.
+        continued: the layout started from the previous epoch's (for the caption).
+
+    Returns:
+        A matplotlib Figure (not attached to pyplot).
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    points = layout.detach().cpu().numpy()
+    true = targets.cpu().numpy()
+    wrong = (targets != predictions).cpu().numpy()
+    colours = _class_colours(len(class_names))
+    size = float(min(60.0, max(4.0, 16_000 / max(len(points), 1))))
+
+    figure = Figure(figsize=(8.2, 6.6))
+    axes = figure.add_axes((0.03, 0.09, 0.72, 0.80))
+    for label, colour in enumerate(colours):
+        members = true == label
+        if members.any():
+            axes.scatter(
+                points[members, 0],
+                points[members, 1],
+                s=size,
+                color=colour,
+                linewidths=0,
+                alpha=0.85,
+                rasterized=True,
+            )
+    if wrong.any():  # drawn again on top: larger, in the true class' colour, ringed in black
+        axes.scatter(
+            points[wrong, 0],
+            points[wrong, 1],
+            s=size * 4,
+            color=[colours[label] for label in true[wrong]],
+            edgecolors="black",
+            linewidths=1.1,
+            zorder=3,
+        )
+    axes.set_aspect("equal", adjustable="datalim")
+    axes.set_xticks([])
+    axes.set_yticks([])
+
+    present = sorted(set(true.tolist()))
+    if len(class_names) <= 20:
+        handles = [
+            Line2D([], [], linestyle="", marker="o", markersize=7, color=colours[c])
+            for c in present
+        ]
+        labels = [str(class_names[c]) for c in present]
+        handles.append(
+            Line2D(
+                [],
+                [],
+                linestyle="",
+                marker="o",
+                markersize=9,
+                markerfacecolor="white",
+                markeredgecolor="black",
+                markeredgewidth=1.1,
+            )
+        )
+        labels.append("misclassified\n(fill: true class)")
+        figure.legend(
+            handles,
+            labels,
+            title="true class",
+            loc="center left",
+            bbox_to_anchor=(0.76, 0.5),
+            frameon=False,
+        )
+    errors = int(wrong.sum())
+    axes.set_title(
+        f"t-SNE of the validation embeddings, epoch {epoch}\n"
+        f"{len(points):,} points, {errors:,} misclassified ({errors / max(len(points), 1):.1%},"
+        " ringed)",
+        fontsize=11,
+    )
+    start = "the previous epoch's layout" if continued else "PCA of the embeddings"
+    figure.text(
+        0.03,
+        0.03,
+        f"t-SNE (perplexity {perplexity:.3g}) keeps neighbourhoods, not distances: the axes, "
+        f"cluster sizes and gaps\nbetween clusters have no units. This layout started from "
+        f"{start}.",
+        fontsize=8,
+        color="dimgray",
+        va="bottom",
+    )
+    return figure
+
+
+class ProjectionAnalysis:
+    """Per epoch: the projector embedding in TensorBoard and `plots/tsne_{epoch}.png`.
+
+    The points (at most `config.projection_limit`, stratified by class) are drawn once from
+    the first evaluation and kept, so a reader can follow one point across epochs. Each
+    epoch's t-SNE starts from the previous epoch's layout. Nothing runs when the limit is 0.
+
+    Args:
+        perplexity: wanted t-SNE perplexity; lowered automatically for few points.
+    """
+
+    name = "projection"
+
+    def __init__(self, perplexity: float = 30.0) -> None:
+        self.perplexity = perplexity
+        self.indices: Tensor | None = None
+        self.layout: Tensor | None = None
+        self._sprites: Tensor | None = None
+        self._said: set[str] = set()
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The chosen points and the last layout (empty tensors before the first epoch)."""
+        return {
+            "indices": (
+                self.indices.clone()
+                if self.indices is not None
+                else torch.empty(0, dtype=torch.long)
+            ),
+            "layout": self.layout.clone() if self.layout is not None else torch.empty(0, 2),
+        }
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore what `state_dict` returned (to continue a resumed run's layouts)."""
+        indices = state.get("indices")
+        layout = state.get("layout")
+        self.indices = indices.long().clone() if indices is not None and indices.numel() else None
+        self.layout = layout.float().clone() if layout is not None and layout.numel() else None
+        self._sprites = None
+
+    def _say_once(self, ctx: EpochContext, key: str, message: str) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            ctx.log(message)
+
+    def __call__(self, ctx: EpochContext) -> None:
+        """Log the projector embedding and write the t-SNE figure for `ctx.epoch`."""
+        evaluation = ctx.eval
+        if evaluation is None or ctx.config.projection_limit == 0:
+            return
+        total = evaluation.targets.numel()
+        if self.indices is None or (self.indices.numel() and int(self.indices.max()) >= total):
+            self.indices = stratified_indices(
+                evaluation.targets, ctx.config.projection_limit, ctx.config.seed
+            )
+            self.layout, self._sprites = None, None
+        indices = self.indices
+        if indices.numel() == 0:
+            self._say_once(ctx, "empty", "projection: no validation points, nothing to show")
+            return
+        embeddings = evaluation.embeddings[indices]  # (K, D)
+        targets = evaluation.targets[indices]
+        predictions = evaluation.predictions[indices]
+
+        if self._sprites is None:
+            images, _ = gather(ctx.val_data, indices)
+            self._sprites = sprite_images(display_pixels(images, ctx.normalization))
+        metadata = projector_metadata(targets, predictions, ctx.class_names)
+        log_projector(ctx.writer, embeddings, metadata, self._sprites, ctx.epoch)
+
+        count = indices.numel()
+        if count < MIN_TSNE_POINTS:
+            self._say_once(
+                ctx,
+                "few",
+                f"projection: t-SNE skipped, {count} point(s) is fewer than the "
+                f"{MIN_TSNE_POINTS} it needs (the TensorBoard projector still has them)",
+            )
+            return
+        perplexity = effective_perplexity(count, self.perplexity)
+        if perplexity < self.perplexity:
+            self._say_once(
+                ctx,
+                "perplexity",
+                f"projection: t-SNE perplexity lowered from {self.perplexity:g} to "
+                f"{perplexity:.3g}, the most {count} points allow ((points - 1) / 3)",
+            )
+        previous = self.layout
+        if previous is not None and previous.shape != (count, 2):
+            previous = None
+        self.layout = tsne_layout(embeddings, previous, perplexity, seed=ctx.config.seed)
+        figure = plot_tsne(
+            self.layout,
+            targets,
+            predictions,
+            ctx.class_names,
+            epoch=ctx.epoch,
+            perplexity=perplexity,
+            continued=previous is not None,
+        )
+        ctx.save_figure(figure, "tsne", dpi=110)
