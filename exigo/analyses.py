@@ -19,7 +19,16 @@ __all__ = ["default_analyses"]
 
 
 def default_analyses(config: Config) -> list[Analysis]:
-    """The per-epoch analyses for `config`, in call order."""
+    """The per-epoch analyses for `config`, in call order.
+
+    Args:
+        config: the run's settings; `confusion_normalize`, `seed`, `attribution_checks` and
+            `projection_limit` (0 leaves the projection out) choose and configure the analyses.
+
+    Returns:
+        Confusion matrix, saliency maps, class models, explained errors, then attributions and
+        the t-SNE projection when enabled.
+    """
     analyses: list[Analysis] = []
     analyses.append(ConfusionAnalysis(normalize=config.confusion_normalize))
     analyses.append(SaliencyAnalysis())

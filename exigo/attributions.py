@@ -92,16 +92,35 @@ class AttributionSettings:
     The defaults keep the whole analysis near 1 s per epoch on a 2-core CPU (see the README).
     """
 
-    ig_steps: int = 16  # Gauss-Legendre points of the Integrated Gradients path integral
-    smoothgrad_samples: int = 16  # noisy copies per image
-    smoothgrad_noise: float = 0.15  # noise sigma as a fraction of the images' value range
-    occlusion_window: int = 7  # side of the square occluding patch, pixels
-    occlusion_stride: int = 3  # step between patches, pixels (7 + 7 * 3 = 28 covers MNIST)
-    batch_size: int = 256  # images per forward/backward pass inside every method and curve
-    deletion_steps: int = 10  # k: deletion/insertion curves have k + 1 points
-    randomisation_stages: int = 2  # cascade depths evaluated: top layer, then all layers
-    unchanged_threshold: float = 0.7  # flag: Spearman of |maps| after full randomisation >= this
-    settled_threshold: float = 0.8  # settled: every method's drift Spearman >= this
+    ig_steps: int = 16
+    """Gauss-Legendre points of the Integrated Gradients path integral."""
+
+    smoothgrad_samples: int = 16
+    """Noisy copies per image."""
+
+    smoothgrad_noise: float = 0.15
+    """Noise sigma as a fraction of the images' value range."""
+
+    occlusion_window: int = 7
+    """Side of the square occluding patch, pixels."""
+
+    occlusion_stride: int = 3
+    """Step between patches, pixels (7 + 7 * 3 = 28 covers MNIST)."""
+
+    batch_size: int = 256
+    """Images per forward/backward pass inside every method and curve."""
+
+    deletion_steps: int = 10
+    """K: deletion/insertion curves have k + 1 points."""
+
+    randomisation_stages: int = 2
+    """Cascade depths evaluated: top layer, then all layers."""
+
+    unchanged_threshold: float = 0.7
+    """Flag: Spearman of |maps| after full randomisation >= this."""
+
+    settled_threshold: float = 0.8
+    """Settled: every method's drift Spearman >= this."""
 
 
 def _with_gradient(images: Tensor) -> Tensor:
@@ -126,7 +145,16 @@ def saliency(model: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
 
 
 def input_x_gradient(model: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
-    r"""$x \odot \nabla_x f_c(x)$ (Shrikumar et al. 2016); arguments as `saliency`, signed."""
+    r"""Input times gradient, $x \odot \nabla_x f_c(x)$ (Shrikumar et al. 2016), signed.
+
+    Args:
+        model: classifier mapping [N, C, H, W] to logits [N, K], in eval mode.
+        images: float tensor [N, C, H, W] as the model takes them.
+        targets: int64 tensor [N], the class whose logit is explained.
+
+    Returns:
+        Float tensor [N, C, H, W].
+    """
     from captum.attr import InputXGradient
 
     return InputXGradient(model).attribute(_with_gradient(images), target=targets).detach()
@@ -269,7 +297,14 @@ def occlusion(
 
 
 def last_conv_layer(model: nn.Module) -> nn.Conv2d | None:
-    """The last `nn.Conv2d` registered in `model` (the Grad-CAM layer), or None."""
+    """The last `nn.Conv2d` registered in `model`: the layer Grad-CAM explains.
+
+    Args:
+        model: any module.
+
+    Returns:
+        The convolution, or None when `model` has none (Grad-CAM is then skipped).
+    """
     convolutions = [module for module in model.modules() if isinstance(module, nn.Conv2d)]
     return convolutions[-1] if convolutions else None
 
@@ -302,7 +337,15 @@ def grad_cam(model: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
 
 
 def blank_baseline(normalization: Normalization | None, like: Tensor) -> Tensor:
-    """Float tensor [1, C, H, W] on `like`'s device: the blank image, or zeros if unknown."""
+    """The blank image (zero intensity), normalised like the data: the attribution baseline.
+
+    Args:
+        normalization: how pixel intensities were normalised; None gives the all-zero input.
+        like: float tensor [N, C, H, W] whose shape, dtype and device the baseline takes.
+
+    Returns:
+        Float tensor [1, C, H, W] on `like`'s device and of its dtype.
+    """
     shape = (1, *like.shape[1:])
     if normalization is None:
         return torch.zeros(shape, dtype=like.dtype, device=like.device)
@@ -663,7 +706,13 @@ class AttributionAnalysis:
         self.randomised_maps: dict[str, Tensor] = {}  # not state: recomputed after a resume
 
     def state_dict(self) -> dict[str, Any]:
-        """What `--resume` needs: colour scales, last maps and the drift history."""
+        """What `--resume` needs: colour scales, last maps and the drift history.
+
+        Returns:
+            Plain lists, numbers and CPU tensors (a copy): `method_keys`, `scales` (float
+            [M]), `previous_epoch`, `drift_epochs`, `drift` (float [E, M]) and, once maps
+            exist, `previous_maps`.
+        """
         state: dict[str, Any] = {
             "method_keys": list(self.method_keys),
             "scales": self.scales.clone(),
@@ -676,7 +725,12 @@ class AttributionAnalysis:
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what `state_dict` returned."""
+        """Restore what `state_dict` returned.
+
+        Args:
+            state: the mapping `state_dict` returned, possibly after a `torch.save` /
+                `torch.load(weights_only=True)` round trip.
+        """
         self.method_keys = list(state["method_keys"])
         self.scales = torch.as_tensor(state["scales"]).float().clone()
         self.previous_epoch = int(state["previous_epoch"])

@@ -105,7 +105,11 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser; defaults come from `Config` so the help cannot drift from them."""
+    """The argument parser; defaults come from `Config` so the help cannot drift from them.
+
+    Returns:
+        A parser for `runner.py`'s options, one `Config` field per option.
+    """
     parser = argparse.ArgumentParser(
         prog="runner.py",
         description=(
@@ -226,13 +230,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """The frozen `Config` for parsed arguments (every field not on the CLI keeps its default)."""
+    """The frozen `Config` for parsed arguments (every field not on the CLI keeps its default).
+
+    Args:
+        args: the namespace `build_parser().parse_args()` returned.
+
+    Returns:
+        The run's configuration.
+
+    Raises:
+        ValueError: a value `Config` rejects, naming the field.
+    """
     fields = set(Config.__dataclass_fields__)
     return Config(**{key: value for key, value in vars(args).items() if key in fields})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the MNIST pipeline from the command line and return the process exit code."""
+    """Run the MNIST pipeline from the command line and return the process exit code.
+
+    Args:
+        argv: the options, as on the command line; None reads `sys.argv[1:]`.
+
+    Returns:
+        0 when the run finished, 1 when an analysis or a write failed, 2 when nothing was
+        trained (bad option, missing data, unusable `--save-dir`), 3 when the loss diverged,
+        4 when the processes of a torchrun launch failed each other, 130 / 143 after SIGINT /
+        SIGTERM.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -23,25 +23,62 @@ class Config:
     2,000 held-out images) after 2 epochs on a 2-core CPU in a few seconds.
     """
 
-    epochs: int = 2  # full passes over the training set
-    batch_size: int = 64  # training images per optimizer step
-    lr: float = 4e-3  # peak learning rate of the one-cycle schedule (AdamW)
-    weight_decay: float = 1e-2  # AdamW's decoupled weight decay
-    label_smoothing: float = 0.1  # cross-entropy target smoothing (0 = one-hot targets)
-    seed: int = 0  # seeds model init, shuffling and every analysis' randomness
-    data_dir: Path = Path("save/data")  # torchvision root holding MNIST/raw/
-    download: bool = True  # fetch the dataset when its files are absent
-    save_dir: Path = Path("save")  # one run's outputs: plots/, models/, metrics.json, logs/
-    device: str = "auto"  # "auto" (cuda, then mps, then cpu) or any torch device string
-    eval_batch_size: int = 500  # images per forward pass during evaluation
-    probe_size: int = 10  # fixed validation images for saliency/attributions, one per class
-    confusion_normalize: bool = False  # row-normalise the confusion matrix (diagonal = recall)
-    projection_limit: int = 2000  # at most this many points in the projector and the t-SNE
-    attribution_checks: bool = True  # compare attribution methods and sanity-check them
-    resume: bool = False  # continue the run in save_dir from its last completed epoch
-    run_name: str | None = None  # TensorBoard run folder under save_dir/logs; None: a timestamp
-    dist_timeout: float = 1800.0  # seconds a torchrun process waits for the others, then fails
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form, recorded in run.json
+    epochs: int = 2
+    """Full passes over the training set."""
+
+    batch_size: int = 64
+    """Training images per optimizer step."""
+
+    lr: float = 4e-3
+    """Peak learning rate of the one-cycle schedule (AdamW)."""
+
+    weight_decay: float = 1e-2
+    """AdamW's decoupled weight decay."""
+
+    label_smoothing: float = 0.1
+    """Cross-entropy target smoothing (0 = one-hot targets)."""
+
+    seed: int = 0
+    """Seeds model init, shuffling and every analysis' randomness."""
+
+    data_dir: Path = Path("save/data")
+    """A torchvision root holding `MNIST/raw/`."""
+
+    download: bool = True
+    """Fetch the dataset when its files are absent."""
+
+    save_dir: Path = Path("save")
+    """One run's outputs: `plots/`, `models/`, `metrics.json`, `logs/`."""
+
+    device: str = "auto"
+    """`auto` (cuda, then mps, then cpu) or any torch device string (`cpu`, `cuda:1`)."""
+
+    eval_batch_size: int = 500
+    """Images per forward pass during evaluation."""
+
+    probe_size: int = 10
+    """Fixed validation images for saliency/attributions, one per class."""
+
+    confusion_normalize: bool = False
+    """Row-normalise the confusion matrix (diagonal = recall)."""
+
+    projection_limit: int = 2000
+    """At most this many points in the projector and the t-SNE."""
+
+    attribution_checks: bool = True
+    """Compare attribution methods and sanity-check them."""
+
+    resume: bool = False
+    """Continue the run in save_dir from its last completed epoch."""
+
+    run_name: str | None = None
+    """TensorBoard run folder under save_dir/logs; None: a timestamp."""
+
+    dist_timeout: float = 1800.0
+    """Seconds a torchrun process waits for the others, then fails."""
+
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form, recorded in run.json."""
 
     def __post_init__(self) -> None:
         """Reject values that cannot describe a run, naming the field."""
@@ -70,7 +107,11 @@ class Config:
         object.__setattr__(self, "save_dir", Path(self.save_dir))
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready view: paths become strings."""
+        """JSON-ready view: paths become strings.
+
+        Returns:
+            Every field by name (a new dict; `extra` deep-copied).
+        """
         out = dataclasses.asdict(self)
         for key, value in out.items():
             if isinstance(value, Path):

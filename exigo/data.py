@@ -257,7 +257,14 @@ def load_mnist(
 
 
 def dataset_targets(dataset: Dataset) -> Tensor:
-    """Every label of `dataset`, int64 [N], without decoding images when it can be avoided."""
+    """Every label of `dataset`, without decoding images when it can be avoided.
+
+    Args:
+        dataset: `(image, label)` pairs; its `targets` attribute is used when it has one.
+
+    Returns:
+        Int64 tensor [N] on the CPU, in dataset order.
+    """
     targets = getattr(dataset, "targets", None)
     if targets is not None:
         return torch.as_tensor(targets, dtype=torch.long)
@@ -292,6 +299,15 @@ def iterate_batches(
 
     A `TensorImageDataset` is sliced directly; any other dataset goes through a `DataLoader`
     that visits the same indices.
+
+    Args:
+        dataset: `(image [C, H, W], label)` pairs.
+        indices: int sequence or int64 tensor [M] of the items to visit, in visiting order.
+        batch_size: items per batch (the last batch may be smaller).
+
+    Yields:
+        `(images, labels)`: the dataset's images [B, C, H, W] (float32 for a
+        `TensorImageDataset`) and int64 labels [B].
     """
     index = torch.as_tensor(indices, dtype=torch.long)
     if isinstance(dataset, TensorImageDataset):

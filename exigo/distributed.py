@@ -115,6 +115,9 @@ class World:
 
         Args:
             what: what the processes were doing, for the message ("evaluating").
+
+        Yields:
+            None; the block runs once.
         """
         try:
             yield
@@ -138,6 +141,9 @@ class World:
 
         Args:
             signal_number: the signal this process received, or None.
+
+        Returns:
+            The same signal number, or None, on every process.
         """
         flag = self._tensor([signal_number or 0], torch.int64)
         with self.collective("agreeing whether to stop"):
@@ -145,14 +151,28 @@ class World:
         return int(flag.item()) or None
 
     def all_ok(self, ok: bool) -> bool:
-        """Whether every process passes `ok=True`: one failing process tells all the others."""
+        """Whether every process passes `ok=True`: one failing process tells all the others.
+
+        Args:
+            ok: whether this process succeeded.
+
+        Returns:
+            True on every process when all passed True, else False on every process.
+        """
         flag = self._tensor([1 if ok else 0], torch.int64)
         with self.collective("checking that every process is ready"):
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
     def broadcast_object(self, value: Any) -> Any:
-        """Rank 0's `value` on every process (pickled; other ranks pass anything, e.g. None)."""
+        """Rank 0's `value` on every process (pickled; other ranks pass anything, e.g. None).
+
+        Args:
+            value: any picklable object on rank 0; ignored on the other ranks.
+
+        Returns:
+            Rank 0's `value` (a copy on the other ranks).
+        """
         box = [value]
         with self.collective("receiving rank 0's state"):
             dist.broadcast_object_list(box, src=0, device=self.device)
@@ -163,19 +183,31 @@ _WORLD: World | None = None  # the process group join() opened, or None
 
 
 def launched_by_torchrun() -> bool:
-    """Whether the environment asks for more than one process (`WORLD_SIZE` > 1)."""
+    """Whether the environment asks for more than one process (`WORLD_SIZE` > 1).
+
+    Returns:
+        True under torchrun with more than one process.
+    """
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def is_main() -> bool:
-    """Whether this process writes: always without torchrun, else rank 0 (before `join()` too)."""
+    """Whether this process writes: always without torchrun, else rank 0 (before `join()` too).
+
+    Returns:
+        True on the process that writes files, logs and figures.
+    """
     if _WORLD is not None:
         return _WORLD.is_main
     return not launched_by_torchrun() or int(os.environ.get("RANK", "0")) == 0
 
 
 def current() -> World | None:
-    """The `World` that `join()` opened, or None in a single-process run."""
+    """The `World` that `join()` opened, or None in a single-process run.
+
+    Returns:
+        The open `World`, or None.
+    """
     return _WORLD
 
 
@@ -276,6 +308,10 @@ def leave() -> None:
 def process_group(device: str = "auto", timeout: float = DEFAULT_TIMEOUT) -> Iterator[World | None]:
     """`join()` for the block, and `leave()` after it if this block opened the group.
 
+    Args:
+        device: as for `join`: "auto", "cuda" (NCCL) or "cpu" (Gloo).
+        timeout: seconds any collective waits for the other processes.
+
     Yields:
         The `World`, or None for a single-process run.
     """
@@ -300,6 +336,9 @@ def all_or_none(world: World | None, what: str) -> Iterator[None]:
     Args:
         world: the processes, or None.
         what: what the block does, for the others' message ("starting the run").
+
+    Yields:
+        None; the block runs once on every process.
     """
     if world is None:
         yield
@@ -324,6 +363,13 @@ def wrap(model: nn.Module, world: World) -> DistributedDataParallel:
     DDP copies rank 0's parameters and buffers to every process here, so all start equal.
     Train through the wrapper; evaluate, analyse and save `wrapper.module` (the model itself),
     which runs no collective.
+
+    Args:
+        model: the model, on `world.device`.
+        world: the processes.
+
+    Returns:
+        The wrapper to train through.
     """
     device_ids = [world.device.index] if world.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)
@@ -335,6 +381,10 @@ def broadcast_buffers(model: nn.Module, world: World) -> None:
     DDP synchronises buffers at the start of each training step, but the last step updates each
     process' statistics from its own batch; after this call every process evaluates the model
     rank 0 saves.
+
+    Args:
+        model: the model itself (not its DDP wrapper), on `world.device`; changed in place.
+        world: the processes.
     """
     with world.collective("sharing rank 0's BatchNorm statistics"):
         for buffer in model.buffers():
@@ -368,6 +418,11 @@ def training_indices(dataset: Dataset, epoch: int, seed: int, rank: int, world_s
 
 def evaluation_shard(size: int, rank: int, world_size: int) -> Tensor:
     """Indices rank, rank + W, rank + 2W, ... of a dataset of `size`: every image exactly once.
+
+    Args:
+        size: number of items in the dataset.
+        rank: this process' rank, in [0, world_size).
+        world_size: number of processes, W.
 
     Returns:
         int64 tensor [len(range(rank, size, world_size))].

@@ -80,6 +80,12 @@ def embedding_module(model: nn.Module) -> nn.Module:
 
     `model.classifier` when the model has one, otherwise the last `nn.Linear` registered.
 
+    Args:
+        model: the classifier.
+
+    Returns:
+        The submodule whose input, float [N, D], the embedding analyses read through a hook.
+
     Raises:
         ValueError: the model has no linear layer to take the embedding from.
     """

@@ -145,6 +145,10 @@ class RunInterrupted(KeyboardInterrupt):
     A `KeyboardInterrupt`, so code that catches `Exception` (such as the pipeline's guard
     around each analysis) lets it through.
 
+    Args:
+        signal_number: the signal received (`signal.SIGINT` or `signal.SIGTERM`).
+        message: the exception's text; None: "interrupted by SIGINT" (or SIGTERM).
+
     Attributes:
         signal_number: the signal received (`signal.SIGINT` or `signal.SIGTERM`).
         result: the completed epochs (set by the pipeline before the exception leaves `run`).
@@ -168,6 +172,10 @@ class RunInterrupted(KeyboardInterrupt):
 
 class RunDiverged(DivergenceError):
     """The loss became NaN or infinite; the epoch was dropped, earlier outputs are intact.
+
+    Args:
+        message: what diverged, and when.
+        result: the completed epochs.
 
     Attributes:
         result: the completed epochs.
@@ -307,6 +315,12 @@ class RunResult:
 def resolve_device(name: str = "auto") -> torch.device:
     """`auto` picks cuda, then mps, then cpu; any other name is passed to `torch.device`.
 
+    Args:
+        name: `auto`, or a torch device string such as `cpu`, `cuda:1`, `mps`.
+
+    Returns:
+        The device, checked to exist on this machine.
+
     Raises:
         ValueError: an unknown device name, or a device this machine does not have.
     """
@@ -336,6 +350,12 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def prepare_save_dir(save_dir: str | Path) -> Path:
     """Create `save_dir` if needed and prove it writable, before any training.
+
+    Args:
+        save_dir: the folder the run writes into.
+
+    Returns:
+        `save_dir` as a `Path`.
 
     Raises:
         SaveDirError: it cannot be created, is not a folder, or cannot be written.
@@ -1258,5 +1278,13 @@ def _log_scalars(writer: SummaryWriter, row: dict[str, Any], epoch: int) -> None
 
 
 def load_metrics(save_dir: str | Path) -> list[dict[str, Any]]:
-    """The metrics rows of the run in `save_dir` (its metrics.json)."""
+    """The metrics rows of the run in `save_dir` (its metrics.json).
+
+    Args:
+        save_dir: the run's `--save-dir`.
+
+    Returns:
+        One dict per completed epoch: `epoch`, `train_loss`, `eval_loss`, `eval_accuracy`,
+        `seconds` and every scalar the analyses added.
+    """
     return json.loads((Path(save_dir) / "metrics.json").read_text())

@@ -508,7 +508,12 @@ class ProjectionAnalysis:
         self._said: set[str] = set()
 
     def state_dict(self) -> dict[str, Tensor]:
-        """The chosen points and the last layout (empty tensors before the first epoch)."""
+        """The chosen points and the last layout (empty tensors before the first epoch).
+
+        Returns:
+            `indices`: int64 [P], the validation images projected; `layout`: float [P, 2], the
+            last t-SNE layout (copies, on the CPU).
+        """
         return {
             "indices": (
                 self.indices.clone()
@@ -519,7 +524,11 @@ class ProjectionAnalysis:
         }
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Restore what `state_dict` returned (to continue a resumed run's layouts)."""
+        """Restore what `state_dict` returned (to continue a resumed run's layouts).
+
+        Args:
+            state: the dict `state_dict` returned.
+        """
         indices = state.get("indices")
         layout = state.get("layout")
         self.indices = indices.long().clone() if indices is not None and indices.numel() else None

@@ -87,7 +87,11 @@ class SaliencyMaps:
     overlay: Tensor
 
     def rows(self) -> list[tuple[str, Tensor]]:
-        """`(name, map [N, H, W])` in figure order."""
+        """The five maps in figure order.
+
+        Returns:
+            `(name, float map [N, H, W])` pairs: source, baseline, saliency, delta, overlay.
+        """
         return [(name, getattr(self, name)) for name in ROW_NAMES]
 
 

@@ -174,6 +174,9 @@ def randomisable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     order is the reverse of registration order, which is the forward order for models built
     as `nn.Sequential` blocks (as most classifiers are).
 
+    Args:
+        model: the classifier (not modified).
+
     Returns:
         `(qualified name, module)` pairs, top layer first.
     """

@@ -1,0 +1,224 @@
+"""The API site (`nox -s autodoc`): a page per public module, no warning, documented arguments.
+
+The site is built in-process with the settings of the nox session (`pdoc --math --docformat
+google`, private `exigo._*` modules left out). Every function, class and public method named
+in a module's `__all__` must have a docstring whose `Args:` section lists each parameter (and
+nothing else) and, when it returns something, a `Returns:` (or `Yields:`) section; every field
+of a public dataclass is described in `Attributes:` or by a docstring under the field.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import inspect
+import io
+import pkgutil
+import re
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import exigo
+
+pdoc = pytest.importorskip("pdoc")
+
+#: The module specifications the nox session passes to pdoc.
+PDOC_SPECS = ("exigo", r"!exigo\._.*")
+
+_SECTION = re.compile(r"^(\w[\w ]*):\s*$")
+_ENTRY = re.compile(r"^(\*{0,2}\w+)\s*(?:\([^)]*\))?\s*:")
+
+
+def public_modules() -> list[str]:
+    """`exigo` and every module or subpackage below it whose name has no leading underscore."""
+    names = ["exigo"]
+    for info in pkgutil.walk_packages(exigo.__path__, "exigo."):
+        if not any(part.startswith("_") for part in info.name.split(".")):
+            names.append(info.name)
+    return names
+
+
+def page_path(site: Path, module: str) -> Path:
+    """Where pdoc writes the page of `module` (`exigo.confusion` -> `exigo/confusion.html`)."""
+    return site.joinpath(*module.split(".")).with_suffix(".html")
+
+
+@dataclasses.dataclass
+class Site:
+    """A built API site and what was printed while building it."""
+
+    root: Path
+    warnings: list[str]
+    stderr: str
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    root = tmp_path_factory.mktemp("api")
+    stderr = io.StringIO()
+    pdoc.render.configure(docformat="google", math=True)
+    try:
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(stderr):
+            warnings.simplefilter("always")
+            pdoc.pdoc(*PDOC_SPECS, output_directory=root)
+    finally:
+        pdoc.render.configure()  # pdoc's defaults: leave no global state to other tests
+    yield Site(root, [str(w.message) for w in caught], stderr.getvalue())
+
+
+def test_public_modules_are_found() -> None:
+    modules = public_modules()
+    for expected in ("exigo.pipeline", "exigo.confusion", "exigo.saliency", "exigo.cli"):
+        assert expected in modules
+    assert not any("._" in name for name in modules)
+
+
+def test_every_public_module_has_a_page(site: Site) -> None:
+    missing = [m for m in public_modules() if not page_path(site.root, m).is_file()]
+    assert not missing, f"no API page for {missing}"
+    assert (site.root / "index.html").is_file()
+
+
+def test_private_modules_have_no_page(site: Site) -> None:
+    assert not list(site.root.glob("exigo/_*.html"))
+
+
+def test_building_the_site_prints_no_warning(site: Site) -> None:
+    assert site.warnings == []
+    assert site.stderr == ""
+
+
+def test_pages_with_formulas_load_the_math_renderer(site: Site) -> None:
+    for module in public_modules():
+        if "$" in (importlib.import_module(module).__doc__ or ""):
+            assert "mathjax" in page_path(site.root, module).read_text().lower(), module
+
+
+def _sections(docstring: str) -> dict[str, list[str]]:
+    """Google-style sections of a cleaned docstring: title -> the entry names it lists."""
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    entry_indent: int | None = None
+    for line in docstring.splitlines():
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip())
+        title = _SECTION.match(line)
+        if indent == 0 and title:
+            current = sections.setdefault(title.group(1), [])
+            entry_indent = None
+        elif indent == 0:
+            current = None
+        elif current is not None:
+            entry_indent = indent if entry_indent is None else entry_indent
+            entry = _ENTRY.match(line.strip())
+            if indent == entry_indent and entry:
+                current.append(entry.group(1).lstrip("*"))
+    return sections
+
+
+def _own_docstring(obj: object) -> str:
+    docstring = obj.__doc__ or ""
+    if dataclasses.is_dataclass(obj) and docstring.startswith(f"{obj.__name__}("):
+        return ""  # the signature dataclasses write when the class has no docstring
+    return inspect.cleandoc(docstring)
+
+
+def _function_problems(name: str, function: Callable, bound: bool) -> list[str]:
+    docstring = _own_docstring(function)
+    if not docstring:
+        return [f"{name}: no docstring"]
+    signature = inspect.signature(function)
+    parameters = list(signature.parameters)[1 if bound else 0 :]
+    sections = _sections(docstring)
+    listed = sections.get("Args", [])
+    problems = [f"{name}: argument {p!r} not in Args" for p in parameters if p not in listed]
+    problems += [
+        f"{name}: Args lists {p!r}, not an argument" for p in listed if p not in parameters
+    ]
+    returns = signature.return_annotation
+    gives_something = returns not in (inspect.Signature.empty, None, "None", "NoReturn") and (
+        not re.fullmatch(r"(Iterator|Generator)\[None.*\]", str(returns))  # context managers
+    )
+    if gives_something and "Returns" not in sections and "Yields" not in sections:
+        problems.append(f"{name}: returns {returns} but has no Returns section")
+    return problems
+
+
+def _class_problems(module: str, name: str, cls: type) -> list[str]:
+    qualname = f"{module}.{name}"
+    docstring = _own_docstring(cls)
+    if not docstring:
+        return [f"{qualname}: no docstring"]
+    problems = []
+    sections = _sections(docstring)
+    if dataclasses.is_dataclass(cls):
+        described = set(sections.get("Attributes", []) + sections.get("Args", []))
+        page = pdoc.doc.Module(importlib.import_module(module)).get(name)
+        for field in dataclasses.fields(cls):
+            member = page.get(field.name) if page is not None else None
+            if field.name not in described and not (member is not None and member.docstring):
+                problems.append(f"{qualname}: field {field.name!r} not described")
+    elif "__init__" in vars(cls) and not getattr(cls, "_is_protocol", False):
+        init = vars(cls)["__init__"]
+        listed = sections.get("Args", []) + sections.get("Attributes", [])  # stored as given
+        listed += _sections(_own_docstring(init)).get("Args", [])
+        for parameter in list(inspect.signature(init).parameters)[1:]:
+            if parameter not in listed:
+                problems.append(f"{qualname}: constructor argument {parameter!r} not in Args")
+    for member_name, member in vars(cls).items():
+        if member_name.startswith("_"):
+            continue
+        if isinstance(member, (staticmethod, classmethod)):
+            bound = isinstance(member, classmethod)
+            problems += _function_problems(f"{qualname}.{member_name}", member.__func__, bound)
+        elif inspect.isfunction(member):
+            problems += _function_problems(f"{qualname}.{member_name}", member, bound=True)
+    return problems
+
+
+@pytest.mark.parametrize("module", public_modules())
+def test_public_api_is_documented(module: str) -> None:
+    imported = importlib.import_module(module)
+    assert (imported.__doc__ or "").strip(), f"{module} has no module docstring"
+    problems = []
+    for name in getattr(imported, "__all__", []):
+        obj = getattr(imported, name)
+        if inspect.isclass(obj):
+            problems += _class_problems(module, name, obj)
+        elif inspect.isfunction(obj):
+            problems += _function_problems(f"{module}.{name}", obj, bound=False)
+    assert not problems, "\n".join(problems)
+
+
+def test_the_checker_catches_undocumented_arguments() -> None:
+    def documented(images: object, labels: object) -> int:
+        """Count.
+
+        Args:
+            images: float tensor [N, C, H, W].
+            labels (Tensor): int64 tensor [N].
+
+        Returns:
+            N.
+        """
+        return 0
+
+    def stale(images: object) -> int:
+        """Count.
+
+        Args:
+            imgs: float tensor [N, C, H, W].
+        """
+        return 0
+
+    assert _function_problems("documented", documented, bound=False) == []
+    assert _function_problems("stale", stale, bound=False) == [
+        "stale: argument 'images' not in Args",
+        "stale: Args lists 'imgs', not an argument",
+        "stale: returns int but has no Returns section",
+    ]
