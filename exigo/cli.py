@@ -7,7 +7,12 @@ Exit codes:
 - 2: bad options, data, save directory (unwritable, or in use by another run) or `--resume`
   (nothing to resume, different options): checked before training, nothing was trained.
 - 3: the loss became NaN or infinite; the best checkpoint of earlier epochs is kept.
+- 4: under torchrun, another process failed or stopped answering (its own message, named
+  in torchrun's summary, is the cause).
 - 130 / 143: stopped by SIGINT (Ctrl-C) / SIGTERM; completed epochs are kept (`--resume`).
+
+Under torchrun (`torchrun --nproc_per_node=N runner.py ...`) every process runs this command
+line; rank 0 prints and writes, the others print only their own errors.
 
 Expected failures print one message without a traceback; a traceback means a bug.
 """
@@ -161,6 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=_DEFAULTS.device,
         help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps",
     )
+    train.add_argument(
+        "--dist-timeout",
+        type=_positive_float,
+        default=_DEFAULTS.dist_timeout,
+        metavar="SECONDS",
+        help="under torchrun: how long a process waits for the others before it fails "
+        "(raise it when rank 0's analyses take longer)",
+    )
     files = parser.add_argument_group("files")
     files.add_argument(
         "--data-dir",
@@ -272,6 +285,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # before or after training; during it, run() handles signals
         err.print("[bold red]interrupted[/bold red]")
         return 130
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Close the torchrun process group `_run` joined (nothing to do without torchrun)."""
+    distributed = sys.modules.get("exigo.distributed")  # not imported: nothing was joined
+    if distributed is not None:
+        distributed.leave()
 
 
 # errors of the machine, not of exigo: a message, not a traceback
@@ -291,6 +313,7 @@ def _run(config: Config, console: Console, err: Console) -> int:
     from exigo.analyses import default_analyses
     from exigo.checkpoint import CheckpointError
     from exigo.data import DataError, load_mnist
+    from exigo.distributed import DistributedError, all_or_none, join
     from exigo.model import MnistCNN
     from exigo.pipeline import (
         ResumeError,
@@ -302,16 +325,32 @@ def _run(config: Config, console: Console, err: Console) -> int:
         run,
     )
 
+    rank = 0
+
     def fail(message: object, code: int) -> int:
-        err.print(f"[bold red]error:[/bold red] {message}")
+        # a DistributedError names its rank already
+        where = f"(rank {rank}) " if rank and not isinstance(message, DistributedError) else ""
+        err.print(f"[bold red]error:[/bold red] {where}{message}")
         return code
 
     try:
         resolve_device(config.device)
-        prepare_save_dir(config.save_dir)
-        train_data, val_data = load_mnist(config.data_dir, download=config.download)
+        world = join(config.device, config.dist_timeout)  # None without torchrun
+        rank = 0 if world is None else world.rank
+        with all_or_none(world, "loading the data"):  # rank 0 first: it may download
+            if rank == 0:
+                prepare_save_dir(config.save_dir)
+                train_data, val_data = load_mnist(config.data_dir, download=config.download)
+        if rank != 0:
+            train_data, val_data = load_mnist(config.data_dir, download=False)
     except (DataError, SaveDirError, ValueError) as error:
         return fail(error, 2)
+    except DistributedError as error:
+        return fail(error, 4)
+    if rank != 0:
+        from rich.console import Console
+
+        console = Console(quiet=True)  # rank 0 reports progress and results
 
     torch.manual_seed(config.seed)
     model = MnistCNN(num_classes=len(train_data.classes))
@@ -320,10 +359,13 @@ def _run(config: Config, console: Console, err: Console) -> int:
     except (SaveDirError, ResumeError, CheckpointError) as error:
         return fail(error, 2)
     except RunInterrupted as interrupt:
-        err.print(f"[bold yellow]stopped:[/bold yellow] {interrupt}")
+        if rank == 0:  # every process stops; one says so
+            err.print(f"[bold yellow]stopped:[/bold yellow] {interrupt}")
         return interrupt.exit_code
     except RunDiverged as error:
-        return fail(f"training diverged: {error}", 3)
+        return fail(f"training diverged: {error}", 3) if rank == 0 else 3
+    except DistributedError as error:
+        return fail(error, 4)
     except OSError as error:
         if error.errno not in _ENVIRONMENT_ERRNOS:
             raise
