@@ -143,10 +143,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def launch_two(tmp_path, mode: str, timeout: float = 60.0) -> list[subprocess.CompletedProcess]:
+def launch_two(
+    tmp_path, mode: str, timeout: float = 60.0, script=None
+) -> list[subprocess.CompletedProcess]:
     """Start ranks 0 and 1 as torchrun would (environment variables), wait for both."""
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
+    if script is None:
+        script = tmp_path / "worker.py"
+        script.write_text(WORKER)
     port = str(free_port())
     processes = []
     for rank in range(2):
@@ -213,6 +216,105 @@ def test_a_rank_that_does_not_answer_fails_the_others_after_the_timeout(tmp_path
     message = (tmp_path / "message.txt").read_text()
     assert message.startswith("rank 0 of 2: checking that every process is ready failed")
     assert "--dist-timeout 2 s" in message
+
+
+PIPELINE_WORKER = textwrap.dedent(
+    """
+    import io, json, os, signal, sys, torch
+    from rich.console import Console
+    from torch.utils.data import Dataset
+    from exigo import distributed
+    from exigo.config import Config
+    from exigo.pipeline import RunDiverged, RunInterrupted, run
+    from conftest import TinyNet, make_blobs
+
+    out = sys.argv[2]
+    world = distributed.join("cpu", timeout=60.0)
+    rank = world.rank
+
+    class Trap(Dataset):
+        # on rank `rank_`, the `at`-th image read sends SIGTERM or is NaN from then on
+        def __init__(self, data, rank_=None, at=None, what="signal"):
+            self.data, self.rank_, self.at, self.what, self.reads = data, rank_, at, what, 0
+            self.classes = data.classes
+        def __len__(self):
+            return len(self.data)
+        def __getitem__(self, index):
+            image, label = self.data[index]
+            if rank != self.rank_:
+                return image, label
+            self.reads += 1
+            if self.what == "signal" and self.reads == self.at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            if self.what == "nan" and self.reads >= self.at:
+                image = image * float("nan")
+            return image, label
+
+    class SignalOnMain:
+        name = "signal"
+        def __call__(self, ctx):
+            if ctx.epoch == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def attempt(name, train, analyses=(), **changes):
+        config = Config(epochs=3, batch_size=8, lr=1e-2, probe_size=3, save_dir=f"{out}/{name}",
+                        **changes)
+        torch.manual_seed(0)
+        try:
+            result = run(config, TinyNet(), train, make_blobs(30, seed=1), list(analyses),
+                         console=Console(file=io.StringIO()))
+            return {"outcome": "done", "epochs": len(result.history)}
+        except RunInterrupted as stop:
+            return {"outcome": "interrupted", "signal": stop.signal_number}
+        except RunDiverged as error:
+            return {"outcome": "diverged", "message": str(error)}
+
+    train = make_blobs(96, seed=0)  # 48 images, 6 batches per process per epoch
+    outcomes = {
+        "whole": attempt("whole", train),
+        "stop_rank1": attempt("stopped", Trap(train, rank_=1, at=48 + 15)),  # epoch 2
+        "resumed": attempt("stopped", train, resume=True),
+        "stop_analysis": attempt("analysis", train, [SignalOnMain()]),
+        "nan_rank1": attempt("nan", Trap(train, rank_=1, at=48 + 45, what="nan")),  # epoch 2
+    }
+    json.dump(outcomes, open(f"{out}/outcomes{rank}.json", "w"))
+    distributed.leave()
+    """
+)
+
+
+@pytest.mark.slow  # five tiny runs in two processes: tens of seconds on 2 loaded cores
+def test_two_processes_stop_resume_and_diverge_together(tmp_path):
+    script = tmp_path / "pipeline_worker.py"
+    script.write_text(PIPELINE_WORKER)
+    finished = launch_two(tmp_path, "pipeline", script=script)
+    assert [p.returncode for p in finished] == [0, 0], [p.stdout[-3000:] for p in finished]
+    rank0, rank1 = (
+        json.loads((tmp_path / f"outcomes{rank}.json").read_text()) for rank in range(2)
+    )
+    metrics = {
+        name: json.loads((tmp_path / name / "metrics.json").read_text())
+        for name in ("whole", "stopped", "nan")
+    }
+    assert rank0["whole"] == {"outcome": "done", "epochs": 3}
+    assert rank1["whole"] == {"outcome": "done", "epochs": 0}  # rank 1 records nothing
+    # SIGTERM to rank 1 only, in epoch 2: both stop, epoch 1 kept, and resuming finishes the
+    # run with the metrics of the uninterrupted one
+    for outcomes in (rank0, rank1):
+        assert outcomes["stop_rank1"] == {"outcome": "interrupted", "signal": 15}
+        assert outcomes["stop_analysis"] == {"outcome": "interrupted", "signal": 15}
+        assert outcomes["nan_rank1"]["outcome"] == "diverged"
+    assert rank0["resumed"] == {"outcome": "done", "epochs": 3}
+    keys = ["epoch", "train_loss", "eval_loss", "eval_accuracy", "lr"]
+    assert [[row[k] for k in keys] for row in metrics["stopped"]] == [
+        [row[k] for k in keys] for row in metrics["whole"]
+    ]
+    # SIGTERM on rank 0 during its analyses of epoch 1: that epoch is dropped on both
+    assert not (tmp_path / "analysis" / "metrics.json").exists()
+    # NaN on rank 1's images in epoch 2: both stop; rank 0 keeps epoch 1 and says why
+    assert [row["epoch"] for row in metrics["nan"]] == [1]
+    assert "training loss became nan" in rank1["nan_rank1"]["message"]
+    assert "another process" in rank0["nan_rank1"]["message"]
 
 
 # ---------------------------------------------------------------- torchrun, end to end
