@@ -111,13 +111,19 @@ class AttributionSettings:
     """Images per forward/backward pass inside every method and curve."""
 
     deletion_steps: int = 10
-    """K: deletion/insertion curves have k + 1 points."""
+    """Steps k of the deletion/insertion curves (k + 1 points; AUCs within 0.02 of k = 28)."""
 
     randomisation_stages: int = 2
     """Cascade depths evaluated: top layer, then all layers."""
 
     unchanged_threshold: float = 0.7
-    """Flag: Spearman of |maps| after full randomisation >= this."""
+    """Flag a method whose |map| Spearman after full randomisation is at least this.
+
+    A map copied from the image scores 1, the gradient about 0.1; on MNIST the methods tied to
+    the ink (Occlusion, Integrated Gradients, Input x Gradient) stay at 0.35-0.6 although their
+    maps changed. 0.7 flags maps that come through the destruction of every weight mostly
+    intact.
+    """
 
     settled_threshold: float = 0.8
     """Settled: every method's drift Spearman >= this."""
