@@ -64,8 +64,10 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
             os.fsync(handle.fileno())
         os.chmod(handle.name, _FILE_MODE)
         os.replace(handle.name, path)
-    except BaseException:
+    except BaseException as error:
         Path(handle.name).unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None:
+            error.filename = str(path)  # "No space left on device" alone does not say where
         raise
     _fsync_folder(path.parent)
     return path

@@ -282,8 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         return _run(config, Console(), err)
-    except KeyboardInterrupt:  # before or after training; during it, run() handles signals
-        err.print("[bold red]interrupted[/bold red]")
+    except KeyboardInterrupt:  # while loading data: run() handles the signals once it starts
+        err.print("[bold yellow]stopped:[/bold yellow] interrupted before training began")
         return 130
     finally:
         _leave_process_group()
@@ -369,9 +369,10 @@ def _run(config: Config, console: Console, err: Console) -> int:
     except OSError as error:
         if error.errno not in _ENVIRONMENT_ERRNOS:
             raise
+        resumable = (config.save_dir / "models" / "last.pt").exists()
         return fail(
-            f"{error}. Outputs of completed epochs in {config.save_dir} are intact; "
-            "fix the cause and continue with --resume",
+            f"{error}. Files written before are intact; fix the cause, then "
+            + ("continue with --resume" if resumable else "run again"),
             1,
         )
 

@@ -487,7 +487,8 @@ class _StopSignals:
 
     Safe points (`check()`) are batch boundaries and the gaps between analyses, so a stop never
     lands in the middle of writing a checkpoint or metrics.json. Handlers can only be installed
-    from the main thread; elsewhere the signals keep their usual behaviour.
+    from the main thread; elsewhere, and for signals the process ignores, the signals keep
+    their usual behaviour.
     """
 
     def __init__(self) -> None:
@@ -497,7 +498,10 @@ class _StopSignals:
     def __enter__(self) -> _StopSignals:
         if threading.current_thread() is threading.main_thread():
             for number in (signal.SIGINT, signal.SIGTERM):
-                self._previous[number] = signal.signal(number, self._handle)
+                # an ignored signal stays ignored (a shell script's background job ignores
+                # SIGINT, so Ctrl-C in the terminal is not meant for it)
+                if signal.getsignal(number) is not signal.SIG_IGN:
+                    self._previous[number] = signal.signal(number, self._handle)
         return self
 
     def __exit__(self, *exc_info: object) -> None:

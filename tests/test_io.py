@@ -22,8 +22,9 @@ def test_a_write_that_fails_midway_leaves_the_old_file_and_no_temporary(tmp_path
         handle.write(b'[{"epoch": 1}, {"ep')
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as raised:
         atomic_write(path, half_then_fail)
+    assert raised.value.filename == str(path)  # the message says which file
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
     with pytest.raises(ValueError):

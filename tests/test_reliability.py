@@ -215,6 +215,20 @@ def test_sigterm_mid_epoch_leaves_valid_outputs_and_restores_handlers(tmp_path):
     assert not list(save.rglob("*.tmp"))
 
 
+def test_an_ignored_signal_stays_ignored(tmp_path):
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a script's background job
+    try:
+        train = SignalAt(make_blobs(96, seed=0), 50, signal.SIGINT)
+        result = run(tiny_config(tmp_path, epochs=1), TinyNet(), train, VAL, console=quiet())
+        assert len(result.history) == 1
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+VAL = make_blobs(30, seed=1)
+
+
 def test_second_signal_stops_at_once(tmp_path):
     sender = SignalAfterEpoch(1, signal.SIGINT, times=2)
     with pytest.raises(RunInterrupted):
