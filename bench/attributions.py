@@ -14,7 +14,9 @@
    - deletion/insertion steps: the AUCs at k steps against k = 28;
    - randomisation: seconds per number of cascade stages.
 
-Times are medians; other processes share the 2 CPU cores, so they are noisy.
+Times are medians; other processes share the 2 CPU cores, so they are noisy. Under load,
+`--threads 1` and the CPU-time lines are the better guide: CPU seconds of one thread do not
+count the time spent waiting for a core.
 """
 
 from __future__ import annotations
@@ -50,18 +52,28 @@ def share_of_run(data_dir: Path, repeats: int) -> torch.nn.Module:
     train, held_out = load_mnist(data_dir, download=False)
     quiet = Console(file=open("/dev/null", "w"))  # noqa: SIM115
     totals: dict[str, list[float]] = {"without": [], "with": []}
+    cpu_totals: dict[str, list[float]] = {"without": [], "with": []}
+    analysis_cpu: list[float] = []
     parts: dict[str, list[float]] = {}
     model = None
+
+    class Timed(AttributionAnalysis):
+        def __call__(self, ctx):
+            start = time.process_time()
+            super().__call__(ctx)
+            analysis_cpu.append(time.process_time() - start)
+
     for repeat in range(repeats):
         for variant in ("without", "with") if repeat % 2 == 0 else ("with", "without"):
             torch.manual_seed(0)
             model = MnistCNN()
-            analyses = [AttributionAnalysis(seed=0)] if variant == "with" else []
+            analyses = [Timed(seed=0)] if variant == "with" else []
             with tempfile.TemporaryDirectory() as save_dir:
                 config = Config(save_dir=Path(save_dir), data_dir=data_dir, download=False)
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 result = run(config, model, train, held_out, analyses, console=quiet)
                 totals[variant].append(time.perf_counter() - start)
+                cpu_totals[variant].append(time.process_time() - cpu_start)
             for row in result.history:
                 for key, value in row.items():
                     if key.startswith("attributions/seconds/"):
@@ -77,8 +89,16 @@ def share_of_run(data_dir: Path, repeats: int) -> torch.nn.Module:
         print(f"  {part:<15} {statistics.median(values):.2f} s per epoch  ({fmt(values)})")
     analysis = sum(parts["whole analysis"]) / repeats  # per run, both epochs
     print(
-        f"attributions: {analysis:.1f} s of a {with_:.1f} s run = {analysis / with_:.0%} "
+        f"wall: attributions {analysis:.1f} s of a {with_:.1f} s run = {analysis / with_:.0%} "
         f"(run time grew by {(with_ - without) / without:.0%})"
+    )
+    cpu_with = statistics.median(cpu_totals["with"])
+    cpu_without = statistics.median(cpu_totals["without"])
+    cpu_analysis = sum(analysis_cpu) / repeats
+    print(
+        f"CPU time: run without {cpu_without:.1f} s, with {cpu_with:.1f} s; attributions "
+        f"{cpu_analysis:.1f} s per run ({fmt(analysis_cpu)} per epoch) = "
+        f"{cpu_analysis / cpu_with:.0%} of the run's CPU time"
     )
     assert model is not None
     return model.eval()
@@ -175,7 +195,10 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/mnist"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-runs", action="store_true", help="only the settings sweep")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.skip_runs:
         from exigo.model import MnistCNN
 
