@@ -56,6 +56,7 @@ __all__ = [
     "MIN_TSNE_POINTS",
     "PROJECTOR_TAG",
     "ProjectionAnalysis",
+    "display_pixels",
     "effective_perplexity",
     "log_projector",
     "plot_tsne",
