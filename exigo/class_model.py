@@ -18,8 +18,8 @@ filling the border with strokes: the objective is $S_c(I) - \sum_j \lambda_j I_j
 The maximisation is projected, preconditioned gradient ascent, all classes in one batch:
 
 $$
-d_t = G_\sigma * \left( M^{-1} \nabla_I S_c(M I_t) - 2 \lambda_j I_t \right), \qquad
-I_{t+1} = \mathrm{clip}_{[0, 1]}\!\left( I_t + \eta_t \frac{d_t}{\max_j |d_{t,j}|} \right),
+d_t = G_\sigma \ast \left( M^{-1} \nabla_I S_c(M I_t) - 2 \lambda_j I_t \right), \qquad
+I_{t+1} = \mathrm{clip}_{[0, 1]} \left( I_t + \eta_t \frac{d_t}{\max_j |d_{t,j}|} \right),
 \qquad \eta_t = \eta \, (1 - t / T)
 $$
 

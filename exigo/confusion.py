@@ -3,7 +3,7 @@ r"""Confusion matrix of the evaluation pass, with per-class precision and recall
 The confusion matrix $M \in \mathbb{N}^{C \times C}$ counts the held-out samples by true class
 (row $i$) and predicted class (column $j$):
 
-$$M_{ij} = \left|\{\, n : y_n = i,\ \hat y_n = j \,\}\right|.$$
+$$M_{ij} = \left| \lbrace n : y_n = i,\ \hat y_n = j \rbrace \right|.$$
 
 Its diagonal holds the correct predictions. Per class $c$,
 

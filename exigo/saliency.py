@@ -6,15 +6,12 @@ extended with a blank-image baseline. With $f_y$ the logit of the true class $y$
 input image, $b$ the blank image (zero pixel intensity, normalised like the data) and $p(x)$
 the input's pixel intensities in $[0, 1]$:
 
-$$
-\begin{aligned}
-\text{source}   &= p(x) \\
-\text{baseline} &= \left| \nabla_x f_y(b) \right| \\
-\text{saliency} &= \left| \nabla_x f_y(x) \right| \\
-\text{delta}    &= \nabla_x f_y(x) - \nabla_x f_y(b) \\
-\text{overlay}  &= \text{delta} \odot \text{source}
-\end{aligned}
-$$
+$$\text{source} = p(x), \qquad
+\text{baseline} = \left| \nabla_x f_y(b) \right|, \qquad
+\text{saliency} = \left| \nabla_x f_y(x) \right|,$$
+
+$$\text{delta} = \nabla_x f_y(x) - \nabla_x f_y(b), \qquad
+\text{overlay} = \text{delta} \odot \text{source}.$$
 
 The baseline shows where the network looks when shown nothing (its prior for class $y$);
 delta is the focus this particular image adds to it (signed: red raises $f_y$, blue lowers

@@ -4,13 +4,15 @@ The site is built in-process with the settings of the nox session (`pdoc --math 
 google`, private `exigo._*` modules left out). Every function, class and public method named
 in a module's `__all__` must have a docstring whose `Args:` section lists each parameter (and
 nothing else) and, when it returns something, a `Returns:` (or `Yields:`) section; every field
-of a public dataclass is described in `Attributes:` or by a docstring under the field.
+of a public dataclass is described in `Attributes:` or by a docstring under the field. Every
+formula ($...$, $$...$$) reaches the page unchanged by pdoc's Markdown, so MathJax renders it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import html
 import importlib
 import inspect
 import io
@@ -96,6 +98,43 @@ def test_pages_with_formulas_load_the_math_renderer(site: Site) -> None:
     for module in public_modules():
         if "$" in (importlib.import_module(module).__doc__ or ""):
             assert "mathjax" in page_path(site.root, module).read_text().lower(), module
+
+
+_MATH = re.compile(r"\$\$.+?\$\$|\$[^$\n]+\$", re.S)
+
+
+def _documented_objects(doc: pdoc.doc.Doc) -> Iterator[pdoc.doc.Doc]:
+    """`doc` and every class, function and variable documented under it."""
+    yield doc
+    for member in getattr(doc, "own_members", []):
+        if isinstance(member, (pdoc.doc.Class, pdoc.doc.Function, pdoc.doc.Variable)):
+            yield from _documented_objects(member)
+
+
+@pytest.mark.parametrize("module", public_modules())
+def test_formulas_reach_the_page_as_written(module: str) -> None:
+    # pdoc's Markdown runs before MathJax and eats backslash escapes inside $...$: `\{`
+    # becomes `{`, a `\\` line break becomes `\`, `\!` becomes `!`, and `a * b * c` turns
+    # into emphasis. Write `\lbrace`, `\ast`, and one display formula per line instead.
+    to_html = pdoc.render_helpers.to_html
+    damaged = []
+    for doc in _documented_objects(pdoc.doc.Module(importlib.import_module(module))):
+        if "$" not in doc.docstring:
+            continue
+        markdown = pdoc.docstrings.convert(doc.docstring, "google", None)
+        page = html.unescape(to_html(markdown))
+        damaged += [
+            f"{doc.fullname}: {span}" for span in _MATH.findall(markdown) if span not in page
+        ]
+    assert not damaged, "formulas changed by Markdown:\n" + "\n".join(damaged)
+
+
+def test_the_formula_check_sees_damage() -> None:
+    to_html = pdoc.render_helpers.to_html
+    markdown = r"$$\{ x \} \\ y$$ and $a \lbrace b \rbrace$"
+    page = html.unescape(to_html(markdown))
+    assert _MATH.findall(markdown)[0] not in page
+    assert _MATH.findall(markdown)[1] in page
 
 
 def _sections(docstring: str) -> dict[str, list[str]]:
