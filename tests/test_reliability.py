@@ -219,7 +219,10 @@ def test_an_ignored_signal_stays_ignored(tmp_path):
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a script's background job
     try:
         train = SignalAt(make_blobs(96, seed=0), 50, signal.SIGINT)
-        result = run(tiny_config(tmp_path, epochs=1), TinyNet(), train, VAL, console=quiet())
+        try:
+            result = run(tiny_config(tmp_path, epochs=1), TinyNet(), train, VAL, console=quiet())
+        except RunInterrupted:
+            pytest.fail("an ignored SIGINT stopped the run")
         assert len(result.history) == 1
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
