@@ -261,14 +261,17 @@ def test_ctrl_c_on_real_mnist_then_resume(mnist_root, tmp_path):
         "0",
         "--no-attribution-checks",
     ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # its own process group, signalled as a whole: what Ctrl-C in a terminal does
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 600
         while not (save / "metrics.json").exists():  # epoch 1 is complete: epoch 2 starts
             assert process.poll() is None, process.communicate()
             assert time.monotonic() < deadline, "epoch 1 did not finish in 10 minutes"
             time.sleep(0.2)
-        process.send_signal(signal.SIGINT)
+        os.killpg(process.pid, signal.SIGINT)
         _, stderr = process.communicate(timeout=300)
     finally:
         process.kill()
