@@ -112,7 +112,7 @@ BEST_CHECKPOINT = "models/best.pt"
 LAST_CHECKPOINT = "models/last.pt"
 
 #: Settings that may differ between a run and its `--resume`: they say where files are or how
-#: fast evaluation goes, not what is trained. Every other field must match.
+#: fast it runs, not what is trained. Every other field must match.
 RESUMABLE_CHANGES = frozenset(
     {
         "resume",
@@ -121,6 +121,7 @@ RESUMABLE_CHANGES = frozenset(
         "download",
         "device",
         "eval_batch_size",
+        "threads",
         "run_name",
         "dist_timeout",
     }
