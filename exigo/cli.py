@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import errno
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -239,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=_DEFAULTS.eval_batch_size,
         help="images per forward pass during evaluation",
     )
+    train.add_argument(
+        "--threads",
+        type=_non_negative_int,
+        default=_DEFAULTS.threads,
+        help="CPU threads of torch's operators (0: OMP_NUM_THREADS if set, else 1, the fastest "
+        "for the default CNN and by far the fastest on a busy machine)",
+    )
     return parser
 
 
@@ -307,6 +315,22 @@ _ENVIRONMENT_ERRNOS = {
 }
 
 
+def _set_threads(threads: int) -> None:
+    """Give torch `threads` intra-op threads; 0: `OMP_NUM_THREADS` if set, else one.
+
+    One thread by default: the default CNN's operators are too small for a second thread to
+    pay off (bench/pipeline.py), and OpenMP threads spin-wait for each other at every
+    operator, so when other processes share the cores a two-thread epoch took 76 s instead of
+    3 s (issue 7). torchrun sets `OMP_NUM_THREADS=1` for the same reason.
+    """
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+
+
 def _run(config: Config, console: Console, err: Console) -> int:
     import torch
 
@@ -333,6 +357,7 @@ def _run(config: Config, console: Console, err: Console) -> int:
         err.print(f"[bold red]error:[/bold red] {where}{message}")
         return code
 
+    _set_threads(config.threads)
     try:
         resolve_device(config.device)
         world = join(config.device, config.dist_timeout)  # None without torchrun

@@ -56,6 +56,9 @@ class Config:
     eval_batch_size: int = 500
     """Images per forward pass during evaluation."""
 
+    threads: int = 0
+    """CPU threads of torch's operators; 0: `OMP_NUM_THREADS` if set, else 1 (`exigo.cli`)."""
+
     probe_size: int = 10
     """Fixed validation images for saliency/attributions, one per class."""
 
@@ -95,6 +98,8 @@ class Config:
             problems.append(f"weight_decay must be non-negative, got {self.weight_decay}")
         if not 0 <= self.label_smoothing < 1:
             problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.threads < 0:
+            problems.append(f"threads must be non-negative, got {self.threads}")
         if self.probe_size < 1:
             problems.append(f"probe_size must be at least 1, got {self.probe_size}")
         if self.projection_limit < 0:

@@ -39,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import gc
-import io
 import json
 import math
 import platform
@@ -55,12 +54,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from exigo._io import FolderLock, FolderLockedError, atomic_write_bytes, atomic_write_json
+from exigo._render import FigureRenderer, available_cpus, render_png
 from exigo.checkpoint import (
     apply_weights,
     capture_rng,
@@ -227,6 +226,7 @@ class EpochContext:
             TensorBoard.
         figures: paths of the figures written for this epoch so far.
         log: prints a line in the run's console.
+        renderer: renders figures in a helper process (the pipeline's); None: at once, here.
     """
 
     epoch: int
@@ -244,6 +244,7 @@ class EpochContext:
     metrics: dict[str, float] = field(default_factory=dict)
     figures: list[Path] = field(default_factory=list)
     log: Callable[[str], None] = print
+    renderer: FigureRenderer | None = None
 
     @property
     def tag(self) -> str:
@@ -253,6 +254,10 @@ class EpochContext:
     def save_figure(self, figure: Figure, name: str, dpi: int = 100) -> Path:
         """Render `figure` once, write `plots/{name}_{tag}.png` and log it to TensorBoard.
 
+        With a `renderer` (in a pipeline run on two or more CPUs) the rendering happens in a
+        helper process while the analyses go on; the pipeline waits for it, and logs the
+        image to TensorBoard, before it commits the epoch. Leave `figure` alone afterwards.
+
         Args:
             figure: a matplotlib Figure (preferably `matplotlib.figure.Figure()`, which needs
                 no pyplot state and is freed when dropped).
@@ -260,20 +265,15 @@ class EpochContext:
             dpi: resolution of the PNG.
 
         Returns:
-            Path of the PNG.
+            Path of the PNG (written by the time the epoch is committed).
         """
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from PIL import Image
-
-        figure.set_dpi(dpi)
-        canvas = FigureCanvasAgg(figure)
-        canvas.draw()
-        rgb = np.asarray(canvas.buffer_rgba())[..., :3]  # (H, W, 3) uint8
-        buffer = io.BytesIO()
-        Image.fromarray(rgb).save(buffer, format="png", optimize=False)
-        path = atomic_write_bytes(self.plots_dir / f"{name}_{self.tag}.png", buffer.getvalue())
-        self.writer.add_image(name, rgb, global_step=self.epoch, dataformats="HWC")
-        figure.clear()
+        path = self.plots_dir / f"{name}_{self.tag}.png"
+        if self.renderer is not None:
+            self.renderer.submit(figure, path, dpi, name, self.epoch)
+        else:
+            png, rgb = render_png(figure, dpi)
+            atomic_write_bytes(path, png)
+            self.writer.add_image(name, rgb, global_step=self.epoch, dataformats="HWC")
         self.figures.append(path)
         return path
 
@@ -570,6 +570,7 @@ class _Run:
     generator: torch.Generator  # the shuffling order of every epoch
     state: _RunState
     writer: SummaryWriter | None = None
+    renderer: FigureRenderer | None = None  # draws figures on another core while we go on
     failures: list[tuple[int, str, str]] = field(default_factory=list)
     current_epoch: int = 0  # the epoch being trained (for messages)
     world: World | None = None  # the torchrun processes; None in a single-process run
@@ -617,6 +618,7 @@ class _Run:
         purge_step = self.state.epoch + 1 if self.state.epoch else None
         if self.is_main:
             self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step)
+            self.renderer = FigureRenderer(in_background=available_cpus() >= 2)
         try:
             if self.state.epoch == 0:
                 early = [a for a in self.analyses if getattr(a, "before_training", False)]
@@ -633,6 +635,8 @@ class _Run:
             message = f"{error}; --lr is {self.config.lr:g}"
             raise RunDiverged(self._where_things_are(message), self.result()) from None
         finally:
+            if self.renderer is not None:
+                self.renderer.close()
             if self.writer is not None:
                 self.writer.close()
         return self.result()
@@ -809,6 +813,7 @@ class _Run:
             writer=self.writer,
             history=list(self.state.history),
             log=self.console.print,
+            renderer=self.renderer,
         )
 
     def _analyse(self, ctx: EpochContext, which: Sequence[Analysis]) -> dict[str, float]:
@@ -875,6 +880,7 @@ class _Run:
     ) -> None:
         """Write the epoch's outputs; once `models/last.pt` is written the epoch is complete."""
         assert self.writer is not None
+        self._log_figures()
         epoch, state = ctx.epoch, self.state
         improved = evaluation.loss < state.best_eval_loss
         if improved:
@@ -915,6 +921,20 @@ class _Run:
         self._write_report(epoch)
         # last: whatever ran above (analyses, report) may have drawn random numbers
         self._save_last()
+
+    def _log_figures(self) -> None:
+        """Wait for the figures still being rendered; log them to TensorBoard, or the failure."""
+        assert self.writer is not None
+        if self.renderer is None:
+            return
+        for figure in self.renderer.collect():
+            if figure.rgb is None:
+                assert figure.error is not None
+                self._report_failure(figure.step, f"figure {figure.name}", figure.error)
+            else:
+                self.writer.add_image(
+                    figure.name, figure.rgb, global_step=figure.step, dataformats="HWC"
+                )
 
     def _write_report(self, epoch: int) -> None:
         try:  # report.html from the files just written; like an analysis, never kills training

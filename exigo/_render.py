@@ -1,0 +1,239 @@
+"""Figures rendered to PNG, in this process or in a helper process while the run goes on.
+
+Rendering (matplotlib's constrained layout, Agg rasterisation, PNG encoding) is about a third
+of a default run's CPU time and pure Python, so a thread would not overlap it with anything.
+With two or more CPUs the pipeline hands each finished `Figure`, pickled, to one helper
+process (`FigureRenderer`) and goes on with the next analysis on its own core; before it
+commits the epoch it waits for the figures (`collect`) and logs their pixels to TensorBoard,
+so `report.html` and `models/last.pt` never come before the figures they describe.
+
+The helper is `python -m exigo._render`, fed one line per figure on its stdin: a plain
+subprocess rather than `multiprocessing`, whose `spawn` start would re-run the caller's
+`__main__` script in the helper, and whose `fork` would copy torch's OpenMP state. It imports
+matplotlib, not torch, ignores Ctrl-C (the run decides when to stop) and exits when its stdin
+closes, also when the run's process dies. A figure that cannot be pickled, or a helper that
+cannot start, means rendering in this process, as without a helper.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+import numpy as np
+
+from exigo._io import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["FigureRenderer", "RenderedFigure", "available_cpus", "render_png"]
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def render_png(figure: Figure, dpi: int) -> tuple[bytes, np.ndarray]:
+    """Draw `figure` once with Agg and encode it.
+
+    Args:
+        figure: a matplotlib Figure.
+        dpi: resolution.
+
+    Returns:
+        `(png, rgb)`: the PNG file's bytes and the pixels, uint8 [H, W, 3].
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from PIL import Image
+
+    figure.set_dpi(dpi)
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    rgb = np.array(canvas.buffer_rgba())[..., :3]  # (H, W, 3) uint8, copied off the canvas
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="png", optimize=False)
+    return buffer.getvalue(), rgb
+
+
+def _read_png(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+@dataclass(frozen=True)
+class RenderedFigure:
+    """A figure written to disk, or the error that stopped it.
+
+    Attributes:
+        name: file stem and TensorBoard tag.
+        step: TensorBoard step (the epoch; 0 before training).
+        path: the PNG.
+        rgb: uint8 [H, W, 3] pixels, or None if rendering failed.
+        error: the exception that stopped rendering, or None.
+    """
+
+    name: str
+    step: int
+    path: Path
+    rgb: np.ndarray | None
+    error: BaseException | None = None
+
+
+@dataclass
+class _Job:
+    name: str
+    step: int
+    path: Path
+    dpi: int
+    figure: Figure | None  # kept until collected: rendered here if the helper fails
+    rgb: np.ndarray | None = None  # set when rendered in this process
+
+
+class FigureRenderer:
+    """Renders figures in one helper process; `collect()` returns them in submission order.
+
+    Args:
+        in_background: use a helper process; False renders every figure at once in this
+            process (what `submit` also does when a figure cannot be pickled).
+    """
+
+    def __init__(self, in_background: bool = True) -> None:
+        self.in_background = in_background
+        self._helper: subprocess.Popen[bytes] | None = None
+        self._folder: Path | None = None  # pickled figures on their way to the helper
+        self._pending: list[_Job] = []
+        self._jobs = 0
+
+    def submit(self, figure: Figure, path: Path, dpi: int, name: str, step: int) -> None:
+        """Render `figure` to `path`, now or in the helper process.
+
+        Args:
+            figure: a matplotlib Figure; not used by the caller afterwards.
+            path: the PNG to write (atomically).
+            dpi: resolution.
+            name: TensorBoard tag.
+            step: TensorBoard step.
+        """
+        job = _Job(name, step, path, dpi, figure)
+        if self.in_background:
+            try:
+                self._send(pickle.dumps(figure, protocol=pickle.HIGHEST_PROTOCOL), path, dpi)
+                self._pending.append(job)
+                return
+            except Exception:  # an unpicklable artist, or no helper: render here instead
+                pass
+        png, job.rgb = render_png(figure, dpi)
+        atomic_write_bytes(path, png)
+        job.figure = None
+        self._pending.append(job)
+
+    def collect(self) -> list[RenderedFigure]:
+        """Wait for every submitted figure; the written ones and the failures, in order.
+
+        A figure the helper could not render (a class it cannot import, a helper that
+        died) is rendered here; the error of that attempt is reported if it fails too.
+        """
+        done = []
+        for job in self._pending:
+            if job.rgb is None:
+                reply = b""
+                if self._helper is not None and self._helper.stdout is not None:
+                    reply = self._helper.stdout.readline()
+                try:
+                    if reply == b"ok\n":
+                        job.rgb = _read_png(job.path)
+                    else:
+                        assert job.figure is not None
+                        png, job.rgb = render_png(job.figure, job.dpi)
+                        atomic_write_bytes(job.path, png)
+                except Exception as error:
+                    done.append(RenderedFigure(job.name, job.step, job.path, None, error))
+                    continue
+            done.append(RenderedFigure(job.name, job.step, job.path, job.rgb))
+        self._pending.clear()
+        return done
+
+    def close(self) -> None:
+        """Stop the helper (figures not yet rendered are dropped) and remove its files."""
+        if self._helper is not None:
+            if self._helper.stdin is not None:
+                self._helper.stdin.close()  # the helper exits when it has read every job
+            if any(job.rgb is None for job in self._pending):
+                self._helper.terminate()  # a stopped run: no need to finish its figures
+            try:
+                self._helper.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._helper.kill()
+                self._helper.wait()
+            if self._helper.stdout is not None:
+                self._helper.stdout.close()
+            self._helper = None
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
+        self._pending.clear()
+
+    def _send(self, pickled_figure: bytes, path: Path, dpi: int) -> None:
+        if self._helper is None:
+            self._folder = Path(tempfile.mkdtemp(prefix="exigo-figures-"))
+            # the helper imports what this process can: exigo, and the caller's own modules
+            # that a pickled figure may name
+            search_path = os.pathsep.join(entry or os.getcwd() for entry in sys.path)
+            self._helper = subprocess.Popen(
+                [sys.executable, "-m", "exigo._render"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env={**os.environ, "PYTHONPATH": search_path},
+            )
+        if self._helper.poll() is not None:
+            raise RuntimeError("the figure helper process stopped")
+        assert self._folder is not None and self._helper.stdin is not None
+        self._jobs += 1
+        job = self._folder / f"{self._jobs}.pickle"
+        job.write_bytes(pickled_figure)
+        # one short line per figure: the pipe never fills, so this never waits for the helper
+        self._helper.stdin.write(f"{job}\t{path.resolve()}\t{dpi}\n".encode())
+        self._helper.stdin.flush()
+
+
+def _serve(jobs: IO[bytes], replies: IO[bytes]) -> None:
+    """The helper's loop: render each job line's figure, answer `ok` or `error <message>`."""
+    for line in jobs:
+        job, path, dpi = line.decode().rstrip("\n").split("\t")
+        try:
+            figure = pickle.loads(Path(job).read_bytes())
+            png, _ = render_png(figure, int(dpi))
+            atomic_write_bytes(path, png)
+            replies.write(b"ok\n")
+        except Exception as error:
+            text = " ".join(f"{type(error).__name__}: {error}".split())
+            replies.write(f"error rendering {Path(path).name}: {text}\n".encode())
+        finally:
+            Path(job).unlink(missing_ok=True)
+        replies.flush()
+
+
+def _exit_on_sigterm(number: int, _frame: object) -> None:
+    raise SystemExit(128 + number)  # unwinds atomic_write, which removes its temporary file
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    _serve(sys.stdin.buffer, sys.stdout.buffer)

@@ -1,0 +1,138 @@
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.artist import Artist
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
+from PIL import Image
+
+from exigo._render import FigureRenderer, available_cpus, render_png
+from exigo.config import Config
+from exigo.pipeline import EpochContext, run
+
+from conftest import TinyNet
+
+
+def make_figure(seed: int = 0) -> Figure:
+    figure = Figure(figsize=(2, 1.5), layout="constrained")
+    ax = figure.subplots()
+    ax.imshow(np.random.default_rng(seed).random((6, 6)), cmap="viridis")
+    ax.set_title(f"figure {seed}")
+    return figure
+
+
+def decoded(path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+class Exploding(Artist):
+    """An artist whose drawing fails, in whichever process draws it."""
+
+    def draw(self, renderer):
+        raise RuntimeError("this artist cannot be drawn")
+
+
+def test_render_png_pixels_are_the_png():
+    png, rgb = render_png(make_figure(), dpi=50)
+    assert rgb.dtype == np.uint8 and rgb.shape == (75, 100, 3)
+    assert np.array_equal(decoded(io.BytesIO(png)), rgb)
+
+
+@pytest.mark.parametrize("in_background", [False, True])
+def test_renderer_writes_the_same_pixels_in_order(tmp_path, in_background):
+    renderer = FigureRenderer(in_background=in_background)
+    try:
+        for seed in range(3):
+            renderer.submit(make_figure(seed), tmp_path / f"f{seed}.png", 50, f"f{seed}", seed)
+        done = renderer.collect()
+    finally:
+        renderer.close()
+    assert [(figure.name, figure.step, figure.error) for figure in done] == [
+        ("f0", 0, None),
+        ("f1", 1, None),
+        ("f2", 2, None),
+    ]
+    for seed, figure in enumerate(done):
+        _, expected = render_png(make_figure(seed), dpi=50)
+        assert np.array_equal(figure.rgb, expected)
+        assert np.array_equal(decoded(figure.path), expected)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["f0.png", "f1.png", "f2.png"]
+    assert renderer.collect() == []
+
+
+def test_unpicklable_figure_is_rendered_here(tmp_path):
+    figure = make_figure()
+    figure.axes[0].xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    renderer = FigureRenderer()
+    try:
+        renderer.submit(figure, tmp_path / "lambda.png", 50, "lambda", 1)
+        assert renderer._helper is None  # the lambda cannot be pickled: never sent
+        (done,) = renderer.collect()
+    finally:
+        renderer.close()
+    assert done.error is None and np.array_equal(decoded(tmp_path / "lambda.png"), done.rgb)
+
+
+def test_dead_helper_means_rendering_here(tmp_path):
+    renderer = FigureRenderer()
+    try:
+        renderer.submit(make_figure(1), tmp_path / "a.png", 50, "a", 1)
+        renderer._helper.kill()
+        renderer._helper.wait()
+        renderer.submit(make_figure(2), tmp_path / "b.png", 50, "b", 1)
+        done = renderer.collect()
+    finally:
+        renderer.close()
+    assert [figure.error for figure in done] == [None, None]
+    assert np.array_equal(done[0].rgb, render_png(make_figure(1), dpi=50)[1])
+    assert np.array_equal(decoded(tmp_path / "b.png"), done[1].rgb)
+
+
+def test_close_with_figures_pending_stops_the_helper_and_leaves_no_temporary_files(tmp_path):
+    renderer = FigureRenderer()
+    for seed in range(4):
+        renderer.submit(make_figure(seed), tmp_path / f"f{seed}.png", 50, "f", 1)
+    helper, folder = renderer._helper, renderer._folder
+    renderer.close()
+    assert helper.poll() is not None and not folder.exists()
+    assert all(path.suffix == ".png" for path in tmp_path.iterdir())  # no .tmp left behind
+
+
+class FigureOnce:
+    """Saves one figure per epoch: drawable, or with an artist that fails to draw."""
+
+    name = "figures"
+
+    def __init__(self, broken_at: int) -> None:
+        self.broken_at = broken_at
+        self.renderers = set()
+
+    def __call__(self, ctx: EpochContext) -> None:
+        self.renderers.add(ctx.renderer is not None)
+        figure = make_figure(ctx.epoch)
+        if ctx.epoch == self.broken_at:
+            figure.add_artist(Exploding())
+        ctx.save_figure(figure, "picture", dpi=50)
+
+
+def test_pipeline_collects_figures_before_committing_and_reports_failed_ones(blobs, tmp_path):
+    train, held_out = blobs
+    torch.manual_seed(0)
+    analysis = FigureOnce(broken_at=2)
+    config = Config(epochs=3, batch_size=16, lr=1e-2, save_dir=tmp_path / "save", probe_size=3)
+    result = run(config, TinyNet(), train, held_out, [analysis])
+    assert analysis.renderers == {available_cpus() >= 2}  # a helper process needs a 2nd CPU
+    plots = tmp_path / "save" / "plots"
+    assert sorted(path.name for path in plots.iterdir()) == ["picture_1.png", "picture_3.png"]
+    for epoch in (1, 3):
+        assert np.array_equal(
+            decoded(plots / f"picture_{epoch}.png"), render_png(make_figure(epoch), dpi=50)[1]
+        )
+    assert [(epoch, name) for epoch, name, _ in result.failed_analyses] == [(2, "figure picture")]
+    assert "this artist cannot be drawn" in result.failed_analyses[0][2]
+    rows = json.loads((tmp_path / "save" / "metrics.json").read_text())
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
