@@ -128,7 +128,6 @@ def in_process(data_dir: Path, save_dir: Path, runner_args: list[str], verbose: 
     import torch
 
     imported_torch = time.perf_counter()
-    import exigo._render
     import exigo.analyses
     import exigo.cli
     import exigo.data
@@ -202,7 +201,12 @@ def in_process(data_dir: Path, save_dir: Path, runner_args: list[str], verbose: 
             figure_cpu[name] += time.process_time() - cpu_start
 
     exigo.pipeline.EpochContext.save_figure = save_and_count
-    timers.wrap(exigo._render.FigureRenderer, "collect", "figure_wait")
+    try:
+        import exigo._render
+
+        timers.wrap(exigo._render.FigureRenderer, "collect", "figure_wait")
+    except ImportError:  # a checkout from before the helper process (for before/after tables)
+        pass
     timers.wrap(exigo.pipeline, "save_checkpoint", "checkpoints")
     timers.wrap(exigo.report, "write_report", "report")
     timers.wrap(exigo.projection, "tsne_layout", "tsne", keep=True)

@@ -35,8 +35,9 @@ from exigo._io import atomic_write_bytes
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+    from torch.utils.tensorboard import SummaryWriter
 
-__all__ = ["FigureRenderer", "RenderedFigure", "available_cpus", "render_png"]
+__all__ = ["FigureRenderer", "RenderedFigure", "available_cpus", "log_png", "render_png"]
 
 
 def available_cpus() -> int:
@@ -47,15 +48,15 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def render_png(figure: Figure, dpi: int) -> tuple[bytes, np.ndarray]:
-    """Draw `figure` once with Agg and encode it.
+def render_png(figure: Figure, dpi: int) -> bytes:
+    """Draw `figure` once with Agg and encode it as PNG.
 
     Args:
         figure: a matplotlib Figure.
         dpi: resolution.
 
     Returns:
-        `(png, rgb)`: the PNG file's bytes and the pixels, uint8 [H, W, 3].
+        The PNG file's bytes (RGB, 8 bits per channel).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from PIL import Image
@@ -63,17 +64,34 @@ def render_png(figure: Figure, dpi: int) -> tuple[bytes, np.ndarray]:
     figure.set_dpi(dpi)
     canvas = FigureCanvasAgg(figure)
     canvas.draw()
-    rgb = np.array(canvas.buffer_rgba())[..., :3]  # (H, W, 3) uint8, copied off the canvas
+    rgb = np.asarray(canvas.buffer_rgba())[..., :3]  # (H, W, 3) uint8
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="png", optimize=False)
-    return buffer.getvalue(), rgb
+    return buffer.getvalue()
 
 
-def _read_png(path: Path) -> np.ndarray:
-    from PIL import Image
+def log_png(writer: SummaryWriter, tag: str, png: bytes, step: int) -> None:
+    """Log an encoded PNG as a TensorBoard image, as `add_image` would, without re-encoding it.
 
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+    Args:
+        writer: the run's TensorBoard writer.
+        tag: image tag.
+        png: bytes of an RGB PNG.
+        step: global step.
+    """
+    file_writer = getattr(writer, "file_writer", None)
+    if file_writer is None:  # not torch's SummaryWriter: its public add_image, pixels in
+        from PIL import Image
+
+        with Image.open(io.BytesIO(png)) as image:
+            rgb = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
+        writer.add_image(tag, rgb, global_step=step, dataformats="HWC")
+        return
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    width, height = (int.from_bytes(png[offset : offset + 4], "big") for offset in (16, 20))
+    image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=png)
+    file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), global_step=step)
 
 
 @dataclass(frozen=True)
@@ -84,14 +102,14 @@ class RenderedFigure:
         name: file stem and TensorBoard tag.
         step: TensorBoard step (the epoch; 0 before training).
         path: the PNG.
-        rgb: uint8 [H, W, 3] pixels, or None if rendering failed.
+        png: its bytes, or None if rendering failed.
         error: the exception that stopped rendering, or None.
     """
 
     name: str
     step: int
     path: Path
-    rgb: np.ndarray | None
+    png: bytes | None
     error: BaseException | None = None
 
 
@@ -102,7 +120,7 @@ class _Job:
     path: Path
     dpi: int
     figure: Figure | None  # kept until collected: rendered here if the helper fails
-    rgb: np.ndarray | None = None  # set when rendered in this process
+    png: bytes | None = None  # set when rendered in this process
 
 
 class FigureRenderer:
@@ -138,8 +156,8 @@ class FigureRenderer:
                 return
             except Exception:  # an unpicklable artist, or no helper: render here instead
                 pass
-        png, job.rgb = render_png(figure, dpi)
-        atomic_write_bytes(path, png)
+        job.png = render_png(figure, dpi)
+        atomic_write_bytes(path, job.png)
         job.figure = None
         self._pending.append(job)
 
@@ -151,21 +169,21 @@ class FigureRenderer:
         """
         done = []
         for job in self._pending:
-            if job.rgb is None:
+            if job.png is None:
                 reply = b""
                 if self._helper is not None and self._helper.stdout is not None:
                     reply = self._helper.stdout.readline()
                 try:
                     if reply == b"ok\n":
-                        job.rgb = _read_png(job.path)
+                        job.png = job.path.read_bytes()
                     else:
                         assert job.figure is not None
-                        png, job.rgb = render_png(job.figure, job.dpi)
-                        atomic_write_bytes(job.path, png)
+                        job.png = render_png(job.figure, job.dpi)
+                        atomic_write_bytes(job.path, job.png)
                 except Exception as error:
                     done.append(RenderedFigure(job.name, job.step, job.path, None, error))
                     continue
-            done.append(RenderedFigure(job.name, job.step, job.path, job.rgb))
+            done.append(RenderedFigure(job.name, job.step, job.path, job.png))
         self._pending.clear()
         return done
 
@@ -174,7 +192,7 @@ class FigureRenderer:
         if self._helper is not None:
             if self._helper.stdin is not None:
                 self._helper.stdin.close()  # the helper exits when it has read every job
-            if any(job.rgb is None for job in self._pending):
+            if any(job.png is None for job in self._pending):
                 self._helper.terminate()  # a stopped run: no need to finish its figures
             try:
                 self._helper.wait(timeout=10)
@@ -218,8 +236,7 @@ def _serve(jobs: IO[bytes], replies: IO[bytes]) -> None:
         job, path, dpi = line.decode().rstrip("\n").split("\t")
         try:
             figure = pickle.loads(Path(job).read_bytes())
-            png, _ = render_png(figure, int(dpi))
-            atomic_write_bytes(path, png)
+            atomic_write_bytes(path, render_png(figure, int(dpi)))
             replies.write(b"ok\n")
         except Exception as error:
             text = " ".join(f"{type(error).__name__}: {error}".split())

@@ -244,8 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=_non_negative_int,
         default=_DEFAULTS.threads,
-        help="CPU threads of torch's operators (0: OMP_NUM_THREADS if set, else 1, the fastest "
-        "for the default CNN and by far the fastest on a busy machine)",
+        help="CPU threads of torch's operators (0: OMP_NUM_THREADS if set, else half the "
+        "CPUs; more threads are faster only on idle cores, and far slower on busy ones)",
     )
     return parser
 
@@ -316,19 +316,23 @@ _ENVIRONMENT_ERRNOS = {
 
 
 def _set_threads(threads: int) -> None:
-    """Give torch `threads` intra-op threads; 0: `OMP_NUM_THREADS` if set, else one.
+    """Give torch `threads` intra-op threads; 0: `OMP_NUM_THREADS` if set, else half the CPUs.
 
-    One thread by default: the default CNN's operators are too small for a second thread to
-    pay off (bench/pipeline.py), and OpenMP threads spin-wait for each other at every
-    operator, so when other processes share the cores a two-thread epoch took 76 s instead of
-    3 s (issue 7). torchrun sets `OMP_NUM_THREADS=1` for the same reason.
+    Half the CPUs (at least one) by default: the other half renders the figures
+    (`exigo._render`) and absorbs other processes. OpenMP threads spin-wait for each other at
+    every operator, so when the cores are oversubscribed an epoch collapses: on 2 cores, two
+    threads train the default CNN 1.6x faster than one when nothing else runs (1.4 s instead
+    of 2.3 s per epoch), but 10-30x slower once other processes share the cores (29 s at load
+    average 2, 76 s at 7; issue 7). torchrun sets `OMP_NUM_THREADS=1` for the same reason.
     """
     import torch
+
+    from exigo._render import available_cpus
 
     if threads:
         torch.set_num_threads(threads)
     elif "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)
+        torch.set_num_threads(max(1, available_cpus() // 2))
 
 
 def _run(config: Config, console: Console, err: Console) -> int:

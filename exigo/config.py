@@ -57,7 +57,7 @@ class Config:
     """Images per forward pass during evaluation."""
 
     threads: int = 0
-    """CPU threads of torch's operators; 0: `OMP_NUM_THREADS` if set, else 1 (`exigo.cli`)."""
+    """CPU threads of torch's operators; 0: `OMP_NUM_THREADS` if set, else half the CPUs."""
 
     probe_size: int = 10
     """Fixed validation images for saliency/attributions, one per class."""

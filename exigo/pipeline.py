@@ -59,7 +59,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from exigo._io import FolderLock, FolderLockedError, atomic_write_bytes, atomic_write_json
-from exigo._render import FigureRenderer, available_cpus, render_png
+from exigo._render import FigureRenderer, available_cpus, log_png, render_png
 from exigo.checkpoint import (
     apply_weights,
     capture_rng,
@@ -271,9 +271,9 @@ class EpochContext:
         if self.renderer is not None:
             self.renderer.submit(figure, path, dpi, name, self.epoch)
         else:
-            png, rgb = render_png(figure, dpi)
+            png = render_png(figure, dpi)
             atomic_write_bytes(path, png)
-            self.writer.add_image(name, rgb, global_step=self.epoch, dataformats="HWC")
+            log_png(self.writer, name, png, self.epoch)
         self.figures.append(path)
         return path
 
@@ -928,13 +928,11 @@ class _Run:
         if self.renderer is None:
             return
         for figure in self.renderer.collect():
-            if figure.rgb is None:
+            if figure.png is None:
                 assert figure.error is not None
                 self._report_failure(figure.step, f"figure {figure.name}", figure.error)
             else:
-                self.writer.add_image(
-                    figure.name, figure.rgb, global_step=figure.step, dataformats="HWC"
-                )
+                log_png(self.writer, figure.name, figure.png, figure.step)
 
     def _write_report(self, epoch: int) -> None:
         try:  # report.html from the files just written; like an analysis, never kills training

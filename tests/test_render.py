@@ -9,7 +9,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 from PIL import Image
 
-from exigo._render import FigureRenderer, available_cpus, render_png
+from exigo._render import FigureRenderer, available_cpus, log_png, render_png
 from exigo.config import Config
 from exigo.pipeline import EpochContext, run
 
@@ -24,9 +24,14 @@ def make_figure(seed: int = 0) -> Figure:
     return figure
 
 
-def decoded(path) -> np.ndarray:
-    with Image.open(path) as image:
+def decoded(source) -> np.ndarray:
+    """Pixels [H, W, 3] of a PNG file, or of PNG bytes."""
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
         return np.asarray(image.convert("RGB"))
+
+
+def pixels(seed: int) -> np.ndarray:
+    return decoded(render_png(make_figure(seed), dpi=50))
 
 
 class Exploding(Artist):
@@ -36,10 +41,37 @@ class Exploding(Artist):
         raise RuntimeError("this artist cannot be drawn")
 
 
-def test_render_png_pixels_are_the_png():
-    png, rgb = render_png(make_figure(), dpi=50)
-    assert rgb.dtype == np.uint8 and rgb.shape == (75, 100, 3)
-    assert np.array_equal(decoded(io.BytesIO(png)), rgb)
+def test_render_png_is_an_rgb_png_of_the_figure_size():
+    rgb = decoded(render_png(make_figure(), dpi=50))
+    assert rgb.dtype == np.uint8 and rgb.shape == (75, 100, 3)  # 2 x 1.5 inches at 50 dpi
+    assert len(np.unique(rgb.reshape(-1, 3), axis=0)) > 10  # drawn, not blank
+
+
+class AddImageOnly:
+    def __init__(self):
+        self.images = []
+
+    def add_image(self, tag, image, global_step=None, dataformats="CHW"):
+        self.images.append((tag, image, global_step, dataformats))
+
+
+def test_log_png_writes_the_png_itself_or_the_pixels_to_another_writer(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    png = render_png(make_figure(), dpi=50)
+    writer = SummaryWriter(str(tmp_path))
+    log_png(writer, "picture", png, 3)
+    writer.close()
+    events = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    events.Reload()
+    (image,) = events.Images("picture")
+    assert (image.step, image.width, image.height) == (3, 100, 75)
+    assert image.encoded_image_string == png
+    other = AddImageOnly()
+    log_png(other, "picture", png, 3)
+    ((tag, rgb, step, layout),) = other.images
+    assert (tag, step, layout) == ("picture", 3, "HWC") and np.array_equal(rgb, decoded(png))
 
 
 @pytest.mark.parametrize("in_background", [False, True])
@@ -57,9 +89,8 @@ def test_renderer_writes_the_same_pixels_in_order(tmp_path, in_background):
         ("f2", 2, None),
     ]
     for seed, figure in enumerate(done):
-        _, expected = render_png(make_figure(seed), dpi=50)
-        assert np.array_equal(figure.rgb, expected)
-        assert np.array_equal(decoded(figure.path), expected)
+        assert np.array_equal(decoded(figure.png), pixels(seed))
+        assert figure.path.read_bytes() == figure.png
     assert sorted(path.name for path in tmp_path.iterdir()) == ["f0.png", "f1.png", "f2.png"]
     assert renderer.collect() == []
 
@@ -74,7 +105,7 @@ def test_unpicklable_figure_is_rendered_here(tmp_path):
         (done,) = renderer.collect()
     finally:
         renderer.close()
-    assert done.error is None and np.array_equal(decoded(tmp_path / "lambda.png"), done.rgb)
+    assert done.error is None and (tmp_path / "lambda.png").read_bytes() == done.png
 
 
 def test_dead_helper_means_rendering_here(tmp_path):
@@ -88,8 +119,8 @@ def test_dead_helper_means_rendering_here(tmp_path):
     finally:
         renderer.close()
     assert [figure.error for figure in done] == [None, None]
-    assert np.array_equal(done[0].rgb, render_png(make_figure(1), dpi=50)[1])
-    assert np.array_equal(decoded(tmp_path / "b.png"), done[1].rgb)
+    assert np.array_equal(decoded(done[0].png), pixels(1))
+    assert np.array_equal(decoded(tmp_path / "b.png"), pixels(2))
 
 
 def test_close_with_figures_pending_stops_the_helper_and_leaves_no_temporary_files(tmp_path):
@@ -129,10 +160,14 @@ def test_pipeline_collects_figures_before_committing_and_reports_failed_ones(blo
     plots = tmp_path / "save" / "plots"
     assert sorted(path.name for path in plots.iterdir()) == ["picture_1.png", "picture_3.png"]
     for epoch in (1, 3):
-        assert np.array_equal(
-            decoded(plots / f"picture_{epoch}.png"), render_png(make_figure(epoch), dpi=50)[1]
-        )
+        assert np.array_equal(decoded(plots / f"picture_{epoch}.png"), pixels(epoch))
     assert [(epoch, name) for epoch, name, _ in result.failed_analyses] == [(2, "figure picture")]
     assert "this artist cannot be drawn" in result.failed_analyses[0][2]
     rows = json.loads((tmp_path / "save" / "metrics.json").read_text())
     assert [row["epoch"] for row in rows] == [1, 2, 3]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(result.log_dir), size_guidance={"images": 0})
+    events.Reload()
+    logged = {image.step: image.encoded_image_string for image in events.Images("picture")}
+    assert logged == {epoch: (plots / f"picture_{epoch}.png").read_bytes() for epoch in (1, 3)}

@@ -1,0 +1,41 @@
+import pytest
+import torch
+
+import exigo._render
+from exigo import cli
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    ("option", "environment", "cpus", "expected"),
+    [
+        (0, None, 8, 4),  # half the CPUs
+        (0, None, 2, 1),
+        (0, None, 1, 1),  # at least one
+        (3, None, 8, 3),  # --threads wins
+        (3, "2", 8, 3),
+        (0, "2", 8, None),  # OMP_NUM_THREADS set: torch's own choice stays
+    ],
+)
+def test_threads(monkeypatch, restore_threads, option, environment, cpus, expected):
+    if environment is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", environment)
+    monkeypatch.setattr(exigo._render, "available_cpus", lambda: cpus)
+    torch.set_num_threads(5)
+    cli._set_threads(option)
+    assert torch.get_num_threads() == (5 if expected is None else expected)
+
+
+def test_threads_option_reaches_config():
+    args = cli.build_parser().parse_args(["--threads", "2"])
+    assert cli.config_from_args(args).threads == 2
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["--threads", "-1"])
