@@ -122,7 +122,9 @@ def peak_rss_mb(usage: resource.struct_rusage) -> float:
     return usage.ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-def in_process(data_dir: Path, save_dir: Path, runner_args: list[str], verbose: bool) -> dict:
+def in_process(
+    data_dir: Path, save_dir: Path, runner_args: list[str], verbose: bool, inline_figures: bool
+) -> dict:
     """Run the pipeline in this process with timers; return the measured phases."""
     start = time.perf_counter()
     import torch
@@ -171,6 +173,8 @@ def in_process(data_dir: Path, save_dir: Path, runner_args: list[str], verbose: 
         return pipeline_run(config, model, *args, **kwargs)
 
     exigo.pipeline.run = run_and_keep
+    if inline_figures and hasattr(exigo.pipeline, "available_cpus"):
+        exigo.pipeline.available_cpus = lambda: 1  # no helper process: figures drawn here
 
     analyse = exigo.pipeline._Run._analyse
     before_training: dict[str, float] = {}
@@ -189,18 +193,26 @@ def in_process(data_dir: Path, save_dir: Path, runner_args: list[str], verbose: 
     tensorboard_methods += ("add_histogram", "__init__", "flush", "close")
     for method in tensorboard_methods:
         timers.wrap(SummaryWriter, method, f"tensorboard.{method}")
-    timers.wrap(exigo.pipeline.EpochContext, "save_figure", "figures")
-    save_figure = exigo.pipeline.EpochContext.save_figure
     figure_cpu: dict[str, float] = defaultdict(float)
+    figure_depth: list[str] = []
+    methods = [m for m in ("save_figure", "draw_figure") if hasattr(exigo.pipeline.EpochContext, m)]
+    for method in methods:
+        timers.wrap(exigo.pipeline.EpochContext, method, "figures")
+        original = getattr(exigo.pipeline.EpochContext, method)
 
-    def save_and_count(ctx: Any, figure: Any, name: str, *args: Any, **kwargs: Any) -> Any:
-        cpu_start = time.process_time()
-        try:
-            return save_figure(ctx, figure, name, *args, **kwargs)
-        finally:
-            figure_cpu[name] += time.process_time() - cpu_start
+        def count(ctx: Any, first: Any, second: Any, *args: Any, _call=original, **kwargs: Any):
+            if figure_depth:  # draw_figure without a helper calls save_figure: count once
+                return _call(ctx, first, second, *args, **kwargs)
+            name = first if isinstance(first, str) else second  # draw_figure(name, ...)
+            figure_depth.append(name)
+            cpu_start = time.process_time()
+            try:
+                return _call(ctx, first, second, *args, **kwargs)
+            finally:
+                figure_depth.pop()
+                figure_cpu[name] += time.process_time() - cpu_start
 
-    exigo.pipeline.EpochContext.save_figure = save_and_count
+        setattr(exigo.pipeline.EpochContext, method, count)
     try:
         import exigo._render
 
@@ -421,7 +433,7 @@ def table(report: dict[str, Any]) -> str:
             verdict("tsne_seconds_first_epoch", tsne[0]),
         )
     add(
-        f"  {phases['figures']} figures: `save_figure` in the analyses (hand-off or render)",
+        f"  {phases['figures']} figures: `save_figure`/`draw_figure` (hand-off or render)",
         f"{phases['figures_seconds']:.2f} s",
         "figures",
     )
@@ -501,13 +513,24 @@ def main() -> None:
         "--no-end-to-end", dest="end_to_end", action="store_false", help="skip the subprocesses"
     )
     parser.add_argument("--verbose", action="store_true", help="show the pipeline's output")
+    parser.add_argument(
+        "--inline-figures",
+        action="store_true",
+        help="in-process run: draw figures in the run's process, not in the helper (A/B)",
+    )
     parser.add_argument("runner_args", nargs="*", help="options for runner.py, after --")
     args = parser.parse_args()
     data_dir = args.data_dir.resolve()
     load_before = os.getloadavg()
 
     with tempfile.TemporaryDirectory(prefix="exigo-bench-") as scratch:
-        phases = in_process(data_dir, Path(scratch) / "in-process", args.runner_args, args.verbose)
+        phases = in_process(
+            data_dir,
+            Path(scratch) / "in-process",
+            args.runner_args,
+            args.verbose,
+            args.inline_figures,
+        )
         import torch
 
         saliency = saliency_rate(phases.pop("_model"), phases.pop("_held_out"))
@@ -520,6 +543,7 @@ def main() -> None:
         "machine": machine(),
         "torch": torch.__version__,
         "runner_args": args.runner_args,
+        "inline_figures": args.inline_figures,
         "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
         "in_process": phases,
         "saliency": saliency,

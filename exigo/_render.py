@@ -25,9 +25,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -113,28 +114,57 @@ class RenderedFigure:
     error: BaseException | None = None
 
 
+def _as_is(value: Any) -> Any:
+    """The draw call of a figure drawn already (and how a tensor copied to the CPU unpickles)."""
+    return value
+
+
+class _CPUPickler(pickle.Pickler):
+    """Pickles tensors of other devices as their CPU copies: the helper needs no GPU."""
+
+    def reducer_override(self, value: Any) -> Any:
+        torch = sys.modules.get("torch")  # no tensor without torch imported
+        if torch is not None and isinstance(value, torch.Tensor) and value.device.type != "cpu":
+            return _as_is, (value.cpu(),)
+        return NotImplemented
+
+
+def _pickle(value: Any) -> bytes:
+    buffer = io.BytesIO()
+    _CPUPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+    return buffer.getvalue()
+
+
 @dataclass
 class _Job:
     name: str
     step: int
     path: Path
     dpi: int
-    figure: Figure | None  # kept until collected: rendered here if the helper fails
-    png: bytes | None = None  # set when rendered in this process
+    draw: Callable[..., Figure] | None  # kept until collected: called here if the helper fails
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    png: bytes | None = None  # set once rendered in this process, or read back
+
+    def render_here(self) -> None:
+        assert self.draw is not None
+        self.png = render_png(self.draw(*self.args, **self.kwargs), self.dpi)
+        atomic_write_bytes(self.path, self.png)
+        self.draw, self.args, self.kwargs = None, (), {}
 
 
 class FigureRenderer:
-    """Renders figures in one helper process; `collect()` returns them in submission order.
+    """Draws and renders figures in one helper process; `collect()` returns them in order.
 
     Args:
         in_background: use a helper process; False renders every figure at once in this
-            process (what `submit` also does when a figure cannot be pickled).
+            process (what `submit` also does when a job cannot be pickled).
     """
 
     def __init__(self, in_background: bool = True) -> None:
         self.in_background = in_background
         self._helper: subprocess.Popen[bytes] | None = None
-        self._folder: Path | None = None  # pickled figures on their way to the helper
+        self._folder: Path | None = None  # pickled jobs on their way to the helper
         self._pending: list[_Job] = []
         self._jobs = 0
 
@@ -148,23 +178,48 @@ class FigureRenderer:
             name: TensorBoard tag.
             step: TensorBoard step.
         """
-        job = _Job(name, step, path, dpi, figure)
+        self.submit_draw(_as_is, (figure,), {}, path, dpi, name, step)
+
+    def submit_draw(
+        self,
+        draw: Callable[..., Figure],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        path: Path,
+        dpi: int,
+        name: str,
+        step: int,
+    ) -> None:
+        """Call `draw(*args, **kwargs)` and render its Figure to `path`, here or in the helper.
+
+        In the helper, `draw` and its arguments are unpickled: `draw` must be a module-level
+        function, the arguments tensors, arrays and plain values. Building the figure there
+        too saves this process the figure's construction and its (larger) pickle.
+
+        Args:
+            draw: returns a matplotlib Figure.
+            args: its positional arguments.
+            kwargs: its keyword arguments.
+            path: the PNG to write (atomically).
+            dpi: resolution.
+            name: TensorBoard tag.
+            step: TensorBoard step.
+        """
+        job = _Job(name, step, path, dpi, draw, args, kwargs)
         if self.in_background:
             try:
-                self._send(pickle.dumps(figure, protocol=pickle.HIGHEST_PROTOCOL), path, dpi)
+                self._send(_pickle((draw, args, kwargs)), path, dpi)
                 self._pending.append(job)
                 return
-            except Exception:  # an unpicklable artist, or no helper: render here instead
+            except Exception:  # something unpicklable, or no helper: render here instead
                 pass
-        job.png = render_png(figure, dpi)
-        atomic_write_bytes(path, job.png)
-        job.figure = None
+        job.render_here()
         self._pending.append(job)
 
     def collect(self) -> list[RenderedFigure]:
         """Wait for every submitted figure; the written ones and the failures, in order.
 
-        A figure the helper could not render (a class it cannot import, a helper that
+        A figure the helper could not render (a function it cannot import, a helper that
         died) is rendered here; the error of that attempt is reported if it fails too.
         """
         done = []
@@ -177,9 +232,7 @@ class FigureRenderer:
                     if reply == b"ok\n":
                         job.png = job.path.read_bytes()
                     else:
-                        assert job.figure is not None
-                        job.png = render_png(job.figure, job.dpi)
-                        atomic_write_bytes(job.path, job.png)
+                        job.render_here()
                 except Exception as error:
                     done.append(RenderedFigure(job.name, job.step, job.path, None, error))
                     continue
@@ -207,36 +260,36 @@ class FigureRenderer:
             self._folder = None
         self._pending.clear()
 
-    def _send(self, pickled_figure: bytes, path: Path, dpi: int) -> None:
+    def _send(self, payload: bytes, path: Path, dpi: int) -> None:
         if self._helper is None:
             self._folder = Path(tempfile.mkdtemp(prefix="exigo-figures-"))
             # the helper imports what this process can: exigo, and the caller's own modules
-            # that a pickled figure may name
+            # that a pickled job may name; one torch thread, as it shares the CPUs with us
             search_path = os.pathsep.join(entry or os.getcwd() for entry in sys.path)
             self._helper = subprocess.Popen(
                 [sys.executable, "-m", "exigo._render"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
-                env={**os.environ, "PYTHONPATH": search_path},
+                env={**os.environ, "PYTHONPATH": search_path, "OMP_NUM_THREADS": "1"},
             )
         if self._helper.poll() is not None:
             raise RuntimeError("the figure helper process stopped")
         assert self._folder is not None and self._helper.stdin is not None
         self._jobs += 1
         job = self._folder / f"{self._jobs}.pickle"
-        job.write_bytes(pickled_figure)
+        job.write_bytes(payload)
         # one short line per figure: the pipe never fills, so this never waits for the helper
         self._helper.stdin.write(f"{job}\t{path.resolve()}\t{dpi}\n".encode())
         self._helper.stdin.flush()
 
 
 def _serve(jobs: IO[bytes], replies: IO[bytes]) -> None:
-    """The helper's loop: render each job line's figure, answer `ok` or `error <message>`."""
+    """The helper's loop: draw and render each job, answer `ok` or `error <message>`."""
     for line in jobs:
         job, path, dpi = line.decode().rstrip("\n").split("\t")
         try:
-            figure = pickle.loads(Path(job).read_bytes())
-            atomic_write_bytes(path, render_png(figure, int(dpi)))
+            draw, args, kwargs = pickle.loads(Path(job).read_bytes())
+            atomic_write_bytes(path, render_png(draw(*args, **kwargs), int(dpi)))
             replies.write(b"ok\n")
         except Exception as error:
             text = " ".join(f"{type(error).__name__}: {error}".split())

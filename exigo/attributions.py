@@ -822,28 +822,26 @@ class AttributionAnalysis:
         )
 
         when = "before training" if ctx.epoch == 0 else f"epoch {ctx.epoch}"
-        ctx.save_figure(
-            plot_attributions(
-                probe.pixels,
-                maps,
-                self.scales,
-                keys,
-                probe.labels.tolist(),
-                curves.deletion[0, :, 0].tolist(),
-                ctx.class_names,
-                title=f"Attributions towards the true class, {when}",
-            ),
+        # both figures are built and rendered in the pipeline's helper process, if any
+        ctx.draw_figure(
             "attributions",
+            plot_attributions,
+            probe.pixels,
+            maps,
+            self.scales,
+            keys,
+            probe.labels.tolist(),
+            curves.deletion[0, :, 0].tolist(),
+            ctx.class_names,
+            title=f"Attributions towards the true class, {when}",
         )
-        ctx.save_figure(
-            plot_attribution_checks(
-                curves,
-                randomisation,
-                settings.unchanged_threshold,
-                title=f"Can the attributions be trusted? {when}, {probe.labels.numel()} probe "
-                "images",
-            ),
+        ctx.draw_figure(
             "attribution_checks",
+            plot_attribution_checks,
+            curves,
+            randomisation,
+            settings.unchanged_threshold,
+            title=f"Can the attributions be trusted? {when}, {probe.labels.numel()} probe images",
         )
         seconds["figures"] = time.perf_counter() - clock
 

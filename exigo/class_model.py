@@ -333,9 +333,10 @@ class ClassModelAnalysis:
         )
         ctx.metrics["class_models/mean_probability"] = float(result.probabilities.mean())
         when = "before training" if ctx.epoch == 0 else f"after epoch {ctx.epoch}"
-        figure = plot_class_models(
+        ctx.draw_figure(  # built and rendered in the pipeline's helper process, if any
+            "class_models",
+            plot_class_models,
             result,
             ctx.class_names,
             title=f"Class models: what the network finds most typical of each class, {when}",
         )
-        ctx.save_figure(figure, "class_models")

@@ -418,7 +418,14 @@ class ConfusionAnalysis:
             ctx.metrics[f"precision/{c}"] = float(precision[c])
             ctx.metrics[f"recall/{c}"] = float(recall[c])
         title = f"Confusion matrix, epoch {ctx.epoch}"
-        ctx.save_figure(plot_confusion(matrix, names, title=title), "confusion_matrix")
+        # built and rendered in the pipeline's helper process, if any
+        ctx.draw_figure("confusion_matrix", plot_confusion, matrix, names, title=title)
         if self.normalize:
-            figure = plot_confusion(matrix, names, normalize=True, title=title)
-            ctx.save_figure(figure, "confusion_matrix_normalized")
+            ctx.draw_figure(
+                "confusion_matrix_normalized",
+                plot_confusion,
+                matrix,
+                names,
+                normalize=True,
+                title=title,
+            )

@@ -292,7 +292,9 @@ class ErrorAnalysis:
         true = torch.cat([torch.full_like(c.indices, c.true) for c in confusions])
         predicted = torch.cat([torch.full_like(c.indices, c.predicted) for c in confusions])
         saliency = error_saliency(ctx.model, images.to(ctx.device), true, predicted)
-        figure = plot_errors(
+        ctx.draw_figure(  # built and rendered in the pipeline's helper process, if any
+            "errors",
+            plot_errors,
             confusions,
             source_pixels(images, ctx.normalization),
             saliency,
@@ -301,4 +303,3 @@ class ErrorAnalysis:
             ctx.class_names,
             title=f"Most frequent errors after epoch {ctx.epoch}: what pulled each image both ways",
         )
-        ctx.save_figure(figure, "errors")

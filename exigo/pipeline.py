@@ -277,6 +277,32 @@ class EpochContext:
         self.figures.append(path)
         return path
 
+    def draw_figure(
+        self, name: str, draw: Callable[..., Figure], /, *args: Any, dpi: int = 100, **kwargs: Any
+    ) -> Path:
+        """`save_figure(draw(*args, **kwargs), name, dpi)`, with `draw` called in the helper.
+
+        With a `renderer`, the figure is built there too, not only rendered: this process
+        only pickles `draw` (a module-level function) and its arguments (tensors, plain
+        values), which costs less than building the figure and pickling it.
+
+        Args:
+            name: file stem and TensorBoard tag, e.g. `saliency`.
+            draw: a module-level function returning a matplotlib Figure.
+            *args: its positional arguments.
+            dpi: resolution of the PNG.
+            **kwargs: its keyword arguments.
+
+        Returns:
+            Path of the PNG (written by the time the epoch is committed).
+        """
+        if self.renderer is None:
+            return self.save_figure(draw(*args, **kwargs), name, dpi)
+        path = self.plots_dir / f"{name}_{self.tag}.png"
+        self.renderer.submit_draw(draw, args, kwargs, path, dpi, name, self.epoch)
+        self.figures.append(path)
+        return path
+
 
 @runtime_checkable
 class Analysis(Protocol):

@@ -587,7 +587,9 @@ class ProjectionAnalysis:
         if previous is not None and previous.shape != (count, 2):
             previous = None
         self.layout = tsne_layout(embeddings, previous, perplexity, seed=ctx.config.seed)
-        figure = plot_tsne(
+        ctx.draw_figure(  # built and rendered in the pipeline's helper process, if any
+            "tsne",
+            plot_tsne,
             self.layout,
             targets,
             predictions,
@@ -595,5 +597,5 @@ class ProjectionAnalysis:
             epoch=ctx.epoch,
             perplexity=perplexity,
             continued=previous is not None,
+            dpi=110,
         )
-        ctx.save_figure(figure, "tsne", dpi=110)

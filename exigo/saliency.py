@@ -391,11 +391,12 @@ class SaliencyAnalysis:
             with torch.no_grad():
                 predictions = ctx.model(probe.images).argmax(1).cpu()
         when = "before training" if ctx.epoch == 0 else f"after epoch {ctx.epoch}"
-        figure = plot_saliency(
+        ctx.draw_figure(  # built and rendered in the pipeline's helper process, if any
+            "saliency",
+            plot_saliency,
             maps,
             probe.labels.cpu(),
             predictions,
             ctx.class_names,
             title=f"Saliency towards the true class, {when}",
         )
-        ctx.save_figure(figure, "saliency")

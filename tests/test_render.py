@@ -95,6 +95,18 @@ def test_renderer_writes_the_same_pixels_in_order(tmp_path, in_background):
     assert renderer.collect() == []
 
 
+def test_draw_calls_in_the_helper_and_here_give_the_same_png(tmp_path):
+    renderer = FigureRenderer()
+    try:
+        renderer.submit_draw(make_figure, (4,), {}, tmp_path / "helper.png", 50, "a", 1)
+        renderer.submit_draw(lambda: make_figure(4), (), {}, tmp_path / "here.png", 50, "b", 1)
+        done = renderer.collect()
+    finally:
+        renderer.close()
+    assert [figure.error for figure in done] == [None, None]
+    assert done[0].png == done[1].png == render_png(make_figure(4), dpi=50)
+
+
 def test_unpicklable_figure_is_rendered_here(tmp_path):
     figure = make_figure()
     figure.axes[0].xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
@@ -133,6 +145,13 @@ def test_close_with_figures_pending_stops_the_helper_and_leaves_no_temporary_fil
     assert all(path.suffix == ".png" for path in tmp_path.iterdir())  # no .tmp left behind
 
 
+def draw_or_explode(seed: int, explode: bool = False) -> Figure:
+    figure = make_figure(seed)
+    if explode:
+        figure.add_artist(Exploding())
+    return figure
+
+
 class FigureOnce:
     """Saves one figure per epoch: drawable, or with an artist that fails to draw."""
 
@@ -144,10 +163,9 @@ class FigureOnce:
 
     def __call__(self, ctx: EpochContext) -> None:
         self.renderers.add(ctx.renderer is not None)
-        figure = make_figure(ctx.epoch)
-        if ctx.epoch == self.broken_at:
-            figure.add_artist(Exploding())
-        ctx.save_figure(figure, "picture", dpi=50)
+        explode = ctx.epoch == self.broken_at
+        ctx.save_figure(draw_or_explode(ctx.epoch, explode), "picture", dpi=50)
+        ctx.draw_figure("drawn", draw_or_explode, ctx.epoch + 10, explode=explode, dpi=50)
 
 
 def test_pipeline_collects_figures_before_committing_and_reports_failed_ones(blobs, tmp_path):
@@ -158,11 +176,18 @@ def test_pipeline_collects_figures_before_committing_and_reports_failed_ones(blo
     result = run(config, TinyNet(), train, held_out, [analysis])
     assert analysis.renderers == {available_cpus() >= 2}  # a helper process needs a 2nd CPU
     plots = tmp_path / "save" / "plots"
-    assert sorted(path.name for path in plots.iterdir()) == ["picture_1.png", "picture_3.png"]
+    assert sorted(path.name for path in plots.iterdir()) == [
+        "drawn_1.png",
+        "drawn_3.png",
+        "picture_1.png",
+        "picture_3.png",
+    ]
     for epoch in (1, 3):
         assert np.array_equal(decoded(plots / f"picture_{epoch}.png"), pixels(epoch))
-    assert [(epoch, name) for epoch, name, _ in result.failed_analyses] == [(2, "figure picture")]
-    assert "this artist cannot be drawn" in result.failed_analyses[0][2]
+        assert np.array_equal(decoded(plots / f"drawn_{epoch}.png"), pixels(epoch + 10))
+    failed = [(epoch, name) for epoch, name, _ in result.failed_analyses]
+    assert failed == [(2, "figure picture"), (2, "figure drawn")]
+    assert all("this artist cannot be drawn" in error for _, _, error in result.failed_analyses)
     rows = json.loads((tmp_path / "save" / "metrics.json").read_text())
     assert [row["epoch"] for row in rows] == [1, 2, 3]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
