@@ -1,7 +1,8 @@
 """The whole `python runner.py` pipeline, phase by phase, against the targets of issue 7.
 
     python bench/pipeline.py --data-dir ../shared/mnist [--repeats 3] [--json save/bench.json]
-                             [--no-end-to-end] [--verbose] [-- runner options...]
+                             [--no-end-to-end] [--compare-with OTHER_CHECKOUT]
+                             [--inline-figures] [--verbose] [-- runner options...]
 
 1. In this process, fresh: `import torch`, the exigo imports, the MNIST decode, then
    `exigo.cli.main` exactly as `python runner.py` calls it (options after `--` are passed on),
@@ -13,7 +14,12 @@
 2. On the trained model: saliency maps of the 2,000 held-out images (median of 3), images/s.
 3. End to end: `python runner.py --data-dir ...` as a subprocess, start to exit, --repeats
    times with the attribution checks and as often with `--no-attribution-checks`
-   (interleaved); medians and the largest peak RSS of each.
+   (interleaved); medians, CPU seconds (with the figure helper) and the largest peak RSS.
+   `--compare-with` interleaves the same runs of another checkout's `runner.py` (say
+   `git worktree add /tmp/before <commit>`), so both see the same load.
+
+`--inline-figures` draws the in-process run's figures in its own process, without the helper
+process, to measure what the helper saves.
 
 Prints one Markdown table (phase, value, target) and writes the same numbers as JSON. Other
 processes that share the CPU slow every figure down; the table records the load average
@@ -312,13 +318,21 @@ def saliency_rate(model: Any, held_out: Any, repeats: int = 3) -> dict[str, floa
 
 
 def end_to_end(
-    data_dir: Path, runner_args: list[str], repeats: int, scratch: Path
+    data_dir: Path,
+    runner_args: list[str],
+    repeats: int,
+    scratch: Path,
+    compare_with: Path | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Wall seconds and peak RSS of `python runner.py` subprocesses, with and without checks."""
-    variants = {
-        "default": [],
-        "no_attribution_checks": ["--no-attribution-checks"],
-    }
+    """Wall and CPU seconds and peak RSS of `python runner.py` runs, with and without checks.
+
+    With `compare_with` (another checkout), its `runner.py` runs too, interleaved with this
+    one's so that both see the same load; its results are keyed `compare:<variant>`.
+    """
+    options = {"default": [], "no_attribution_checks": ["--no-attribution-checks"]}
+    variants = {name: (REPO, extra) for name, extra in options.items()}
+    if compare_with is not None:
+        variants |= {f"compare:{name}": (compare_with, extra) for name, extra in options.items()}
     results: dict[str, dict[str, Any]] = {
         name: {"seconds": [], "cpu_seconds": [], "peak_rss_mb": [], "held_out_accuracy": []}
         for name in variants
@@ -326,20 +340,21 @@ def end_to_end(
     for repeat in range(repeats):
         order = list(variants) if repeat % 2 == 0 else list(reversed(variants))
         for name in order:
-            save_dir = scratch / f"{name}-{repeat}"
+            repo, extra = variants[name]
+            save_dir = scratch / f"{name.replace(':', '-')}-{repeat}"
             command = [
                 sys.executable,
-                str(REPO / "runner.py"),
+                str(repo / "runner.py"),
                 "--data-dir",
                 str(data_dir),
                 "--save-dir",
                 str(save_dir),
-                *variants[name],
+                *extra,
                 *runner_args,
             ]
             start = time.perf_counter()
             child = subprocess.Popen(
-                command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+                command, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
             )
             _, status, usage = os.wait4(child.pid, 0)
             seconds = time.perf_counter() - start
@@ -403,6 +418,24 @@ def table(report: dict[str, Any]) -> str:
                     target,
                 )
             )
+        if "compare:default" in e2e:
+            for name, label in (
+                ("compare:default", f"  the same, {report['compare_with']}"),
+                (
+                    "compare:no_attribution_checks",
+                    f"  the same, --no-attribution-checks, {report['compare_with']}",
+                ),
+            ):
+                result = e2e[name]
+                runs = ", ".join(f"{s:.1f}" for s in result["seconds"])
+                rows.append(
+                    (
+                        label,
+                        f"{result['median_seconds']:.1f} s (median of {runs})",
+                        f"{statistics.median(result['cpu_seconds']):.1f} s",
+                        "",
+                    )
+                )
         share = (
             1 - e2e["no_attribution_checks"]["median_seconds"] / e2e["default"]["median_seconds"]
         )
@@ -464,7 +497,7 @@ def table(report: dict[str, Any]) -> str:
     )
     rss = [phases["peak_rss_mb"]]
     if e2e:
-        rss += [result["max_peak_rss_mb"] for result in e2e.values()]
+        rss += [r["max_peak_rss_mb"] for name, r in e2e.items() if not name.startswith("compare")]
     add(
         "peak RSS (largest of all runs)",
         f"{max(rss):,.0f} MB",
@@ -514,6 +547,13 @@ def main() -> None:
     )
     parser.add_argument("--verbose", action="store_true", help="show the pipeline's output")
     parser.add_argument(
+        "--compare-with",
+        type=Path,
+        default=None,
+        help="another checkout (e.g. a git worktree of an older commit) whose runner.py runs "
+        "interleaved with this one's in the end-to-end timing",
+    )
+    parser.add_argument(
         "--inline-figures",
         action="store_true",
         help="in-process run: draw figures in the run's process, not in the helper (A/B)",
@@ -535,7 +575,7 @@ def main() -> None:
 
         saliency = saliency_rate(phases.pop("_model"), phases.pop("_held_out"))
         e2e = (
-            end_to_end(data_dir, args.runner_args, args.repeats, Path(scratch))
+            end_to_end(data_dir, args.runner_args, args.repeats, Path(scratch), args.compare_with)
             if args.end_to_end
             else None
         )
@@ -544,6 +584,7 @@ def main() -> None:
         "torch": torch.__version__,
         "runner_args": args.runner_args,
         "inline_figures": args.inline_figures,
+        "compare_with": str(args.compare_with.resolve()) if args.compare_with else None,
         "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
         "in_process": phases,
         "saliency": saliency,

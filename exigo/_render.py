@@ -1,18 +1,21 @@
-"""Figures rendered to PNG, in this process or in a helper process while the run goes on.
+"""Figures built and rendered to PNG, in this process or in a helper process meanwhile.
 
-Rendering (matplotlib's constrained layout, Agg rasterisation, PNG encoding) is about a third
-of a default run's CPU time and pure Python, so a thread would not overlap it with anything.
-With two or more CPUs the pipeline hands each finished `Figure`, pickled, to one helper
-process (`FigureRenderer`) and goes on with the next analysis on its own core; before it
-commits the epoch it waits for the figures (`collect`) and logs their pixels to TensorBoard,
-so `report.html` and `models/last.pt` never come before the figures they describe.
+Figures (building the Axes, matplotlib's constrained layout, Agg rasterisation, PNG encoding)
+were a third of a default run's CPU time, all pure Python, so a thread would not overlap them
+with anything. With two or more CPUs the pipeline hands each figure to one helper process
+(`FigureRenderer`) and goes on with the next analysis on its own core: either a finished
+`Figure`, pickled (`EpochContext.save_figure`), or, cheaper for this process, the draw
+function and the data it draws (`EpochContext.draw_figure`), so the figure is built there
+too. Before it commits the epoch the pipeline waits for the figures (`collect`) and logs
+their PNGs to TensorBoard, so `report.html` and `models/last.pt` never come before the
+figures they describe. Either way the PNG is byte for byte the one this process would write.
 
 The helper is `python -m exigo._render`, fed one line per figure on its stdin: a plain
 subprocess rather than `multiprocessing`, whose `spawn` start would re-run the caller's
-`__main__` script in the helper, and whose `fork` would copy torch's OpenMP state. It imports
-matplotlib, not torch, ignores Ctrl-C (the run decides when to stop) and exits when its stdin
-closes, also when the run's process dies. A figure that cannot be pickled, or a helper that
-cannot start, means rendering in this process, as without a helper.
+`__main__` script in the helper, and whose `fork` would copy torch's OpenMP state. It ignores
+Ctrl-C (the run decides when to stop) and exits when its stdin closes, also when the run's
+process dies. A figure that cannot be pickled, a helper that cannot start or fails on a
+figure: the figure is drawn in this process, as without a helper.
 """
 
 from __future__ import annotations
