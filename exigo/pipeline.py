@@ -739,9 +739,10 @@ class _Run:
 
     def _train_epoch(self, order: Tensor, on_batch: Callable[[int], None]) -> TrainResult:
         """One epoch over `order`; under torchrun through DDP, the result summed over processes."""
-        if self.world is None:
+
+        def one_pass(model: nn.Module) -> TrainResult:
             return train_epoch(
-                self.model,
+                model,
                 self.train_data,
                 order,
                 self.optimizer,
@@ -751,21 +752,14 @@ class _Run:
                 label_smoothing=self.config.label_smoothing,
                 on_batch=on_batch,
             )
+
+        if self.world is None:
+            return one_pass(self.model)
         assert self.trainer is not None
         diverged: str | None = None
         try:
             with self.world.collective("training (DistributedDataParallel)"):
-                trained = train_epoch(
-                    self.trainer,
-                    self.train_data,
-                    order,
-                    self.optimizer,
-                    self.scheduler,
-                    batch_size=self.config.batch_size,
-                    device=self.device,
-                    label_smoothing=self.config.label_smoothing,
-                    on_batch=on_batch,
-                )
+                trained = one_pass(self.trainer)
         except DivergenceError as error:  # found on this shard: the others must hear of it
             diverged = str(error)
             trained = TrainResult(loss=math.nan, accuracy=math.nan, seconds=0.0, images=len(order))
