@@ -1,8 +1,6 @@
 """Train a small CNN on MNIST and watch it learn (see `python runner.py --help`)."""
 
-import sys
-
-from exigo.cli import main
+from exigo.cli import run_and_exit
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit()

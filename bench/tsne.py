@@ -173,7 +173,7 @@ def main() -> None:
         print("\n## first epoch: how many iterations (PCA start)\n")
         print("| exaggerated iters | n_iter | median s | KL | kNN kept | kNN label acc |")
         print("| --- | --- | --- | --- | --- | --- |")
-        for exaggerated, n_iter in [(250, 500), (250, 250), (125, 250), (100, 150)]:
+        for exaggerated, n_iter in [(250, 500), (250, 250), (125, 250), (100, 150), (75, 125)]:
             median, _, layout = timed(
                 args.repeats,
                 embeddings=first,
@@ -203,6 +203,7 @@ def main() -> None:
             ("previous layout", start, 125, 250),
             ("previous layout", start, 0, 500),
             ("previous layout", start, 0, 250),
+            ("previous layout", start, 0, 150),
             ("previous layout", start, 0, 100),
         ]
         for description, init, exaggerated, n_iter in cases:

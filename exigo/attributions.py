@@ -36,11 +36,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from exigo._modes import evaluation_mode
+from exigo._tiles import TileBlock, TileRow, tile_figure
 from exigo.data import Normalization
 from exigo.faithfulness import FaithfulnessCurves, deletion_insertion
 from exigo.sanity import RandomisationResult, cascading_randomisation, spearman
@@ -472,12 +472,6 @@ def settled_after(epochs: Sequence[int], drift: Tensor, threshold: float) -> int
     return epochs[first] - 1  # drift at epochs[first] compares it with the epoch before
 
 
-def _signed_colormap() -> Any:
-    from matplotlib import colormaps
-
-    return colormaps["RdBu_r"]
-
-
 def _two_lines(label: str) -> str:
     """Break a long row label at its middle space so it fits beside one image."""
     if len(label) <= 10 or " " not in label:
@@ -499,9 +493,8 @@ def plot_attributions(
 ) -> Figure:
     """One row per method, one column per probe image, one colour bar per row.
 
-    The maps and the colour bars are coloured here and drawn as one RGB image, with one
-    contour call for the ink outlines and the bars' numbers as text: separate axes for 70 maps
-    and 6 colour bars would take most of the analysis' time to render.
+    Drawn as one picture (`exigo._tiles`): separate axes for 70 maps and 6 colour bars would
+    take most of the analysis' time to render. A grey line over each map marks the ink.
 
     Args:
         pixels: float tensor [N, C, H, W] in [0, 1], the images as seen.
@@ -516,96 +509,38 @@ def plot_attributions(
     Returns:
         A matplotlib Figure.
     """
-    from matplotlib.figure import Figure
-
-    methods, count, height, width = maps.shape
-    gap, row_gap = max(1, width // 14), max(2, height // 5)  # pixels between tiles
-    bar_width = max(2, width // 7)
     display = pixels.detach().float().cpu().permute(0, 2, 3, 1).clamp(0, 1).numpy()
-    if display.shape[-1] == 1:
-        display = np.repeat(display, 3, axis=-1)  # (N, H, W, 3)
-    rows = methods + 1
-    canvas_height = rows * height + (rows - 1) * row_gap
-    maps_width = count * width + (count - 1) * gap
-    canvas_width = maps_width + 3 * gap + bar_width
-    canvas = np.ones((canvas_height, canvas_width, 3))
-    ink = np.zeros((canvas_height, canvas_width))  # intensity under the map rows, for contours
-    cmap = _signed_colormap()
-    limits = [float(scale) or 1.0 for scale in scales]
+    ink = display.mean(axis=-1)  # (N, H, W)
+    tiles = display[..., 0] if display.shape[-1] == 1 else display
     values = maps.detach().float().cpu().numpy()
-    bar = cmap(np.linspace(1, 0, height))[:, None, :3]  # (H, 1, 3): +limit at the top
-    for row in range(rows):
-        top_px = row * (height + row_gap)
-        for column in range(count):
-            left_px = column * (width + gap)
-            where = (slice(top_px, top_px + height), slice(left_px, left_px + width))
-            if row == 0:
-                canvas[where] = display[column]
-                continue
-            colour_index = 0.5 + values[row - 1, column] / (2 * limits[row - 1])
-            canvas[where] = cmap(colour_index.clip(0, 1))[..., :3]
-            ink[where] = display[column].mean(axis=-1)
-        if row > 0:
-            canvas[top_px : top_px + height, maps_width + 3 * gap :] = bar
-
-    tile_inches, left, right, top, bottom = 0.95, 1.2, 0.75, 0.9, 0.5
-    pixel_inches = tile_inches / height
-    image_width, image_height = canvas_width * pixel_inches, canvas_height * pixel_inches
-    fig_width, fig_height = left + image_width + right, top + image_height + bottom
-    figure = Figure(figsize=(fig_width, fig_height))
-    axes = figure.add_axes(
-        (left / fig_width, bottom / fig_height, image_width / fig_width, image_height / fig_height)
+    rows = [TileRow("image", tiles)]
+    for name, method_maps, scale in zip(names, values, scales.tolist(), strict=True):
+        limit = float(scale) or 1.0
+        rows.append(
+            TileRow(
+                _two_lines(METHOD_LABELS.get(name, name)),
+                method_maps,
+                "RdBu_r",
+                (-limit, limit),
+                bar=True,
+                outline=ink,
+            )
+        )
+    block = TileBlock(
+        rows,
+        column_labels=[
+            f"{class_names[label]}  p={probability:.2f}"
+            for label, probability in zip(labels, probabilities, strict=True)
+        ],
     )
-    axes.imshow((canvas * 255).round().astype(np.uint8), interpolation="nearest")
-    axes.contour(ink, levels=[0.5], colors="0.3", linewidths=0.4)
-    axes.set_axis_off()
-
-    def figure_y(canvas_row: float) -> float:
-        return (bottom + image_height - canvas_row * pixel_inches) / fig_height
-
-    bar_right = (left + image_width + 0.04) / fig_width
-    for row, label in enumerate(
-        ["image", *(_two_lines(METHOD_LABELS.get(name, name)) for name in names)]
-    ):
-        top_px = row * (height + row_gap)
-        figure.text(
-            (left - 0.1) / fig_width,
-            figure_y(top_px + height / 2),
-            label,
-            ha="right",
-            va="center",
-            fontsize=9,
-        )
-        if row == 0:
-            continue
-        limit = limits[row - 1]
-        for offset, text in (
-            (0, f"+{limit:.2g}"),
-            (height / 2, "0"),
-            (height, f"\u2212{limit:.2g}"),
-        ):
-            figure.text(bar_right, figure_y(top_px + offset), text, va="center", fontsize=7)
-    for column in range(count):
-        figure.text(
-            (left + (column * (width + gap) + width / 2) * pixel_inches) / fig_width,
-            (bottom + image_height + 0.05) / fig_height,
-            f"{class_names[labels[column]]}  p={probabilities[column]:.2f}",
-            ha="center",
-            va="bottom",
-            fontsize=8,
-        )
-    figure.text(0.5, 1 - 0.3 / fig_height, title, ha="center", va="center", fontsize=11)
-    figure.text(
-        left / fig_width,
-        0.12 / fig_height,
+    return tile_figure(
+        [block],
+        title,
         "p: the model's probability of the true class.  Red raises the true class's logit, "
         "blue lowers it.  Grey line: outline of the ink.\nEach row's colour scale is "
         "± the largest |attribution| of that method in any epoch so far, so later epochs "
         "compare with earlier ones.",
-        fontsize=8,
-        color="0.25",
     )
-    return figure
 
 
 def plot_attribution_checks(

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from exigo._colour_scale import ROBUST_QUANTILE, colour_limit
+from exigo._tiles import TileBlock, TileRow, tile_figure
 from exigo.data import gather
 from exigo.saliency import input_gradients, reduce_channels, source_pixels
 
@@ -162,10 +163,12 @@ def plot_errors(
 
     The images of all confusions are concatenated in order (the first `len(confusions[0].
     indices)` belong to the first confusion, and so on). Both saliency rows of every block use
-    one diverging colour scale centred at 0, shared by the whole figure.
+    one diverging colour scale centred at 0, shared by the whole figure; a grey line marks the
+    digit's outline (where its brightest channel crosses 0.5). Drawn as one picture per
+    confusion (`exigo._tiles`).
 
     Args:
-        confusions: the pairs to draw, with their images' indices.
+        confusions: the pairs to draw (at least one), with their images' indices.
         pixels: float tensor [N, C, H, W] in [0, 1], the images for display.
         saliency: their `ErrorSaliency`.
         true_probabilities: float tensor [N], probability of the true class.
@@ -175,83 +178,63 @@ def plot_errors(
 
     Returns:
         A matplotlib `Figure` (not attached to pyplot).
-    """
-    from matplotlib.figure import Figure
 
+    Raises:
+        ValueError: no confusion to draw.
+    """
     pixels = pixels.detach().float().cpu()
-    towards_true = saliency.towards_true.detach().float().cpu()
-    towards_predicted = saliency.towards_predicted.detach().float().cpu()
-    limit = colour_limit(towards_true, towards_predicted)
-    columns = max(max((c.indices.numel() for c in confusions), default=1), 1)
-    blocks = max(len(confusions), 1)
-    width = max(1.3 * columns + 2.4, 6.4)  # wide enough for the captions above few images
-    figure = Figure(figsize=(width, 4.1 * blocks + 0.8), layout="constrained")
-    subfigures = figure.subfigures(blocks, 1, squeeze=False)[:, 0]
-    start = 0
-    for block, confusion in zip(subfigures, confusions, strict=False):
+    towards_true = saliency.towards_true.detach().float().cpu().numpy()
+    towards_predicted = saliency.towards_predicted.detach().float().cpu().numpy()
+    limit = colour_limit(saliency.towards_true, saliency.towards_predicted)
+    shown = pixels.permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
+    tiles = shown[..., 0] if shown.shape[-1] == 1 else shown  # grey [N, H, W] or RGB
+    ink = pixels.amax(dim=1).numpy()  # (N, H, W): the digit's outline, strokes vs background
+    if not confusions:
+        raise ValueError("plot_errors needs at least one confusion")
+    blocks, start = [], 0
+    for confusion in confusions:
+        stop = start + confusion.indices.numel()
         true_name = class_names[confusion.true]
         predicted_name = class_names[confusion.predicted]
-        block.suptitle(
+        maps = {"cmap": "RdBu_r", "limits": (-limit, limit), "bar": True, "clipped": (True, True)}
+        rows = [
+            TileRow("image", tiles[start:stop]),
+            TileRow(
+                f"saliency\ntowards {true_name}\n(true)",
+                towards_true[start:stop],
+                outline=ink[start:stop],
+                **maps,
+            ),
+            TileRow(
+                f"saliency\ntowards {predicted_name}\n(predicted)",
+                towards_predicted[start:stop],
+                outline=ink[start:stop],
+                **maps,
+            ),
+        ]
+        header = (
             f"true {true_name} predicted as {predicted_name}: {confusion.count} "
             f"image{'s' if confusion.count != 1 else ''}"
-            + (f", {confusion.indices.numel()} shown" if confusion.count > columns else ""),
-            fontsize=10,
-            fontweight="bold",
+            + (
+                f", {confusion.indices.numel()} shown"
+                if confusion.count > confusion.indices.numel()
+                else ""
+            )
         )
-        axes = block.subplots(3, columns, squeeze=False)
-        image = None
-        for column in range(columns):
-            for ax in axes[:, column]:
-                ax.set_xticks([])
-                ax.set_yticks([])
-            if column >= confusion.indices.numel():
-                for ax in axes[:, column]:
-                    ax.set_axis_off()
-                continue
-            index = start + column
-            shown = pixels[index]
-            if shown.shape[0] == 1:
-                axes[0, column].imshow(shown[0].numpy(), cmap="gray", vmin=0, vmax=1)
-            else:
-                axes[0, column].imshow(shown.permute(1, 2, 0).numpy())
-            axes[0, column].set_title(
-                f"p({true_name}) = {float(true_probabilities[index]):.2f}\n"
-                f"p({predicted_name}) = {float(predicted_probabilities[index]):.2f}",
-                fontsize=8,
-            )
-            style = {"cmap": "RdBu_r", "vmin": -limit, "vmax": limit, "interpolation": "nearest"}
-            image = axes[1, column].imshow(towards_true[index].numpy(), **style)
-            axes[2, column].imshow(towards_predicted[index].numpy(), **style)
-            ink = shown.amax(0).numpy()  # the digit's outline, to tell strokes from background
-            for ax in axes[1:, column]:
-                ax.contour(ink, levels=[0.5], colors="0.45", linewidths=0.6)
-        axes[0, 0].set_ylabel("image", fontsize=9)
-        axes[1, 0].set_ylabel(f"saliency\ntowards {true_name}\n(true)", fontsize=9)
-        axes[2, 0].set_ylabel(f"saliency\ntowards {predicted_name}\n(predicted)", fontsize=9)
-        start += confusion.indices.numel()
-        if image is not None:  # the same scale in every block: repeated for the reader's eye
-            bar = block.colorbar(  # beside the saliency rows only, all rows keep one width
-                image,
-                ax=list(axes.flat),
-                shrink=0.62,
-                anchor=(0.0, 0.0),
-                panchor=(1.0, 0.0),
-                aspect=15,
-                pad=0.01,
-                extend="both",
-            )
-            bar.set_label("∂ logit / ∂ pixel", fontsize=8)
-            bar.ax.tick_params(labelsize=7)
-            bar.formatter.set_powerlimits((-2, 3))
-    figure.suptitle(title or "Most frequent errors", fontsize=12)
-    figure.supxlabel(
-        "Saliency: red raises that class's logit, blue lowers it; grey line: the digit's "
-        "outline.\nOne colour scale for every map, clipped at the "
+        labels = [
+            f"p({true_name}) = {float(true_probabilities[index]):.2f}\n"
+            f"p({predicted_name}) = {float(predicted_probabilities[index]):.2f}"
+            for index in range(start, stop)
+        ]
+        blocks.append(TileBlock(rows, column_labels=labels, header=header))
+        start = stop
+    return tile_figure(
+        blocks,
+        title or "Most frequent errors",
+        "Saliency (∂ logit / ∂ pixel): red raises that class's logit, blue lowers it; grey "
+        "line: the digit's outline.\nOne colour scale for every map, clipped at the "
         f"{100 * ROBUST_QUANTILE:g}th percentile. The most confident mistakes first.",
-        fontsize=8,
-        color="0.3",
     )
-    return figure
 
 
 class ErrorAnalysis:

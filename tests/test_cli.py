@@ -73,3 +73,22 @@ def test_unwritable_save_dir_exit_2(tmp_path, mnist_root):
     blocker.write_text("not a folder")
     code = main(["--data-dir", str(mnist_root), "--save-dir", str(blocker / "save")])
     assert code == 2
+
+
+def test_run_and_exit_runs_exit_handlers_and_keeps_buffered_output(tmp_path):
+    # os._exit skips Python's shutdown: the atexit handlers and the pipe-buffered stdout
+    # must still come out, with main's exit code
+    script = (
+        "import atexit\n"
+        "from exigo.cli import run_and_exit\n"
+        "atexit.register(lambda: print('exit handler ran'))\n"
+        "print('buffered before main')\n"
+        f"run_and_exit(['--data-dir', {str(tmp_path / 'none')!r}, '--no-download',"
+        f" '--save-dir', {str(tmp_path / 'save')!r}])\n"
+    )
+    process = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert process.returncode == 2
+    assert process.stdout.splitlines() == ["buffered before main", "exit handler ran"]
+    assert "--data-dir" in process.stderr and "Traceback" not in process.stderr

@@ -7,6 +7,7 @@ from exigo.data import Normalization
 from exigo.pipeline import run
 from exigo.saliency import (
     SaliencyAnalysis,
+    SaliencyMaps,
     frozen,
     input_gradients,
     plot_saliency,
@@ -172,20 +173,20 @@ def test_plot_saliency_draws_five_rows_and_colour_bars():
     labels = torch.tensor([0, 1, 2])
     maps = saliency_maps(model, images, labels)
     figure = plot_saliency(maps, labels, torch.tensor([0, 2, 2]), ["a", "b", "c"])
-    image_axes = [ax for ax in figure.axes if ax.images]
-    colour_bars = [ax for ax in figure.axes if ax.get_label() == "<colorbar>"]
-    assert len(image_axes) == 5 * 3 and len(colour_bars) == 5
-    assert [image_axes[3 * row].get_ylabel().split("\n")[0] for row in range(5)] == [
-        "source",
-        "baseline",
-        "saliency",
-        "delta",
-        "overlay",
+    texts = [text.get_text() for text in figure.texts]
+    row_titles = [
+        t.split("\n")[0] for t in texts if t.split("\n")[0] in SaliencyMaps.__annotations__
     ]
-    assert image_axes[1].get_title() == "true b\npred c"
-    delta_image = image_axes[3 * 3].images[0]
-    low, high = delta_image.get_clim()
-    assert low == -high and high > 0  # diverging scale centred at 0
+    assert row_titles == ["source", "baseline", "saliency", "delta", "overlay"]
+    wrong = next(text for text in figure.texts if text.get_text() == "true b\npred c")
+    assert wrong.get_color() == "tab:red"
+    # four colour bars (not the source's), each labelled top, middle and bottom
+    tops = [t for t in texts if t.startswith("\u2265 ")]
+    bottoms = [t for t in texts if t.startswith("\u2264 ")]
+    assert len(tops) == 4 and len(bottoms) == 2  # magnitudes start at 0, unclipped
+    assert bottoms[0] == "\u2264 \u2212" + tops[2][2:]  # delta: symmetric around 0
+    canvas = figure.axes[0].images[0].get_array()
+    assert canvas.shape == (5 * 4 + 4 * 2, 3 * 4 + 2 * 1 + 3 + 2, 3)  # 5 rows of 3 tiles, bars
 
 
 def test_analysis_writes_figures_before_and_after_training(blobs, tmp_path):
