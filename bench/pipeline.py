@@ -9,7 +9,9 @@
    with timers wrapped around the pipeline's pieces. From the metrics rows: seconds of
    training, evaluation and every analysis per epoch (and before training); from the timers:
    figure rendering (matplotlib + PNG + the TensorBoard image), every TensorBoard write,
-   checkpoints, report.html, each t-SNE; the time from start to the first training step;
+   checkpoints, report.html, each t-SNE (with `--inline-figures` only: otherwise it runs in
+   the figure helper process, inside the wait before committing); the time from start to the
+   first training step;
    images per second of training; held-out accuracy; peak RSS.
 2. On the trained model: saliency maps of the 2,000 held-out images (median of 3), images/s.
 3. End to end: `python runner.py --data-dir ...` as a subprocess, start to exit, --repeats
@@ -227,14 +229,16 @@ def in_process(
         pass
     timers.wrap(exigo.pipeline, "save_checkpoint", "checkpoints")
     timers.wrap(exigo.report, "write_report", "report")
-    tsne_layout = exigo.projection.tsne_layout
-
-    def tsne_and_keep(embeddings: Any, *args: Any, **kwargs: Any) -> Any:
-        captured["tsne_embeddings"] = embeddings.clone()  # the last epoch's, after the run
-        return tsne_layout(embeddings, *args, **kwargs)
-
-    exigo.projection.tsne_layout = tsne_and_keep
+    # the t-SNE runs in the figure helper process: timed here only with --inline-figures
     timers.wrap(exigo.projection, "tsne_layout", "tsne", keep=True)
+    project = exigo.projection.ProjectionAnalysis.__call__
+
+    def project_and_keep(self: Any, ctx: Any) -> None:
+        project(self, ctx)
+        if self.indices is not None and ctx.eval is not None:  # the last epoch's, after the run
+            captured["tsne_embeddings"] = ctx.eval.embeddings[self.indices].clone()
+
+    exigo.projection.ProjectionAnalysis.__call__ = project_and_keep
 
     default_analyses = exigo.analyses.default_analyses
 
@@ -490,7 +494,7 @@ def table(report: dict[str, Any]) -> str:
         "figures",
     )
     add(
-        "  figures: waiting for the helper process before committing",
+        "  figures: waiting for the helper (t-SNE, figures), rendering the rest here",
         f"{phases['wall_seconds'].get('figure_wait', 0.0):.2f} s",
         "figure_wait",
     )

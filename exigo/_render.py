@@ -6,9 +6,13 @@ with anything. With two or more CPUs the pipeline hands each figure to one helpe
 (`FigureRenderer`) and goes on with the next analysis on its own core: either a finished
 `Figure`, pickled (`EpochContext.save_figure`), or, cheaper for this process, the draw
 function and the data it draws (`EpochContext.draw_figure`), so the figure is built there
-too. Before it commits the epoch the pipeline waits for the figures (`collect`) and logs
-their PNGs to TensorBoard, so `report.html` and `models/last.pt` never come before the
-figures they describe. Either way the PNG is byte for byte the one this process would write.
+too. A draw function may also compute something the run needs back and return it with the
+figure (`Drawn`): the t-SNE runs in the helper this way. Before it commits the epoch the
+pipeline waits for the figures (`collect`) and logs their PNGs to TensorBoard, so
+`report.html` and `models/last.pt` never come before the figures they describe; while it
+waits, it renders the queued figures the helper has not started yet itself, so both cores
+work until the end of the queue. Either way the PNG is byte for byte the one this process
+would write.
 
 The helper is `python -m exigo._render`, fed one line per figure on its stdin: a plain
 subprocess rather than `multiprocessing`, whose `spawn` start would re-run the caller's
@@ -20,6 +24,8 @@ figure: the figure is drawn in this process, as without a helper.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import io
 import os
 import pickle
@@ -28,7 +34,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -41,7 +47,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from torch.utils.tensorboard import SummaryWriter
 
-__all__ = ["FigureRenderer", "RenderedFigure", "available_cpus", "log_png", "render_png"]
+__all__ = ["Drawn", "FigureRenderer", "RenderedFigure", "available_cpus", "log_png", "render_png"]
 
 
 def available_cpus() -> int:
@@ -50,6 +56,30 @@ def available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class Drawn:
+    """What a draw function returns when it computes something the run needs back.
+
+    The t-SNE figure's draw function computes the layout too, so the t-SNE runs in the helper
+    process; the next epoch starts from that layout. `value` is pickled back to the run's
+    process and handed to the `on_value` callback of `submit_draw` when the figure is
+    collected.
+
+    Attributes:
+        figure: the matplotlib Figure to render.
+        value: anything picklable.
+    """
+
+    figure: Figure
+    value: Any
+
+
+def _figure_and_value(drawn: Figure | Drawn) -> tuple[Figure, Any]:
+    if isinstance(drawn, Drawn):
+        return drawn.figure, drawn.value
+    return drawn, None
 
 
 def render_png(figure: Figure, dpi: int) -> bytes:
@@ -144,16 +174,26 @@ class _Job:
     step: int
     path: Path
     dpi: int
-    draw: Callable[..., Figure] | None  # kept until collected: called here if the helper fails
-    args: tuple[Any, ...] = ()
+    draw: Callable[..., Figure | Drawn] | None  # kept until collected: called here if the
+    args: tuple[Any, ...] = ()  # helper fails
     kwargs: dict[str, Any] = field(default_factory=dict)
+    on_value: Callable[[Any], None] | None = None
     png: bytes | None = None  # set once rendered in this process, or read back
+    job_file: Path | None = None  # the pickle sent to the helper; None: not sent
+    number: int = 0  # its place in the helper's queue (one reply line per job, in order)
 
     def render_here(self) -> None:
         assert self.draw is not None
-        self.png = render_png(self.draw(*self.args, **self.kwargs), self.dpi)
+        figure, value = _figure_and_value(self.draw(*self.args, **self.kwargs))
+        self.png = render_png(figure, self.dpi)
         atomic_write_bytes(self.path, self.png)
         self.draw, self.args, self.kwargs = None, (), {}
+        self.hand_over(value)
+
+    def hand_over(self, value: Any) -> None:
+        if self.on_value is not None:
+            on_value, self.on_value = self.on_value, None
+            on_value(value)
 
 
 class FigureRenderer:
@@ -162,14 +202,18 @@ class FigureRenderer:
     Args:
         in_background: use a helper process; False renders every figure at once in this
             process (what `submit` also does when a job cannot be pickled).
+        preload: modules the helper imports as soon as it starts, before its first job
+            (openTSNE for the t-SNE: 1 s the first epoch's figure no longer waits for).
     """
 
-    def __init__(self, in_background: bool = True) -> None:
+    def __init__(self, in_background: bool = True, preload: Sequence[str] = ()) -> None:
         self.in_background = in_background
+        self.preload = list(preload)
         self._helper: subprocess.Popen[bytes] | None = None
         self._folder: Path | None = None  # pickled jobs on their way to the helper
         self._pending: list[_Job] = []
-        self._jobs = 0
+        self._jobs = 0  # sent to the helper
+        self._answered = 0  # reply lines read from the helper
 
     def submit(self, figure: Figure, path: Path, dpi: int, name: str, step: int) -> None:
         """Render `figure` to `path`, now or in the helper process.
@@ -192,6 +236,7 @@ class FigureRenderer:
         dpi: int,
         name: str,
         step: int,
+        on_value: Callable[[Any], None] | None = None,
     ) -> None:
         """Call `draw(*args, **kwargs)` and render its Figure to `path`, here or in the helper.
 
@@ -200,18 +245,21 @@ class FigureRenderer:
         too saves this process the figure's construction and its (larger) pickle.
 
         Args:
-            draw: returns a matplotlib Figure.
+            draw: returns a matplotlib Figure, or a `Drawn` (a Figure and a value).
             args: its positional arguments.
             kwargs: its keyword arguments.
             path: the PNG to write (atomically).
             dpi: resolution.
             name: TensorBoard tag.
             step: TensorBoard step.
+            on_value: called in this process with the `Drawn` value (None for a plain
+                Figure) once the figure is written: at once when drawn here, else by
+                `collect`. Not called when the figure fails.
         """
-        job = _Job(name, step, path, dpi, draw, args, kwargs)
+        job = _Job(name, step, path, dpi, draw, args, kwargs, on_value)
         if self.in_background:
             try:
-                self._send(_pickle((draw, args, kwargs)), path, dpi)
+                job.job_file, job.number = self._send(_pickle((draw, args, kwargs)), path, dpi)
                 self._pending.append(job)
                 return
             except Exception:  # something unpicklable, or no helper: render here instead
@@ -222,26 +270,61 @@ class FigureRenderer:
     def collect(self) -> list[RenderedFigure]:
         """Wait for every submitted figure; the written ones and the failures, in order.
 
-        A figure the helper could not render (a function it cannot import, a helper that
-        died) is rendered here; the error of that attempt is reported if it fails too.
+        This process would only wait, so it shares the remaining work: from the last job
+        back, it takes each job the helper has not started yet and renders it here, until it
+        meets one the helper has started; then it waits for the helper's replies. (The t-SNE
+        job, submitted first, is in the helper while this process renders the figures
+        queued behind it.) A job is taken by deleting its pickle, which the helper claims by
+        renaming it: whichever comes first wins. A figure the helper could not render (a
+        function it cannot import, a helper that died) is rendered here; the error of that
+        attempt is reported if it fails too.
         """
+        failed: dict[int, BaseException] = {}
+        for position in reversed(range(len(self._pending))):
+            job = self._pending[position]
+            if job.png is not None or job.job_file is None:
+                continue
+            if not _take(job.job_file):
+                break  # the helper has this one; it reached the ones before too
+            job.job_file = None
+            try:
+                job.render_here()
+            except Exception as error:
+                failed[position] = error
         done = []
-        for job in self._pending:
-            if job.png is None:
-                reply = b""
-                if self._helper is not None and self._helper.stdout is not None:
-                    reply = self._helper.stdout.readline()
+        for position, job in enumerate(self._pending):
+            if job.png is None and position not in failed:
                 try:
-                    if reply == b"ok\n":
+                    if self._reply(job) == b"ok\n":
                         job.png = job.path.read_bytes()
+                        job.hand_over(_read_value(job.job_file))
                     else:
                         job.render_here()
                 except Exception as error:
-                    done.append(RenderedFigure(job.name, job.step, job.path, None, error))
-                    continue
-            done.append(RenderedFigure(job.name, job.step, job.path, job.png))
+                    failed[position] = error
+            if position in failed:
+                done.append(RenderedFigure(job.name, job.step, job.path, None, failed[position]))
+            else:
+                done.append(RenderedFigure(job.name, job.step, job.path, job.png))
         self._pending.clear()
         return done
+
+    def _reply(self, job: _Job) -> bytes:
+        """The helper's reply line about `job` (b"" if the helper is gone).
+
+        Replies come one line per job, in order; lines about jobs this process took
+        (`taken`) are skipped on the way.
+        """
+        while self._helper is not None and self._helper.stdout is not None:
+            if self._answered >= job.number:
+                break  # read already: cannot happen when jobs are collected in order
+            line = self._helper.stdout.readline()
+            if not line:
+                break
+            self._answered += 1
+            if self._answered == job.number:
+                return line
+        return b""
 
     def close(self) -> None:
         """Stop the helper (figures not yet rendered are dropped) and remove its files."""
@@ -263,14 +346,14 @@ class FigureRenderer:
             self._folder = None
         self._pending.clear()
 
-    def _send(self, payload: bytes, path: Path, dpi: int) -> None:
+    def _send(self, payload: bytes, path: Path, dpi: int) -> tuple[Path, int]:
         if self._helper is None:
             self._folder = Path(tempfile.mkdtemp(prefix="exigo-figures-"))
             # the helper imports what this process can: exigo, and the caller's own modules
             # that a pickled job may name; one torch thread, as it shares the CPUs with us
             search_path = os.pathsep.join(entry or os.getcwd() for entry in sys.path)
             self._helper = subprocess.Popen(
-                [sys.executable, "-m", "exigo._render"],
+                [sys.executable, "-m", "exigo._render", *self.preload],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 env={**os.environ, "PYTHONPATH": search_path, "OMP_NUM_THREADS": "1"},
@@ -284,21 +367,59 @@ class FigureRenderer:
         # one short line per figure: the pipe never fills, so this never waits for the helper
         self._helper.stdin.write(f"{job}\t{path.resolve()}\t{dpi}\n".encode())
         self._helper.stdin.flush()
+        return job, self._jobs
+
+
+def _take(job: Path) -> bool:
+    """Take a job from the helper's queue: True if the helper had not claimed it yet."""
+    try:
+        job.unlink()
+    except FileNotFoundError:  # renamed by the helper (`_serve`): it is the helper's
+        return False
+    return True
+
+
+def _value_file(job: Path) -> Path:
+    """Where the helper leaves the `Drawn` value of the job pickled in `job`."""
+    return job.with_suffix(".value")
+
+
+def _read_value(job: Path | None) -> Any:
+    """The value the helper left for `job` (and remove it); None if it left none."""
+    path = None if job is None else _value_file(job)
+    if path is None or not path.exists():
+        return None
+    value = pickle.loads(path.read_bytes())
+    path.unlink()
+    return value
 
 
 def _serve(jobs: IO[bytes], replies: IO[bytes]) -> None:
-    """The helper's loop: draw and render each job, answer `ok` or `error <message>`."""
+    """The helper's loop: claim, draw and render each job; answer one line per job.
+
+    `ok`, `error <message>`, or `taken` for a job the run's process took first (`_take`).
+    """
     for line in jobs:
         job, path, dpi = line.decode().rstrip("\n").split("\t")
+        claimed = Path(job).with_suffix(".claimed")
         try:
-            draw, args, kwargs = pickle.loads(Path(job).read_bytes())
-            atomic_write_bytes(path, render_png(draw(*args, **kwargs), int(dpi)))
+            os.rename(job, claimed)  # atomic: either this or the run's unlink succeeds
+        except FileNotFoundError:
+            replies.write(b"taken\n")
+            replies.flush()
+            continue
+        try:
+            draw, args, kwargs = pickle.loads(claimed.read_bytes())
+            figure, value = _figure_and_value(draw(*args, **kwargs))
+            atomic_write_bytes(path, render_png(figure, int(dpi)))
+            if value is not None:
+                _value_file(Path(job)).write_bytes(_pickle(value))
             replies.write(b"ok\n")
         except Exception as error:
             text = " ".join(f"{type(error).__name__}: {error}".split())
             replies.write(f"error rendering {Path(path).name}: {text}\n".encode())
         finally:
-            Path(job).unlink(missing_ok=True)
+            claimed.unlink(missing_ok=True)
         replies.flush()
 
 
@@ -306,7 +427,19 @@ def _exit_on_sigterm(number: int, _frame: object) -> None:
     raise SystemExit(128 + number)  # unwinds atomic_write, which removes its temporary file
 
 
+def _preload(modules: Sequence[str]) -> None:
+    """Import what the jobs will need while the run trains (a failure shows in the job)."""
+    for module in ("matplotlib.figure", "matplotlib.backends.backend_agg", *modules):
+        with contextlib.suppress(Exception):
+            importlib.import_module(module)
+
+
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    _serve(sys.stdin.buffer, sys.stdout.buffer)
+    # the module under its own name, not as __main__: the `Drawn` the jobs return (imported
+    # from exigo._render) must be the class `_serve` checks for
+    from exigo import _render
+
+    _render._preload(sys.argv[1:])
+    _render._serve(sys.stdin.buffer, sys.stdout.buffer)

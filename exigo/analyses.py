@@ -26,16 +26,17 @@ def default_analyses(config: Config) -> list[Analysis]:
             `projection_limit` (0 leaves the projection out) choose and configure the analyses.
 
     Returns:
-        Confusion matrix, saliency maps, class models, explained errors, then attributions and
-        the t-SNE projection when enabled.
+        The t-SNE projection (when enabled) first: its t-SNE runs in the figure helper
+        process while the others compute. Then the confusion matrix, saliency maps, class
+        models, explained errors and the attributions (when enabled).
     """
     analyses: list[Analysis] = []
+    if config.projection_limit > 0:
+        analyses.append(ProjectionAnalysis())
     analyses.append(ConfusionAnalysis(normalize=config.confusion_normalize))
     analyses.append(SaliencyAnalysis())
     analyses.append(ClassModelAnalysis(seed=config.seed))
     analyses.append(ErrorAnalysis())
     if config.attribution_checks:
         analyses.append(AttributionAnalysis(seed=config.seed))
-    if config.projection_limit > 0:
-        analyses.append(ProjectionAnalysis())
     return analyses

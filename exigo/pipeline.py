@@ -59,7 +59,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from exigo._io import FolderLock, FolderLockedError, atomic_write_bytes, atomic_write_json
-from exigo._render import FigureRenderer, available_cpus, log_png, render_png
+from exigo._render import Drawn, FigureRenderer, available_cpus, log_png, render_png
 from exigo.checkpoint import (
     apply_weights,
     capture_rng,
@@ -278,28 +278,46 @@ class EpochContext:
         return path
 
     def draw_figure(
-        self, name: str, draw: Callable[..., Figure], /, *args: Any, dpi: int = 100, **kwargs: Any
+        self,
+        name: str,
+        draw: Callable[..., Figure | Drawn],
+        /,
+        *args: Any,
+        dpi: int = 100,
+        on_value: Callable[[Any], None] | None = None,
+        **kwargs: Any,
     ) -> Path:
         """`save_figure(draw(*args, **kwargs), name, dpi)`, with `draw` called in the helper.
 
         With a `renderer`, the figure is built there too, not only rendered: this process
         only pickles `draw` (a module-level function) and its arguments (tensors, plain
-        values), which costs less than building the figure and pickling it.
+        values), which costs less than building the figure and pickling it. A `draw` that
+        returns a `Drawn` also computes a value there (the t-SNE layout) and gets it back
+        through `on_value` before the epoch is committed.
 
         Args:
             name: file stem and TensorBoard tag, e.g. `saliency`.
-            draw: a module-level function returning a matplotlib Figure.
+            draw: a module-level function returning a matplotlib Figure or a `Drawn`.
             *args: its positional arguments.
             dpi: resolution of the PNG.
+            on_value: called in this process with the `Drawn` value (None for a Figure) once
+                the figure is written; not called if drawing fails.
             **kwargs: its keyword arguments.
 
         Returns:
             Path of the PNG (written by the time the epoch is committed).
         """
         if self.renderer is None:
-            return self.save_figure(draw(*args, **kwargs), name, dpi)
+            drawn = draw(*args, **kwargs)
+            figure, value = (
+                (drawn.figure, drawn.value) if isinstance(drawn, Drawn) else (drawn, None)
+            )
+            path = self.save_figure(figure, name, dpi)
+            if on_value is not None:
+                on_value(value)
+            return path
         path = self.plots_dir / f"{name}_{self.tag}.png"
-        self.renderer.submit_draw(draw, args, kwargs, path, dpi, name, self.epoch)
+        self.renderer.submit_draw(draw, args, kwargs, path, dpi, name, self.epoch, on_value)
         self.figures.append(path)
         return path
 
@@ -309,7 +327,9 @@ class Analysis(Protocol):
     """A per-epoch analysis: a callable with a name.
 
     Optional attributes: `before_training = True` to be called once with epoch 0 before the
-    first epoch (the model untrained, `ctx.eval` None).
+    first epoch (the model untrained, `ctx.eval` None); `helper_imports`, modules the figure
+    helper process should import while the first epoch trains (those its `draw_figure`
+    functions need, when slow to import).
     """
 
     name: str
@@ -644,7 +664,8 @@ class _Run:
         purge_step = self.state.epoch + 1 if self.state.epoch else None
         if self.is_main:
             self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step)
-            self.renderer = FigureRenderer(in_background=available_cpus() >= 2)
+            preload = [m for a in self.analyses for m in getattr(a, "helper_imports", ())]
+            self.renderer = FigureRenderer(in_background=available_cpus() >= 2, preload=preload)
         try:
             if self.state.epoch == 0:
                 early = [a for a in self.analyses if getattr(a, "before_training", False)]

@@ -28,6 +28,7 @@ from exigo.projection import (
     plot_tsne,
     projector_metadata,
     sprite_images,
+    sprite_sheet,
     stratified_indices,
     tsne_layout,
 )
@@ -170,6 +171,31 @@ def test_projector_metadata_and_sprites(monkeypatch):
     monkeypatch.setattr(projection, "_MAX_SPRITE_SIDE", 20)  # 5 thumbnails: 3 per row
     shrunk = sprite_images(torch.ones(5, 3, 16, 16))
     assert shrunk.shape == (5, 3, 6, 6) and torch.all(shrunk == 1)
+
+
+def test_sprite_sheet_tiles_row_major_in_a_square():
+    thumbnails = torch.stack([torch.full((1, 2, 2), value) for value in (0.2, 0.6, 1.0)])
+    sheet = sprite_sheet(thumbnails)  # 3 thumbnails: 2 a side, the last place black
+    assert sheet.shape == (4, 4, 3) and sheet.dtype == np.uint8
+    assert sheet[:, :, 0].tolist() == [[51, 51, 153, 153]] * 2 + [[255, 255, 0, 0]] * 2
+    assert np.array_equal(sheet[..., 0], sheet[..., 2])  # grey thumbnails: equal channels
+
+
+def test_sprite_written_once_tensors_exact(tmp_path, monkeypatch):
+    embeddings, labels = clusters()
+    written = []
+    monkeypatch.setattr(
+        projection, "write_sprite", lambda *args: written.append(args) or "validation_sprite.png"
+    )
+    analysis = ProjectionAnalysis()
+    with SummaryWriter(tmp_path / "logs") as writer:
+        for epoch in (1, 2):
+            analysis(make_context(tmp_path, writer, epoch, embeddings, labels, labels, 30, print))
+    assert len(written) == 1
+    saved = np.loadtxt(tmp_path / "logs" / "00002" / "validation" / "tensors.tsv", dtype=np.float32)
+    assert np.array_equal(saved, embeddings[analysis.indices].numpy())  # %.9g: float32 exact
+    config = (tmp_path / "logs" / "projector_config.pbtxt").read_text()
+    assert config.count('image_path: "validation_sprite.png"') == 2
 
 
 # ------------------------------------------------------------------ the analysis

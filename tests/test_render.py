@@ -1,5 +1,7 @@
 import io
 import json
+import os
+import time
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 from PIL import Image
 
-from exigo._render import FigureRenderer, available_cpus, log_png, render_png
+from exigo._render import Drawn, FigureRenderer, available_cpus, log_png, render_png
 from exigo.config import Config
 from exigo.pipeline import EpochContext, run
 
@@ -143,6 +145,49 @@ def test_close_with_figures_pending_stops_the_helper_and_leaves_no_temporary_fil
     renderer.close()
     assert helper.poll() is not None and not folder.exists()
     assert all(path.suffix == ".png" for path in tmp_path.iterdir())  # no .tmp left behind
+
+
+def figure_and_pid(seed: int, sleep: float = 0.0) -> Drawn:
+    time.sleep(sleep)
+    return Drawn(make_figure(seed), (seed, os.getpid()))
+
+
+def wait_until_claimed(renderer: FigureRenderer) -> None:
+    job = renderer._pending[-1].job_file
+    deadline = time.monotonic() + 60
+    while job.exists() and time.monotonic() < deadline:  # the helper renames what it starts
+        time.sleep(0.01)
+    assert not job.exists()
+
+
+def test_collect_shares_the_queue_and_values_come_back_from_either_process(tmp_path):
+    values = []
+    renderer = FigureRenderer()
+    try:
+        # a slow job the helper starts, then three it has not reached when collect() comes
+        renderer.submit_draw(
+            figure_and_pid, (0, 1.5), {}, tmp_path / "0.png", 50, "f", 1, values.append
+        )
+        wait_until_claimed(renderer)
+        for seed in (1, 2, 3):
+            path = tmp_path / f"{seed}.png"
+            renderer.submit_draw(figure_and_pid, (seed,), {}, path, 50, "f", 1, values.append)
+        first = renderer.collect()
+        helper = renderer._helper.pid
+        # the next epoch's job: the helper's replies about the taken jobs are skipped
+        renderer.submit_draw(
+            figure_and_pid, (4,), {}, tmp_path / "4.png", 50, "f", 2, values.append
+        )
+        wait_until_claimed(renderer)
+        second = renderer.collect()
+    finally:
+        renderer.close()
+    assert [figure.error for figure in first + second] == [None] * 5
+    here = os.getpid()
+    assert sorted(values) == [(0, helper), (1, here), (2, here), (3, here), (4, helper)]
+    for seed, figure in enumerate(first + second):
+        assert np.array_equal(decoded(figure.png), pixels(seed))
+        assert figure.path.read_bytes() == figure.png
 
 
 def draw_or_explode(seed: int, explode: bool = False) -> Figure:
