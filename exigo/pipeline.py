@@ -1219,7 +1219,7 @@ def run(
                 with all_or_none(world, "starting the run"):
                     session = _open_run(
                         config,
-                        model.to(device),
+                        _placed(model, device),
                         train_data,
                         val_data,
                         analyses,
@@ -1242,6 +1242,21 @@ def run(
         finally:
             if lock is not None:
                 lock.release()
+
+
+def _placed(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` on `device`; on the CPU, its 4-D weights in channels-last (NHWC) memory format.
+
+    oneDNN, which runs torch's CPU convolutions, is fastest on NHWC: the default CNN trains
+    1.6x faster (1.5 s instead of 2.4 s an epoch on one core, `bench/pipeline.py`), and its
+    evaluation and input gradients 1.3-1.9x. Only the weights' strides change, not their
+    values or the inputs the model takes; a checkpoint of the model loads into a model in
+    either format. On GPUs the format is left as it is (unmeasured here).
+    """
+    model = model.to(device)
+    if device.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 def _lock_save_dir(save_dir: Path) -> FolderLock:

@@ -72,3 +72,21 @@ def test_same_seed_same_metrics_and_new_run_replaces_old(blobs, tmp_path):
     keys = ["train_loss", "eval_loss", "eval_accuracy"]
     assert [[r[k] for k in keys] for r in first] == [[r[k] for k in keys] for r in second]
     assert not stale.exists()
+
+
+def test_cpu_models_train_in_channels_last_with_the_same_function(tmp_path):
+    from exigo.pipeline import _placed
+
+    torch.manual_seed(0)
+    model = TinyNet(channels=3)  # with 1 input channel both formats have the same strides
+    images = torch.randn(4, 3, 8, 8)
+    before = model(images)
+    placed = _placed(model, torch.device("cpu"))
+    conv = placed.features[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert torch.allclose(placed(images), before, atol=1e-6)
+    torch.save(placed.state_dict(), tmp_path / "weights.pt")  # loads into a plain model
+    plain = TinyNet(channels=3)
+    plain.load_state_dict(torch.load(tmp_path / "weights.pt", weights_only=True))
+    assert plain.features[0].weight.is_contiguous()
+    assert torch.allclose(plain(images), before, atol=1e-6)
