@@ -331,7 +331,9 @@ class FigureRenderer:
         if self._helper is not None:
             if self._helper.stdin is not None:
                 self._helper.stdin.close()  # the helper exits when it has read every job
-            if any(job.png is None for job in self._pending):
+            if self._jobs == 0:
+                self._helper.kill()  # never given a job: nothing to finish or clean up
+            elif any(job.png is None for job in self._pending):
                 self._helper.terminate()  # a stopped run: no need to finish its figures
             try:
                 self._helper.wait(timeout=10)
@@ -346,18 +348,29 @@ class FigureRenderer:
             self._folder = None
         self._pending.clear()
 
+    def start(self) -> None:
+        """Start the helper process now rather than at the first figure.
+
+        Its imports (torch, matplotlib, the `preload` modules: 3 CPU-seconds) then run while
+        this process is still starting, instead of delaying the first epoch's figures. Does
+        nothing without `in_background`, or when started already.
+        """
+        if not self.in_background or self._helper is not None:
+            return
+        self._folder = Path(tempfile.mkdtemp(prefix="exigo-figures-"))
+        # the helper imports what this process can: exigo, and the caller's own modules that
+        # a pickled job may name; one torch thread, as it shares the CPUs with us
+        search_path = os.pathsep.join(entry or os.getcwd() for entry in sys.path)
+        self._helper = subprocess.Popen(
+            [sys.executable, "-m", "exigo._render", *self.preload],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": search_path, "OMP_NUM_THREADS": "1"},
+        )
+
     def _send(self, payload: bytes, path: Path, dpi: int) -> tuple[Path, int]:
-        if self._helper is None:
-            self._folder = Path(tempfile.mkdtemp(prefix="exigo-figures-"))
-            # the helper imports what this process can: exigo, and the caller's own modules
-            # that a pickled job may name; one torch thread, as it shares the CPUs with us
-            search_path = os.pathsep.join(entry or os.getcwd() for entry in sys.path)
-            self._helper = subprocess.Popen(
-                [sys.executable, "-m", "exigo._render", *self.preload],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                env={**os.environ, "PYTHONPATH": search_path, "OMP_NUM_THREADS": "1"},
-            )
+        self.start()
+        assert self._helper is not None
         if self._helper.poll() is not None:
             raise RuntimeError("the figure helper process stopped")
         assert self._folder is not None and self._helper.stdin is not None

@@ -664,8 +664,8 @@ class _Run:
         purge_step = self.state.epoch + 1 if self.state.epoch else None
         if self.is_main:
             self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step)
-            preload = [m for a in self.analyses for m in getattr(a, "helper_imports", ())]
-            self.renderer = FigureRenderer(in_background=available_cpus() >= 2, preload=preload)
+            if self.renderer is None:
+                self.renderer = _figure_renderer(self.analyses)
         try:
             if self.state.epoch == 0:
                 early = [a for a in self.analyses if getattr(a, "before_training", False)]
@@ -1208,6 +1208,7 @@ def run(
     with process_group(config.device, config.dist_timeout) as world:
         main = world is None or world.is_main
         lock: FolderLock | None = None
+        renderer: FigureRenderer | None = None
         try:
             with all_or_none(world, "preparing --save-dir"):  # rank 0's failure stops all
                 save_dir = prepare_save_dir(config.save_dir) if main else Path(config.save_dir)
@@ -1215,6 +1216,9 @@ def run(
                 embedding_module(model)  # a model without a linear layer fails before any write
                 if main:
                     lock = _lock_save_dir(save_dir)
+            if main:  # the helper's imports overlap ours (torch._dynamo with the optimiser)
+                renderer = _figure_renderer(analyses)
+                renderer.start()
             with _StopSignals() as stop:
                 with all_or_none(world, "starting the run"):
                     session = _open_run(
@@ -1230,6 +1234,7 @@ def run(
                         stop=stop,
                         save_dir=save_dir,
                         world=world,
+                        renderer=renderer,
                     )
                 session.join_processes()
                 if session.state.epoch >= config.epochs:
@@ -1240,8 +1245,16 @@ def run(
                     return session.result()
                 return session.train()
         finally:
+            if renderer is not None:
+                renderer.close()
             if lock is not None:
                 lock.release()
+
+
+def _figure_renderer(analyses: Sequence[Analysis]) -> FigureRenderer:
+    """The run's figure renderer: a helper process when there are two CPUs or more."""
+    preload = [module for a in analyses for module in getattr(a, "helper_imports", ())]
+    return FigureRenderer(in_background=available_cpus() >= 2, preload=preload)
 
 
 def _placed(model: nn.Module, device: torch.device) -> nn.Module:
@@ -1288,6 +1301,7 @@ def _open_run(
     stop: _StopSignals,
     save_dir: Path,
     world: World | None = None,
+    renderer: FigureRenderer | None = None,
 ) -> _Run:
     """Build the run's fixed parts, then resume it or start it fresh (rank 0 only)."""
     targets = dataset_targets(val_data)
@@ -1327,6 +1341,7 @@ def _open_run(
             run_name=config.run_name or _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
         ),
         world=world,
+        renderer=renderer,
     )
     if not session.is_main:
         pass  # rank 0 reads or writes save_dir; join_processes() shares what it resumed

@@ -241,3 +241,16 @@ def test_pipeline_collects_figures_before_committing_and_reports_failed_ones(blo
     events.Reload()
     logged = {image.step: image.encoded_image_string for image in events.Images("picture")}
     assert logged == {epoch: (plots / f"picture_{epoch}.png").read_bytes() for epoch in (1, 3)}
+
+
+def test_a_started_helper_is_stopped_by_close_even_before_its_first_job():
+    renderer = FigureRenderer(preload=["openTSNE"])
+    renderer.start()
+    helper, folder = renderer._helper, renderer._folder
+    renderer.start()  # started once
+    assert renderer._helper is helper and helper.poll() is None
+    renderer.close()
+    assert helper.poll() is not None and not folder.exists()
+    inline = FigureRenderer(in_background=False)
+    inline.start()
+    assert inline._helper is None
