@@ -1176,7 +1176,8 @@ def run(
 
     Args:
         config: the run's settings (epochs, batch size, learning rate, seed, folders, device).
-        model: the classifier to train, on any device (it is moved to the run's device).
+        model: the classifier to train, on any device (it is moved to the run's device, and
+            on the CPU its 4-D weights to the channels-last memory format).
         train_data: dataset of `(image [C, H, W], label)` pairs.
         val_data: held-out dataset, evaluated once per epoch.
         analyses: per-epoch analyses, called in order after each evaluation. Those with
