@@ -229,7 +229,7 @@ class FigureRenderer:
 
     def submit_draw(
         self,
-        draw: Callable[..., Figure],
+        draw: Callable[..., Figure | Drawn],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         path: Path,
@@ -330,7 +330,8 @@ class FigureRenderer:
         """Stop the helper (figures not yet rendered are dropped) and remove its files."""
         if self._helper is not None:
             if self._helper.stdin is not None:
-                self._helper.stdin.close()  # the helper exits when it has read every job
+                with contextlib.suppress(OSError):  # a helper that died leaves a broken pipe
+                    self._helper.stdin.close()  # the helper exits when it has read every job
             if self._jobs == 0:
                 self._helper.kill()  # never given a job: nothing to finish or clean up
             elif any(job.png is None for job in self._pending):
@@ -347,6 +348,7 @@ class FigureRenderer:
             shutil.rmtree(self._folder, ignore_errors=True)
             self._folder = None
         self._pending.clear()
+        self._jobs = self._answered = 0  # a later job starts a new helper, counting afresh
 
     def start(self) -> None:
         """Start the helper process now rather than at the first figure.
@@ -357,7 +359,8 @@ class FigureRenderer:
         """
         if not self.in_background or self._helper is not None:
             return
-        self._folder = Path(tempfile.mkdtemp(prefix="exigo-figures-"))
+        if self._folder is None:
+            self._folder = Path(tempfile.mkdtemp(prefix="exigo-figures-"))
         # the helper imports what this process can: exigo, and the caller's own modules that
         # a pickled job may name; one torch thread, as it shares the CPUs with us
         search_path = os.pathsep.join(entry or os.getcwd() for entry in sys.path)
@@ -374,13 +377,14 @@ class FigureRenderer:
         if self._helper.poll() is not None:
             raise RuntimeError("the figure helper process stopped")
         assert self._folder is not None and self._helper.stdin is not None
-        self._jobs += 1
-        job = self._folder / f"{self._jobs}.pickle"
+        number = self._jobs + 1
+        job = self._folder / f"{number}.pickle"
         job.write_bytes(payload)
         # one short line per figure: the pipe never fills, so this never waits for the helper
         self._helper.stdin.write(f"{job}\t{path.resolve()}\t{dpi}\n".encode())
         self._helper.stdin.flush()
-        return job, self._jobs
+        self._jobs = number  # counted once sent: reply n is about the n-th line sent
+        return job, number
 
 
 def _take(job: Path) -> bool:

@@ -34,7 +34,8 @@ class TileRow:
 
     Attributes:
         label: the row's title, drawn left of it (a newline breaks lines).
-        tiles: float array [N, H, W] of values, or [N, H, W, 3] of RGB colours in [0, 1].
+        tiles: float array [N, H, W] of values, or [N, H, W, 3 or 4] of RGB(A) colours in
+            [0, 1] (alpha is not drawn).
         cmap: matplotlib colour map for values (ignored for RGB tiles).
         limits: (low, high), the values at the two ends of the colour map; values outside
             take the end colours. `low == high` draws every tile in the middle colour.
@@ -149,7 +150,9 @@ def block_canvas(block: TileBlock, columns: int | None = None) -> BlockCanvas:
     for row, top in zip(block.rows, row_tops, strict=True):
         tiles = row.tiles.astype(float)
         coloured = (
-            np.clip(tiles, 0.0, 1.0) if tiles.ndim == 4 else _colour(tiles, row.cmap, row.limits)
+            np.clip(tiles[..., :3], 0.0, 1.0)
+            if tiles.ndim == 4
+            else _colour(tiles, row.cmap, row.limits)
         )  # (N, H, W, 3)
         for column in range(count):
             where = (

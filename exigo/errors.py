@@ -187,7 +187,7 @@ def plot_errors(
     towards_predicted = saliency.towards_predicted.detach().float().cpu().numpy()
     limit = colour_limit(saliency.towards_true, saliency.towards_predicted)
     shown = pixels.permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
-    tiles = shown[..., 0] if shown.shape[-1] == 1 else shown  # grey [N, H, W] or RGB
+    tiles = shown[..., 0] if shown.shape[-1] == 1 else shown  # grey [N, H, W] or RGB(A)
     ink = pixels.amax(dim=1).numpy()  # (N, H, W): the digit's outline, strokes vs background
     if not confusions:
         raise ValueError("plot_errors needs at least one confusion")

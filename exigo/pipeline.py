@@ -1176,8 +1176,7 @@ def run(
 
     Args:
         config: the run's settings (epochs, batch size, learning rate, seed, folders, device).
-        model: the classifier to train, on any device (it is moved to the run's device, and
-            on the CPU its 4-D weights to the channels-last memory format).
+        model: the classifier to train, on any device (it is moved to the run's device).
         train_data: dataset of `(image [C, H, W], label)` pairs.
         val_data: held-out dataset, evaluated once per epoch.
         analyses: per-epoch analyses, called in order after each evaluation. Those with
@@ -1219,12 +1218,13 @@ def run(
                     lock = _lock_save_dir(save_dir)
             if main:  # the helper's imports overlap ours (torch._dynamo with the optimiser)
                 renderer = _figure_renderer(analyses)
-                renderer.start()
+                with suppress(OSError):  # no helper now: the first figure tries again, or
+                    renderer.start()  # is drawn in this process
             with _StopSignals() as stop:
                 with all_or_none(world, "starting the run"):
                     session = _open_run(
                         config,
-                        _placed(model, device),
+                        model.to(device),
                         train_data,
                         val_data,
                         analyses,
@@ -1256,21 +1256,6 @@ def _figure_renderer(analyses: Sequence[Analysis]) -> FigureRenderer:
     """The run's figure renderer: a helper process when there are two CPUs or more."""
     preload = [module for a in analyses for module in getattr(a, "helper_imports", ())]
     return FigureRenderer(in_background=available_cpus() >= 2, preload=preload)
-
-
-def _placed(model: nn.Module, device: torch.device) -> nn.Module:
-    """`model` on `device`; on the CPU, its 4-D weights in channels-last (NHWC) memory format.
-
-    oneDNN, which runs torch's CPU convolutions, is fastest on NHWC: the default CNN trains
-    1.6x faster (1.5 s instead of 2.4 s an epoch on one core, `bench/pipeline.py`), and its
-    evaluation and input gradients 1.3-1.9x. Only the weights' strides change, not their
-    values or the inputs the model takes; a checkpoint of the model loads into a model in
-    either format. On GPUs the format is left as it is (unmeasured here).
-    """
-    model = model.to(device)
-    if device.type == "cpu":
-        model = model.to(memory_format=torch.channels_last)
-    return model
 
 
 def _lock_save_dir(save_dir: Path) -> FolderLock:

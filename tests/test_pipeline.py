@@ -74,19 +74,44 @@ def test_same_seed_same_metrics_and_new_run_replaces_old(blobs, tmp_path):
     assert not stale.exists()
 
 
-def test_cpu_models_train_in_channels_last_with_the_same_function(tmp_path):
-    from exigo.pipeline import _placed
+class ViewFlatten(torch.nn.Module):
+    """Conv, BatchNorm and max-pool, then `.view` to flatten: fails on channels-last outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.MaxPool2d(2)
+        )
+        self.classifier = torch.nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.features(images)
+        return self.classifier(features.view(features.size(0), -1))
+
+
+def test_run_leaves_the_memory_format_of_a_model_alone(blobs, tmp_path):
+    train, held_out = blobs
+    torch.manual_seed(0)
+    model = ViewFlatten()
+    result = run(
+        Config(epochs=1, batch_size=16, save_dir=tmp_path / "save"), model, train, held_out
+    )
+    assert result.history and model.features[0].weight.is_contiguous()
+
+
+def test_the_default_model_is_channels_last_on_the_cpu_only(tmp_path):
+    from exigo.cli import default_model
 
     torch.manual_seed(0)
-    model = TinyNet(channels=3)  # with 1 input channel both formats have the same strides
-    images = torch.randn(4, 3, 8, 8)
-    before = model(images)
-    placed = _placed(model, torch.device("cpu"))
-    conv = placed.features[0].weight
-    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
-    assert torch.allclose(placed(images), before, atol=1e-6)
-    torch.save(placed.state_dict(), tmp_path / "weights.pt")  # loads into a plain model
-    plain = TinyNet(channels=3)
-    plain.load_state_dict(torch.load(tmp_path / "weights.pt", weights_only=True))
-    assert plain.features[0].weight.is_contiguous()
-    assert torch.allclose(plain(images), before, atol=1e-6)
+    model = default_model(10, torch.device("cpu"))
+    weights = [p for p in model.parameters() if p.ndim == 4 and p.shape[1] > 1]
+    assert weights and all(
+        w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+        for w in weights
+    )
+    images = torch.randn(2, 1, 28, 28)
+    plain = default_model(10, torch.device("cuda"))  # not moved: only the format is chosen
+    assert all(p.is_contiguous() for p in plain.parameters())
+    plain.load_state_dict(model.state_dict())  # checkpoints load across formats
+    model.eval(), plain.eval()
+    assert torch.allclose(model(images), plain(images), atol=1e-5)

@@ -1,7 +1,9 @@
 import io
 import json
 import os
+import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,9 +149,24 @@ def test_close_with_figures_pending_stops_the_helper_and_leaves_no_temporary_fil
     assert all(path.suffix == ".png" for path in tmp_path.iterdir())  # no .tmp left behind
 
 
-def figure_and_pid(seed: int, sleep: float = 0.0) -> Drawn:
-    time.sleep(sleep)
+def figure_and_pid(seed: int) -> Drawn:
     return Drawn(make_figure(seed), (seed, os.getpid()))
+
+
+def figure_once_the_queue_is_taken(seed: int, folder: str, marker: str) -> Drawn:
+    """In the helper: wait until the test has queued the rest and collect() has taken it."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if Path(marker).exists() and not list(Path(folder).glob("*.pickle")):
+            break
+        time.sleep(0.01)
+    return figure_and_pid(seed)
+
+
+def fails_in_the_helper(seed: int, run_pid: int) -> Drawn:
+    if os.getpid() != run_pid:
+        raise RuntimeError("not in the helper")
+    return figure_and_pid(seed)
 
 
 def wait_until_claimed(renderer: FigureRenderer) -> None:
@@ -164,14 +181,18 @@ def test_collect_shares_the_queue_and_values_come_back_from_either_process(tmp_p
     values = []
     renderer = FigureRenderer()
     try:
-        # a slow job the helper starts, then three it has not reached when collect() comes
+        renderer.start()
+        marker = tmp_path / "queued"
+        # a job the helper starts and holds until collect() has taken the three behind it
+        args = (0, str(renderer._folder), str(marker))
         renderer.submit_draw(
-            figure_and_pid, (0, 1.5), {}, tmp_path / "0.png", 50, "f", 1, values.append
+            figure_once_the_queue_is_taken, args, {}, tmp_path / "0.png", 50, "f", 1, values.append
         )
         wait_until_claimed(renderer)
         for seed in (1, 2, 3):
             path = tmp_path / f"{seed}.png"
             renderer.submit_draw(figure_and_pid, (seed,), {}, path, 50, "f", 1, values.append)
+        marker.touch()
         first = renderer.collect()
         helper = renderer._helper.pid
         # the next epoch's job: the helper's replies about the taken jobs are skipped
@@ -188,6 +209,44 @@ def test_collect_shares_the_queue_and_values_come_back_from_either_process(tmp_p
     for seed, figure in enumerate(first + second):
         assert np.array_equal(decoded(figure.png), pixels(seed))
         assert figure.path.read_bytes() == figure.png
+
+
+def test_a_job_failing_in_the_helper_is_drawn_here_and_hands_its_value_over_once(tmp_path):
+    values = []
+    renderer = FigureRenderer()
+    try:
+        args = (5, os.getpid())
+        renderer.submit_draw(
+            fails_in_the_helper, args, {}, tmp_path / "5.png", 50, "f", 1, values.append
+        )
+        wait_until_claimed(renderer)
+        (done,) = renderer.collect()
+    finally:
+        renderer.close()
+    assert done.error is None and values == [(5, os.getpid())]
+    assert np.array_equal(decoded(done.png), pixels(5))
+
+
+def test_a_job_that_cannot_be_sent_does_not_shift_the_replies(tmp_path):
+    renderer = FigureRenderer()
+    try:
+        renderer.submit(make_figure(0), tmp_path / "0.png", 50, "f", 1)
+        folder = renderer._folder
+        renderer._folder = tmp_path / "missing"  # its pickle cannot be written: drawn here
+        renderer.submit(make_figure(1), tmp_path / "1.png", 50, "f", 1)
+        renderer._folder = folder
+        renderer.submit(make_figure(2), tmp_path / "2.png", 50, "f", 1)
+        wait_until_claimed(renderer)  # the helper has the last one: collect() needs its reply
+        done = []
+        collecting = threading.Thread(target=lambda: done.extend(renderer.collect()), daemon=True)
+        collecting.start()
+        collecting.join(60)
+        assert not collecting.is_alive(), "collect() waits for a reply that never comes"
+    finally:
+        renderer.close()
+    assert [figure.error for figure in done] == [None] * 3
+    for seed, figure in enumerate(done):
+        assert np.array_equal(decoded(figure.png), pixels(seed))
 
 
 def draw_or_explode(seed: int, explode: bool = False) -> Figure:
