@@ -467,3 +467,18 @@ def test_mnist_layout_separates_the_digits(mnist_root, tmp_path):
     # a trained embedding separates the digits, and the 2-D layout keeps that
     assert knn_label_accuracy(projection.layout, targets) > 0.9
     assert Path(tmp_path / "save" / "plots" / "tsne_1.png").exists()
+
+
+def test_the_layout_computed_in_the_helper_reaches_last_pt(tmp_path, monkeypatch):
+    from exigo import pipeline
+    from exigo.checkpoint import load_checkpoint
+
+    monkeypatch.setattr(pipeline, "available_cpus", lambda: 2)  # a helper process, always
+    train, held_out = make_blobs(96, seed=0), make_blobs(30, seed=1)
+    projection = ProjectionAnalysis()
+    config = Config(epochs=2, batch_size=16, lr=1e-2, save_dir=tmp_path / "save")
+    torch.manual_seed(0)
+    result = run(config, TinyNet(), train, held_out, [projection])
+    assert not result.failed_analyses and projection.layout is not None
+    saved = load_checkpoint(tmp_path / "save" / "models" / "last.pt")["analyses"]["projection"]
+    assert torch.equal(saved["layout"], projection.layout)  # epoch 2's, not epoch 1's
