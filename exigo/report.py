@@ -394,6 +394,8 @@ def _format_metric(key: str, value: Any) -> str:
         return f"{value:.2e}"
     if "seconds" in key:
         return f"{value:.1f}"
+    if isinstance(value, int):  # the epoch (analysis scalars are floats by now)
+        return str(value)
     return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}"  # aligned decimals
 
 

@@ -157,6 +157,8 @@ def test_build_report_embeds_every_figure_and_references_nothing_else(tmp_path):
     # analysis scalars: one row each, one cell per epoch, plain numbers
     assert re.search(r"<th>my_probe/<wbr>score</th><td[^>]*>0.2500</td><td[^>]*>0.5000</td>", html)
     assert "after epoch 2 of 3" in html
+    # the metrics table's first column: the epoch as a whole number, not 1.0000
+    assert re.search(r'<tr data-step="1"[^>]*>\s*<td>1</td>', html), "epoch cell"
 
 
 def test_build_report_before_the_first_epoch(tmp_path):
