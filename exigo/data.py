@@ -28,6 +28,7 @@ __all__ = [
     "Normalization",
     "TensorImageDataset",
     "dataset_targets",
+    "display_pixels",
     "gather",
     "iterate_batches",
     "load_mnist",
@@ -287,6 +288,24 @@ def dataset_targets(dataset: Dataset) -> Tensor:
     if targets is not None:
         return torch.as_tensor(targets, dtype=torch.long)
     return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)
+
+
+def display_pixels(images: Tensor, normalization: Normalization | None) -> Tensor:
+    """Model inputs back to pixel intensities in [0, 1], for figures and overlays.
+
+    Args:
+        images: float tensor [N, C, H, W], normalised with `normalization`.
+        normalization: how the images were made from pixels; None: each image is min-max
+            stretched to [0, 1] (the original intensities are unknown).
+
+    Returns:
+        Float tensor [N, C, H, W] in [0, 1].
+    """
+    if normalization is not None:
+        return normalization.denormalize(images).clamp(0, 1)
+    low = images.amin(dim=(1, 2, 3), keepdim=True)
+    high = images.amax(dim=(1, 2, 3), keepdim=True)
+    return (images - low) / (high - low).clamp_min(1e-12)
 
 
 def gather(dataset: Dataset, indices: Tensor | Sequence[int]) -> tuple[Tensor, Tensor]:

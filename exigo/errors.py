@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from exigo._colour_scale import ROBUST_QUANTILE, colour_limit
 from exigo._tiles import TileBlock, TileRow, tile_figure
-from exigo.data import gather
-from exigo.saliency import input_gradients, reduce_channels, source_pixels
+from exigo.data import display_pixels, gather
+from exigo.saliency import input_gradients, reduce_channels
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -279,7 +279,7 @@ class ErrorAnalysis:
             "errors",
             plot_errors,
             confusions,
-            source_pixels(images, ctx.normalization),
+            display_pixels(images, ctx.normalization),
             saliency,
             evaluation.probabilities[indices, true],
             evaluation.probabilities[indices, predicted],

@@ -68,7 +68,7 @@ from exigo.checkpoint import (
     save_checkpoint,
 )
 from exigo.config import Config
-from exigo.data import Normalization, dataset_targets, gather
+from exigo.data import Normalization, dataset_targets, display_pixels, gather
 from exigo.distributed import (
     DistributedError,
     World,
@@ -512,12 +512,7 @@ def _make_probe(
 ) -> Probe:
     indices = select_probe(targets, size, num_classes)
     images, labels = gather(val_data, indices)
-    if normalization is not None:
-        pixels = normalization.denormalize(images).clamp(0, 1)
-    else:  # unknown normalisation: stretch each image to [0, 1] for display
-        low = images.amin(dim=(1, 2, 3), keepdim=True)
-        high = images.amax(dim=(1, 2, 3), keepdim=True)
-        pixels = (images - low) / (high - low).clamp_min(1e-12)
+    pixels = display_pixels(images, normalization)
     return Probe(images.to(device), labels.to(device), pixels, indices)
 
 

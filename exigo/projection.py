@@ -47,7 +47,7 @@ from torch import Tensor
 
 from exigo._io import atomic_write_bytes
 from exigo._render import Drawn
-from exigo.data import Normalization, gather
+from exigo.data import display_pixels, gather
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -58,7 +58,6 @@ __all__ = [
     "MIN_TSNE_POINTS",
     "PROJECTOR_TAG",
     "ProjectionAnalysis",
-    "display_pixels",
     "draw_tsne",
     "effective_perplexity",
     "plot_tsne",
@@ -272,23 +271,6 @@ def projector_metadata(
         [class_names[true], class_names[predicted], "yes" if true == predicted else "no"]
         for true, predicted in zip(targets.tolist(), predictions.tolist(), strict=True)
     ]
-
-
-def display_pixels(images: Tensor, normalization: Normalization | None) -> Tensor:
-    """Model inputs back to displayable intensities.
-
-    Args:
-        images: float tensor [K, C, H, W], normalised like the training data.
-        normalization: how they were normalised; None stretches each image to [0, 1].
-
-    Returns:
-        Float tensor [K, C, H, W] in [0, 1].
-    """
-    if normalization is not None:
-        return normalization.denormalize(images).clamp(0, 1)
-    low = images.amin(dim=(1, 2, 3), keepdim=True)
-    high = images.amax(dim=(1, 2, 3), keepdim=True)
-    return (images - low) / (high - low).clamp_min(1e-12)
 
 
 def sprite_images(pixels: Tensor) -> Tensor:

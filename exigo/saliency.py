@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from exigo._colour_scale import ROBUST_QUANTILE, colour_limit
 from exigo._tiles import TileBlock, TileRow, tile_figure
-from exigo.data import Normalization
+from exigo.data import Normalization, display_pixels
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -55,7 +55,6 @@ __all__ = [
     "plot_saliency",
     "reduce_channels",
     "saliency_maps",
-    "source_pixels",
 ]
 
 #: Images per forward/backward: 2,000 MNIST images in one batch fall out of the CPU's cache
@@ -177,24 +176,6 @@ def reduce_channels(maps: Tensor) -> Tensor:
     return maps.gather(1, strongest).squeeze(1)
 
 
-def source_pixels(images: Tensor, normalization: Normalization | None) -> Tensor:
-    """The images as pixel intensities in [0, 1], for display and for the overlay.
-
-    Args:
-        images: float tensor [N, C, H, W], normalised with `normalization`.
-        normalization: how the images were made from pixels; None: each image is min-max
-            stretched to [0, 1] (the original intensities are unknown).
-
-    Returns:
-        Float tensor [N, C, H, W] in [0, 1].
-    """
-    if normalization is not None:
-        return normalization.denormalize(images).clamp(0, 1)
-    low = images.amin(dim=(1, 2, 3), keepdim=True)
-    high = images.amax(dim=(1, 2, 3), keepdim=True)
-    return (images - low) / (high - low).clamp_min(1e-12)
-
-
 def _baseline_gradients(
     model: nn.Module, baseline: Tensor, images: Tensor, labels: Tensor, chunk_size: int
 ) -> Tensor:
@@ -264,7 +245,7 @@ def saliency_maps(
             if normalization is not None
             else images.new_zeros(single)
         )
-    pixels = source_pixels(images.detach(), normalization)  # (N, C, H, W)
+    pixels = display_pixels(images.detach(), normalization)  # (N, C, H, W)
     at_image = input_gradients(model, images, labels, chunk_size=chunk_size)
     at_baseline = _baseline_gradients(model, baseline, images, labels, chunk_size)
     delta = at_image - at_baseline

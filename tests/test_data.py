@@ -6,6 +6,7 @@ from exigo.data import (
     DataError,
     Normalization,
     TensorImageDataset,
+    display_pixels,
     gather,
     iterate_batches,
     load_mnist,
@@ -61,3 +62,15 @@ def test_truncated_file_is_named(mnist_copy):
     victim.write_bytes(victim.read_bytes()[:5000])
     with pytest.raises(DataError, match="t10k-images-idx3-ubyte"):
         load_mnist(mnist_copy, download=False)
+
+
+def test_display_pixels_undo_the_normalisation_or_stretch_each_image():
+    norm = Normalization(mean=(0.5,), std=(0.25,))
+    images = torch.tensor([[[[-2.0, 0.0], [2.0, 4.0]]]])  # pixels -0.0, 0.5, 1.0, 1.5
+    assert display_pixels(images, norm).flatten().tolist() == [0.0, 0.5, 1.0, 1.0]  # clamped
+    two = torch.stack([images[0], 10 * images[0]])
+    stretched = display_pixels(two, None)  # unknown normalisation: each image to [0, 1]
+    assert torch.allclose(stretched[0].flatten(), torch.tensor([0.0, 1 / 3, 2 / 3, 1.0]))
+    assert torch.equal(stretched[0], stretched[1])
+    flat = display_pixels(torch.full((1, 1, 2, 2), 3.0), None)
+    assert torch.equal(flat, torch.zeros(1, 1, 2, 2))  # no division by zero
