@@ -75,11 +75,10 @@ class Drawn:
     figure: Figure
     value: Any
 
-
-def _figure_and_value(drawn: Figure | Drawn) -> tuple[Figure, Any]:
-    if isinstance(drawn, Drawn):
-        return drawn.figure, drawn.value
-    return drawn, None
+    @classmethod
+    def of(cls, drawn: Figure | Drawn) -> Drawn:
+        """What a draw function returned, as a `Drawn` (a plain Figure's value is None)."""
+        return drawn if isinstance(drawn, Drawn) else cls(drawn, None)
 
 
 def render_png(figure: Figure, dpi: int) -> bytes:
@@ -174,8 +173,9 @@ class _Job:
     step: int
     path: Path
     dpi: int
-    draw: Callable[..., Figure | Drawn] | None  # kept until collected: called here if the
-    args: tuple[Any, ...] = ()  # helper fails
+    # the call, kept until collected: made here if the helper fails or never starts the job
+    draw: Callable[..., Figure | Drawn] | None
+    args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     on_value: Callable[[Any], None] | None = None
     png: bytes | None = None  # set once rendered in this process, or read back
@@ -184,11 +184,11 @@ class _Job:
 
     def render_here(self) -> None:
         assert self.draw is not None
-        figure, value = _figure_and_value(self.draw(*self.args, **self.kwargs))
-        self.png = render_png(figure, self.dpi)
+        drawn = Drawn.of(self.draw(*self.args, **self.kwargs))
+        self.png = render_png(drawn.figure, self.dpi)
         atomic_write_bytes(self.path, self.png)
         self.draw, self.args, self.kwargs = None, (), {}
-        self.hand_over(value)
+        self.hand_over(drawn.value)
 
     def hand_over(self, value: Any) -> None:
         if self.on_value is not None:
@@ -427,10 +427,10 @@ def _serve(jobs: IO[bytes], replies: IO[bytes]) -> None:
             continue
         try:
             draw, args, kwargs = pickle.loads(claimed.read_bytes())
-            figure, value = _figure_and_value(draw(*args, **kwargs))
-            atomic_write_bytes(path, render_png(figure, int(dpi)))
-            if value is not None:
-                _value_file(Path(job)).write_bytes(_pickle(value))
+            drawn = Drawn.of(draw(*args, **kwargs))
+            atomic_write_bytes(path, render_png(drawn.figure, int(dpi)))
+            if drawn.value is not None:
+                _value_file(Path(job)).write_bytes(_pickle(drawn.value))
             replies.write(b"ok\n")
         except Exception as error:
             text = " ".join(f"{type(error).__name__}: {error}".split())

@@ -308,13 +308,10 @@ class EpochContext:
             Path of the PNG (written by the time the epoch is committed).
         """
         if self.renderer is None:
-            drawn = draw(*args, **kwargs)
-            figure, value = (
-                (drawn.figure, drawn.value) if isinstance(drawn, Drawn) else (drawn, None)
-            )
-            path = self.save_figure(figure, name, dpi)
+            drawn = Drawn.of(draw(*args, **kwargs))
+            path = self.save_figure(drawn.figure, name, dpi)
             if on_value is not None:
-                on_value(value)
+                on_value(drawn.value)
             return path
         path = self.plots_dir / f"{name}_{self.tag}.png"
         self.renderer.submit_draw(draw, args, kwargs, path, dpi, name, self.epoch, on_value)
