@@ -43,10 +43,10 @@ def median_seconds(call, repeats: int) -> float:
 def share_of_run(data_dir: Path, repeats: int) -> torch.nn.Module:
     from rich.console import Console
 
-    from exigo.attributions import AttributionAnalysis
+    from exigo.analyses.attributions import AttributionAnalysis
     from exigo.config import Config
     from exigo.data import load_mnist
-    from exigo.model import MnistCNN
+    from exigo.models import MnistCNN
     from exigo.pipeline import run
 
     train, held_out = load_mnist(data_dir, download=False)
@@ -109,11 +109,11 @@ def fmt(values: list[float]) -> str:
 
 
 def settings_sweep(model: torch.nn.Module, data_dir: Path, repeats: int) -> None:
-    from exigo import attributions as A
+    from exigo.analyses import attributions as A
     from exigo.data import MNIST_NORMALIZATION, load_mnist
-    from exigo.faithfulness import deletion_insertion
+    from exigo.analyses.faithfulness import deletion_insertion
     from exigo.pipeline import select_probe
-    from exigo.sanity import cascading_randomisation, spearman
+    from exigo.analyses.sanity import cascading_randomisation, spearman
 
     _, held_out = load_mnist(data_dir, download=False)
     index = select_probe(held_out.targets, 10, 10)
@@ -200,7 +200,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.skip_runs:
-        from exigo.model import MnistCNN
+        from exigo.models import MnistCNN
 
         torch.manual_seed(0)
         model = MnistCNN().eval()

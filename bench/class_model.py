@@ -1,4 +1,4 @@
-"""Time of `exigo.class_model.class_models` for the ten MNIST classes (budget: 1 s per epoch).
+"""Time of `exigo.analyses.class_models.class_models` for the ten MNIST classes (budget: 1 s per epoch).
 
 Default `MnistCNN` with random weights (the time does not depend on the weights) and the
 default settings (60 steps). Prints every repetition, then the medians of the wall-clock and
@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from exigo.class_model import class_models
+from exigo.analyses.class_models import class_models
 from exigo.data import MNIST_NORMALIZATION
-from exigo.model import MnistCNN
+from exigo.models import MnistCNN
 
 
 def main() -> None:

@@ -142,7 +142,7 @@ def in_process(
     import exigo.cli
     import exigo.data
     import exigo.pipeline
-    import exigo.projection
+    import exigo.analyses.projection
     import exigo.report
 
     imported_exigo = time.perf_counter()
@@ -222,23 +222,23 @@ def in_process(
 
         setattr(exigo.pipeline.EpochContext, method, count)
     try:
-        import exigo._render
+        import exigo.figures.pool
 
-        timers.wrap(exigo._render.FigureRenderer, "collect", "figure_wait")
+        timers.wrap(exigo.figures.pool.FigureRenderer, "collect", "figure_wait")
     except ImportError:  # a checkout from before the helper process (for before/after tables)
         pass
     timers.wrap(exigo.pipeline, "save_checkpoint", "checkpoints")
     timers.wrap(exigo.report, "write_report", "report")
     # the t-SNE runs in the figure helper process: timed here only with --inline-figures
-    timers.wrap(exigo.projection, "tsne_layout", "tsne", keep=True)
-    project = exigo.projection.ProjectionAnalysis.__call__
+    timers.wrap(exigo.analyses.projection, "tsne_layout", "tsne", keep=True)
+    project = exigo.analyses.projection.ProjectionAnalysis.__call__
 
     def project_and_keep(self: Any, ctx: Any) -> None:
         project(self, ctx)
         if self.indices is not None and ctx.eval is not None:  # the last epoch's, after the run
             captured["tsne_embeddings"] = ctx.eval.embeddings[self.indices].clone()
 
-    exigo.projection.ProjectionAnalysis.__call__ = project_and_keep
+    exigo.analyses.projection.ProjectionAnalysis.__call__ = project_and_keep
 
     default_analyses = exigo.analyses.default_analyses
 
@@ -311,7 +311,7 @@ def in_process(
 
 def saliency_rate(model: Any, held_out: Any, repeats: int = 3) -> dict[str, float]:
     """Images per second of `saliency_maps` over the whole held-out set (median of `repeats`)."""
-    from exigo.saliency import saliency_maps
+    from exigo.analyses.saliency import saliency_maps
 
     model.eval()
     images, labels = held_out.images, held_out.targets
@@ -331,7 +331,7 @@ def saliency_rate(model: Any, held_out: Any, repeats: int = 3) -> dict[str, floa
 
 def tsne_seconds(embeddings: Any, repeats: int = 3) -> dict[str, float]:
     """Seconds of a cold t-SNE (PCA start, exaggeration phase) of `embeddings`, median."""
-    from exigo.projection import tsne_layout
+    from exigo.analyses.projection import tsne_layout
 
     times = []
     for _ in range(repeats):

@@ -1,4 +1,4 @@
-"""Throughput of `exigo.saliency.saliency_maps`: images per second for the five maps.
+"""Throughput of `exigo.analyses.saliency.saliency_maps`: images per second for the five maps.
 
 Default `MnistCNN` (untrained: the speed does not depend on the weights), the 2,000 held-out
 images of `../shared/mnist`, chunks of 256. Prints every repetition and the median.
@@ -19,8 +19,8 @@ import time
 import torch
 
 from exigo.data import load_mnist
-from exigo.model import MnistCNN
-from exigo.saliency import DEFAULT_CHUNK_SIZE, saliency_maps
+from exigo.models import MnistCNN
+from exigo.analyses.saliency import DEFAULT_CHUNK_SIZE, saliency_maps
 
 
 def main() -> None:

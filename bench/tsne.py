@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exigo.projection import stratified_indices, tsne_layout
+from exigo.analyses.projection import stratified_indices, tsne_layout
 
 
 def embeddings_after_epochs(data_dir: Path, cache: Path) -> dict[str, torch.Tensor]:
@@ -38,7 +38,7 @@ def embeddings_after_epochs(data_dir: Path, cache: Path) -> dict[str, torch.Tens
 
     from exigo.config import Config
     from exigo.data import load_mnist
-    from exigo.model import MnistCNN
+    from exigo.models import MnistCNN
     from exigo.pipeline import run
 
     kept: dict[str, torch.Tensor] = {}

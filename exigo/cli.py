@@ -322,7 +322,7 @@ def run_and_exit(argv: Sequence[str] | None = None) -> NoReturn:
 
 def _leave_process_group() -> None:
     """Close the torchrun process group `_run` joined (nothing to do without torchrun)."""
-    distributed = sys.modules.get("exigo.distributed")  # not imported: nothing was joined
+    distributed = sys.modules.get("exigo.engine.world")  # not imported: nothing was joined
     if distributed is not None:
         distributed.leave()
 
@@ -342,7 +342,7 @@ def _set_threads(threads: int) -> None:
     """Give torch `threads` intra-op threads; 0: `OMP_NUM_THREADS` if set, else half the CPUs.
 
     Half the CPUs (at least one) by default: the other half renders the figures
-    (`exigo._render`) and absorbs other processes. OpenMP threads spin-wait for each other at
+    (`exigo.figures.pool`) and absorbs other processes. OpenMP threads spin-wait for each other at
     every operator, so when the cores are oversubscribed an epoch collapses: on 2 cores, two
     threads train the default CNN 1.6x faster than one when nothing else runs (1.4 s instead
     of 2.3 s per epoch), but 10-30x slower once other processes share the cores (29 s at load
@@ -350,7 +350,7 @@ def _set_threads(threads: int) -> None:
     """
     import torch
 
-    from exigo._render import available_cpus
+    from exigo.figures.pool import available_cpus
 
     if threads:
         torch.set_num_threads(threads)
@@ -362,9 +362,9 @@ def _run(config: Config, console: Console, err: Console) -> int:
     import torch
 
     from exigo.analyses import default_analyses
-    from exigo.checkpoint import CheckpointError
+    from exigo.engine.checkpoint import CheckpointError
     from exigo.data import DataError, load_mnist
-    from exigo.distributed import DistributedError, all_or_none, join
+    from exigo.engine.world import DistributedError, all_or_none, join
     from exigo.pipeline import (
         ResumeError,
         RunDiverged,
@@ -461,7 +461,7 @@ def default_model(num_classes: int, device: torch.device) -> nn.Module:
     """
     import torch
 
-    from exigo.model import MnistCNN
+    from exigo.models import MnistCNN
 
     model = MnistCNN(num_classes=num_classes)
     if device.type == "cpu":

@@ -28,7 +28,7 @@ What a run survives:
 generator, the best loss, the metrics history and each analysis' `state_dict()` from
 `models/last.pt`, so on the CPU the resumed run's metrics equal an uninterrupted run's.
 
-Under `torchrun` (`exigo.distributed`) every process trains its shard of each epoch through
+Under `torchrun` (`exigo.engine.world`) every process trains its shard of each epoch through
 DistributedDataParallel and evaluates its shard of the validation set; rank 0 receives the
 whole evaluation, runs the analyses and writes every output, the other processes print and
 write nothing. The processes agree on a stop (signal) or a divergence, so they stop together.
@@ -59,8 +59,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from exigo._io import FolderLock, FolderLockedError, atomic_write_bytes, atomic_write_json
-from exigo._render import Drawn, FigureRenderer, available_cpus, log_png, render_png
-from exigo.checkpoint import (
+from exigo.figures.pool import Drawn, FigureRenderer, available_cpus, log_png, render_png
+from exigo.engine.checkpoint import (
     apply_weights,
     capture_rng,
     load_checkpoint,
@@ -69,7 +69,7 @@ from exigo.checkpoint import (
 )
 from exigo.config import Config
 from exigo.data import Normalization, dataset_targets, display_pixels, gather
-from exigo.distributed import (
+from exigo.engine.world import (
     DistributedError,
     World,
     all_or_none,
@@ -80,8 +80,8 @@ from exigo.distributed import (
     training_indices,
     wrap,
 )
-from exigo.model import embedding_module
-from exigo.training import DivergenceError, EvalResult, TrainResult, evaluate, train_epoch
+from exigo.models import embedding_module
+from exigo.engine.training import DivergenceError, EvalResult, TrainResult, evaluate, train_epoch
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

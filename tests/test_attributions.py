@@ -9,7 +9,7 @@ from PIL import Image
 from torch import nn
 
 from exigo.analyses import default_analyses
-from exigo.attributions import (
+from exigo.analyses.attributions import (
     AttributionAnalysis,
     AttributionSettings,
     attribution_maps,
@@ -25,7 +25,7 @@ from exigo.attributions import (
 )
 from exigo.config import Config
 from exigo.data import Normalization
-from exigo.model import MnistCNN
+from exigo.models import MnistCNN
 from exigo.pipeline import EpochContext, Probe, run
 
 from conftest import TinyNet

@@ -11,7 +11,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from exigo.checkpoint import (
+from exigo.engine.checkpoint import (
     CheckpointError,
     capture_rng,
     load_checkpoint,

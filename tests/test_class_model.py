@@ -2,7 +2,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from exigo.class_model import ClassModelAnalysis, class_models, plot_class_models
+from exigo.analyses.class_models import ClassModelAnalysis, class_models, plot_class_models
 from exigo.config import Config
 from exigo.data import Normalization
 from exigo.pipeline import run

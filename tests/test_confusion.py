@@ -12,7 +12,7 @@ from PIL import Image
 from exigo.analyses import default_analyses
 from exigo.cli import build_parser, config_from_args
 from exigo.config import Config
-from exigo.confusion import (
+from exigo.analyses.confusion import (
     ConfusionAnalysis,
     confusion_matrix,
     plot_confusion,
@@ -20,7 +20,7 @@ from exigo.confusion import (
     row_normalize,
 )
 from exigo.data import load_mnist
-from exigo.model import MnistCNN
+from exigo.models import MnistCNN
 from exigo.pipeline import EpochContext, run
 
 from conftest import TinyNet

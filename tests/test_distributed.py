@@ -10,10 +10,10 @@ import textwrap
 import pytest
 import torch
 
-from exigo import distributed
-from exigo.checkpoint import load_checkpoint
-from exigo.distributed import evaluation_shard, interleave_shards, training_indices
-from exigo.model import MnistCNN
+from exigo.engine import world as distributed
+from exigo.engine.checkpoint import load_checkpoint
+from exigo.engine.world import evaluation_shard, interleave_shards, training_indices
+from exigo.models import MnistCNN
 
 from conftest import REPO, make_blobs
 
@@ -88,8 +88,8 @@ def test_devices_that_cannot_be_shared_out_are_refused():
 WORKER = textwrap.dedent(
     """
     import os, sys, time, torch
-    from exigo import distributed
-    from exigo.training import TrainResult, evaluate
+    from exigo.engine import world as distributed
+    from exigo.engine.training import TrainResult, evaluate
     from conftest import TinyNet, make_blobs
 
     mode, out = sys.argv[1], sys.argv[2]
@@ -226,7 +226,7 @@ PIPELINE_WORKER = textwrap.dedent(
     import io, json, os, signal, sys, torch
     from rich.console import Console
     from torch.utils.data import Dataset
-    from exigo import distributed
+    from exigo.engine import world as distributed
     from exigo.config import Config
     from exigo.pipeline import RunDiverged, RunInterrupted, run
     from conftest import TinyNet, make_blobs

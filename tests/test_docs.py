@@ -45,7 +45,7 @@ def public_modules() -> list[str]:
 
 
 def page_path(site: Path, module: str) -> Path:
-    """Where pdoc writes the page of `module` (`exigo.confusion` -> `exigo/confusion.html`)."""
+    """Where pdoc writes the page of `module` (`exigo.analyses.confusion` -> `exigo/confusion.html`)."""
     return site.joinpath(*module.split(".")).with_suffix(".html")
 
 
@@ -74,7 +74,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
 
 def test_public_modules_are_found() -> None:
     modules = public_modules()
-    for expected in ("exigo.pipeline", "exigo.confusion", "exigo.saliency", "exigo.cli"):
+    for expected in ("exigo.pipeline", "exigo.analyses.confusion", "exigo.analyses.saliency", "exigo.cli"):
         assert expected in modules
     assert not any("._" in name for name in modules)
 

@@ -6,9 +6,9 @@ from torch.utils.tensorboard import SummaryWriter
 
 from exigo.config import Config
 from exigo.data import TensorImageDataset
-from exigo.errors import ErrorAnalysis, error_saliency, frequent_confusions, plot_errors
+from exigo.analyses.errors import ErrorAnalysis, error_saliency, frequent_confusions, plot_errors
 from exigo.pipeline import EpochContext, Probe
-from exigo.training import EvalResult
+from exigo.engine.training import EvalResult
 
 from conftest import TinyNet
 

@@ -16,9 +16,9 @@ from test_reliability import HOLD_LOCK, PoisonedNet, SignalAt
 
 import exigo.analyses
 import exigo.data
-import exigo.model
+import exigo.models
 import exigo.pipeline
-from exigo.checkpoint import save_checkpoint
+from exigo.engine.checkpoint import save_checkpoint
 from exigo.cli import main
 
 from conftest import REPO, TinyNet, make_blobs
@@ -43,7 +43,7 @@ def tiny_cli(monkeypatch):
 
     setup = Setup()
     monkeypatch.setattr(exigo.data, "load_mnist", lambda root, download: (setup.train, VAL))
-    monkeypatch.setattr(exigo.model, "MnistCNN", lambda num_classes: setup.model(num_classes))
+    monkeypatch.setattr(exigo.models, "MnistCNN", lambda num_classes: setup.model(num_classes))
     monkeypatch.setattr(exigo.analyses, "default_analyses", lambda config: setup.analyses)
     return setup
 

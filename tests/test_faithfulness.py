@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from exigo.faithfulness import deletion_insertion, pixel_order
+from exigo.analyses.faithfulness import deletion_insertion, pixel_order
 
 
 def linear_model(weights: torch.Tensor) -> nn.Module:

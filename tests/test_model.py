@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from exigo.model import MnistCNN, embedding_module
+from exigo.models import MnistCNN, embedding_module
 
 
 def test_shapes_and_embedding():

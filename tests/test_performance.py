@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-import exigo._render
+import exigo.figures.pool
 from exigo import cli
 
 
@@ -28,7 +28,7 @@ def test_threads(monkeypatch, restore_threads, option, environment, cpus, expect
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     else:
         monkeypatch.setenv("OMP_NUM_THREADS", environment)
-    monkeypatch.setattr(exigo._render, "available_cpus", lambda: cpus)
+    monkeypatch.setattr(exigo.figures.pool, "available_cpus", lambda: cpus)
     torch.set_num_threads(5)
     cli._set_threads(option)
     assert torch.get_num_threads() == (5 if expected is None else expected)

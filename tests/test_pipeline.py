@@ -2,7 +2,7 @@ import json
 
 import torch
 
-from exigo.checkpoint import load_checkpoint
+from exigo.engine.checkpoint import load_checkpoint
 from exigo.config import Config
 from exigo.pipeline import EpochContext, run, select_probe
 

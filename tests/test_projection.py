@@ -16,11 +16,11 @@ import torch
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
-from exigo import projection
+from exigo.analyses import projection
 from exigo.config import Config
 from exigo.data import MNIST_NORMALIZATION, TensorImageDataset
 from exigo.pipeline import EpochContext, run
-from exigo.projection import (
+from exigo.analyses.projection import (
     MIN_TSNE_POINTS,
     ProjectionAnalysis,
     _thumbnail_side,
@@ -32,7 +32,7 @@ from exigo.projection import (
     stratified_indices,
     tsne_layout,
 )
-from exigo.training import EvalResult
+from exigo.engine.training import EvalResult
 
 from conftest import TinyNet, make_blobs
 
@@ -453,7 +453,7 @@ def test_tensorboard_serves_the_projector(tmp_path):
 @pytest.mark.slow
 def test_mnist_layout_separates_the_digits(mnist_root, tmp_path):
     from exigo.data import load_mnist
-    from exigo.model import MnistCNN
+    from exigo.models import MnistCNN
 
     train, held_out = load_mnist(mnist_root, download=False)
     assert held_out.normalization == MNIST_NORMALIZATION
@@ -471,7 +471,7 @@ def test_mnist_layout_separates_the_digits(mnist_root, tmp_path):
 
 def test_the_layout_computed_in_the_helper_reaches_last_pt(tmp_path, monkeypatch):
     from exigo import pipeline
-    from exigo.checkpoint import load_checkpoint
+    from exigo.engine.checkpoint import load_checkpoint
 
     monkeypatch.setattr(pipeline, "available_cpus", lambda: 2)  # a helper process, always
     train, held_out = make_blobs(96, seed=0), make_blobs(30, seed=1)

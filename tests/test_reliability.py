@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from rich.console import Console
 from torch.utils.data import Dataset
 
-from exigo.checkpoint import load_checkpoint
+from exigo.engine.checkpoint import load_checkpoint
 from exigo.config import Config
 from exigo.pipeline import (
     EpochContext,
@@ -282,7 +282,7 @@ def test_ctrl_c_on_real_mnist_then_resume(mnist_root, tmp_path):
     assert str(save / "models" / "best.pt") in stop_lines[0].replace("\n", "")
     rows = json.loads((save / "metrics.json").read_text())
     assert [row["epoch"] for row in rows] == [1]
-    from exigo.model import MnistCNN
+    from exigo.models import MnistCNN
 
     assert load_checkpoint(save / "models" / "best.pt", MnistCNN())["epoch"] == 1
     assert [step for step, _ in scalar_steps(save / "logs" / "r", "loss/eval")] == [1]

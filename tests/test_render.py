@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 from PIL import Image
 
-from exigo._render import Drawn, FigureRenderer, available_cpus, log_png, render_png
+from exigo.figures.pool import Drawn, FigureRenderer, available_cpus, log_png, render_png
 from exigo.config import Config
 from exigo.pipeline import EpochContext, run
 

@@ -5,7 +5,7 @@ from torch import nn
 from exigo.config import Config
 from exigo.data import Normalization
 from exigo.pipeline import run
-from exigo.saliency import (
+from exigo.analyses.saliency import (
     SaliencyAnalysis,
     SaliencyMaps,
     frozen,

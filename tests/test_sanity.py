@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from exigo.attributions import attribution_maps, saliency
-from exigo.model import MnistCNN
-from exigo.sanity import cascading_randomisation, randomisable_layers, spearman, ssim
+from exigo.analyses.attributions import attribution_maps, saliency
+from exigo.models import MnistCNN
+from exigo.analyses.sanity import cascading_randomisation, randomisable_layers, spearman, ssim
 
 
 def gradient_maps(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

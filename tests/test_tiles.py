@@ -7,8 +7,8 @@ import pytest
 from matplotlib import colormaps
 from PIL import Image
 
-from exigo._render import render_png
-from exigo._tiles import TileBlock, TileRow, block_canvas, tile_figure
+from exigo.figures.pool import render_png
+from exigo.figures.tiles import TileBlock, TileRow, block_canvas, tile_figure
 
 
 def rgb255(cmap: str, position: float) -> list[int]:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from exigo.training import DivergenceError, evaluate, train_epoch
+from exigo.engine.training import DivergenceError, evaluate, train_epoch
 
 from conftest import TinyNet
 

@@ -12,7 +12,7 @@ $$ \nabla_x f_y(x) \quad \text{(towards the true class } y\text{)}, \qquad
 on one shared colour scale, with $p(y \mid x)$ and $p(\hat y \mid x)$ from the evaluation pass.
 Red pixels raise that class's logit, blue pixels lower it: where the predicted-class map is
 red on ink that the true-class map leaves white or blue, that stroke is what misled the
-network. The gradients come from `exigo.saliency.input_gradients`, one batched call for both
+network. The gradients come from `exigo.analyses.saliency.input_gradients`, one batched call for both
 maps of every image.
 """
 
@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from exigo._colour_scale import ROBUST_QUANTILE, colour_limit
-from exigo._tiles import TileBlock, TileRow, tile_figure
+from exigo.figures.colour_scale import ROBUST_QUANTILE, colour_limit
+from exigo.figures.tiles import TileBlock, TileRow, tile_figure
 from exigo.data import display_pixels, gather
-from exigo.saliency import input_gradients, reduce_channels
+from exigo.analyses.saliency import input_gradients, reduce_channels
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -129,7 +129,7 @@ def error_saliency(
     """Saliency of each image towards its true and its predicted class, signed.
 
     One batched `input_gradients` call for both maps; the model comes back unchanged (see
-    `exigo.saliency.frozen`) and `images` are not modified. Multi-channel gradients keep, at
+    `exigo.analyses.saliency.frozen`) and `images` are not modified. Multi-channel gradients keep, at
     every pixel, the channel of largest magnitude (`reduce_channels`).
 
     Args:
@@ -165,7 +165,7 @@ def plot_errors(
     indices)` belong to the first confusion, and so on). Both saliency rows of every block use
     one diverging colour scale centred at 0, shared by the whole figure; a grey line marks the
     digit's outline (where its brightest channel crosses 0.5). Drawn as one picture per
-    confusion (`exigo._tiles`).
+    confusion (`exigo.figures.tiles`).
 
     Args:
         confusions: the pairs to draw (at least one), with their images' indices.

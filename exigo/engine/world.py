@@ -23,7 +23,7 @@ $$ \bar\ell = \frac{\sum_r n_r \, \bar\ell_r}{\sum_r n_r}, \qquad
 \mathrm{acc} = \frac{\sum_r c_r}{\sum_r n_r}, $$
 
 and the predictions, targets, probabilities and embeddings are gathered to rank 0 in dataset
-order. The result equals a single-process `exigo.training.evaluate` of the same model (the loss up
+order. The result equals a single-process `exigo.engine.training.evaluate` of the same model (the loss up
 to float rounding of the split sum).
 
 Every collective runs under the process group's timeout: a process that crashed, hangs or waits
@@ -51,11 +51,14 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, DistributedSampler
 
-from exigo.training import EvalResult, TrainResult, evaluate
+from exigo.engine.signals import RunInterrupted, StopSignals
+from exigo.engine.training import DivergenceError, EvalResult, TrainResult, evaluate
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "STOP_CHECK_BATCHES",
     "DistributedError",
+    "Torchrun",
     "World",
     "all_or_none",
     "broadcast_buffers",
@@ -68,7 +71,9 @@ __all__ = [
     "launched_by_torchrun",
     "leave",
     "process_group",
+    "open_world",
     "reduce_train_result",
+    "resolve_device",
     "training_indices",
     "wrap",
 ]
@@ -77,15 +82,241 @@ __all__ = [
 DEFAULT_TIMEOUT = 1800.0
 
 
+#: Under torchrun the processes agree whether a signal stops them every this many training
+#: batches: often enough to stop within seconds, rarely enough to cost no measurable time.
+STOP_CHECK_BATCHES = 10
+
+
 class DistributedError(RuntimeError):
     """A collective failed: another process crashed, stopped, or did not answer in time."""
 
 
-@dataclass(frozen=True)
 class World:
-    """This process' place among the processes of a torchrun run.
+    """The processes of a run, seen from one of them: a single process, whose collectives are no-ops.
+
+    The pipeline's epoch loop calls the same methods whatever the launch: `Torchrun` (a
+    subclass) shares the work out among torchrun's processes, this class runs it all here.
+
+    Args:
+        device: where this process trains.
 
     Attributes:
+        rank: 0 ... world_size - 1; rank 0 writes every output.
+        world_size: W, the number of processes.
+        local_rank: index of this process on its machine.
+        backend: the collective backend ("nccl", "gloo"), or None for a single process.
+        device: where this process trains.
+        timeout: seconds a collective waits for the other processes.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+    timeout: float = DEFAULT_TIMEOUT
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this is rank 0, the process that writes."""
+        return self.rank == 0
+
+    def describe(self) -> dict[str, Any] | None:
+        """What run.json records of the processes.
+
+        Returns:
+            None for a single process.
+        """
+        return None
+
+    @contextmanager
+    def collective(self, what: str) -> Iterator[None]:
+        """A block of collectives; their failure becomes a `DistributedError` saying `what`.
+
+        Args:
+            what: what the processes were doing, for the message ("evaluating").
+
+        Yields:
+            None; the block runs once.
+        """
+        yield
+
+    @contextmanager
+    def all_or_none(self, what: str) -> Iterator[None]:
+        """A block that may fail on some processes only: if it fails on one, it fails on all.
+
+        Each process runs the block, then all agree whether every one succeeded (one
+        collective). The process whose block raised re-raises its own error; the others raise
+        `DistributedError` instead of waiting at their next collective for a process that
+        left. A single process just runs the block.
+
+        Args:
+            what: what the block does, for the others' message ("starting the run").
+
+        Yields:
+            None; the block runs once on every process.
+        """
+        with all_or_none(self if self.world_size > 1 else None, what):  # type: ignore[arg-type]
+            yield
+
+    def all_ok(self, ok: bool) -> bool:
+        """Whether every process passes `ok=True`: one failing process tells all the others.
+
+        Args:
+            ok: whether this process succeeded.
+
+        Returns:
+            True on every process when all passed True.
+        """
+        return ok
+
+    def agree_on_signal(self, signal_number: int | None) -> int | None:
+        """The signal any process received, or None: all processes learn the same.
+
+        Args:
+            signal_number: the signal this process received, or None.
+
+        Returns:
+            The same signal number, or None, on every process.
+        """
+        return signal_number
+
+    def broadcast_object(self, value: Any) -> Any:
+        """Rank 0's `value` on every process.
+
+        Args:
+            value: any picklable object on rank 0; ignored on the other ranks.
+
+        Returns:
+            Rank 0's `value`.
+        """
+        return value
+
+    def samples_per_epoch(self, dataset_size: int) -> int:
+        """Training images this process sees per epoch.
+
+        Args:
+            dataset_size: N.
+
+        Returns:
+            N.
+        """
+        return dataset_size
+
+    def training_order(
+        self, dataset: Dataset, epoch: int, seed: int, generator: torch.Generator
+    ) -> Tensor:
+        """The epoch's shuffled order of this process' training images.
+
+        Args:
+            dataset: the training set (only its length is used).
+            epoch: 1-based epoch.
+            seed: the run's seed.
+            generator: the run's shuffling generator (saved with `--resume` state).
+
+        Returns:
+            int64 tensor of indices into `dataset`.
+        """
+        return torch.randperm(len(dataset), generator=generator)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """The module to train through.
+
+        Args:
+            model: the model, on this process' device.
+
+        Returns:
+            The model itself, for a single process.
+        """
+        return model
+
+    def train_epoch(
+        self,
+        trainer: nn.Module,
+        model: nn.Module,
+        one_pass: Callable[[nn.Module], TrainResult],
+        images: int,
+    ) -> TrainResult:
+        """`one_pass(trainer)`: one epoch over this process' images, as all processes saw it.
+
+        Args:
+            trainer: what `prepare` returned.
+            model: the model itself.
+            one_pass: trains one epoch through the module it is given.
+            images: images in this process' epoch.
+
+        Returns:
+            The epoch's `TrainResult` over every process' images.
+        """
+        return one_pass(trainer)
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        dataset: Dataset,
+        *,
+        batch_size: int,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> EvalResult:
+        """The evaluation pass over `dataset` (see `exigo.engine.training.evaluate`).
+
+        Args:
+            model: the model itself.
+            dataset: the validation set.
+            batch_size: images per forward pass.
+            on_batch: called with the number of images after each forward pass.
+
+        Returns:
+            The whole `EvalResult` on rank 0.
+        """
+        return evaluate(
+            model, dataset, batch_size=batch_size, device=self.device, on_batch=on_batch
+        )
+
+    def evaluation_size(self, dataset_size: int) -> int:
+        """Images this process evaluates.
+
+        Args:
+            dataset_size: N.
+
+        Returns:
+            N.
+        """
+        return dataset_size
+
+    def stop_point(self, stop: StopSignals, batches: int, *, training: bool) -> None:
+        """After every batch: stop here if a signal asked to (a single process checks each).
+
+        Args:
+            stop: this process' signal flag.
+            batches: batches done so far in this pass.
+            training: whether this is a training pass.
+
+        Raises:
+            RunInterrupted: a signal arrived.
+        """
+        stop.check()
+
+    def stop_together(self, stop: StopSignals) -> None:
+        """Every process stops here if any one received a signal.
+
+        Args:
+            stop: this process' signal flag.
+
+        Raises:
+            RunInterrupted: a signal reached this process or another.
+        """
+        signal_number = self.agree_on_signal(stop.received)
+        if signal_number is not None:
+            raise RunInterrupted(signal_number)
+
+
+class Torchrun(World):
+    """This process' place among the processes of a torchrun run: the collectives are real.
+
+    Args:
         rank: 0 ... world_size - 1; rank 0 writes every output.
         world_size: W, the number of processes (all machines together).
         local_rank: index of this process on its machine (its GPU index under CUDA).
@@ -94,17 +325,22 @@ class World:
         timeout: seconds a collective waits for the other processes.
     """
 
-    rank: int
-    world_size: int
-    local_rank: int
-    backend: str
-    device: torch.device
-    timeout: float
-
-    @property
-    def is_main(self) -> bool:
-        """Whether this is rank 0, the process that writes."""
-        return self.rank == 0
+    def __init__(
+        self,
+        *,
+        rank: int,
+        world_size: int,
+        local_rank: int,
+        backend: str,
+        device: torch.device,
+        timeout: float,
+    ) -> None:
+        super().__init__(device)
+        self.rank = rank
+        self.world_size = world_size
+        self.local_rank = local_rank
+        self.backend = backend
+        self.timeout = timeout
 
     @contextmanager
     def collective(self, what: str) -> Iterator[None]:
@@ -131,6 +367,140 @@ class World:
                 f"--dist-timeout {self.timeout:g} s: its own error, named in torchrun's summary, "
                 "is the cause (raise --dist-timeout if rank 0's analyses take that long)"
             ) from error
+
+
+    def describe(self) -> dict[str, Any] | None:
+        """What run.json records of the processes.
+
+        Returns:
+            `{"world_size": W, "backend": ...}`.
+        """
+        return {"world_size": self.world_size, "backend": self.backend}
+
+    def samples_per_epoch(self, dataset_size: int) -> int:
+        """Training images this process sees per epoch: a `DistributedSampler` gives ceil(N / W).
+
+        Args:
+            dataset_size: N.
+
+        Returns:
+            ceil(N / W).
+        """
+        return -(-dataset_size // self.world_size)
+
+    def training_order(
+        self, dataset: Dataset, epoch: int, seed: int, generator: torch.Generator
+    ) -> Tensor:
+        """This process' shard, re-shuffled every epoch (`DistributedSampler.set_epoch`).
+
+        Args:
+            dataset: the training set (only its length is used).
+            epoch: 1-based epoch.
+            seed: the run's seed: every process draws the same permutation.
+            generator: unused: the permutation depends on `seed` and `epoch` only.
+
+        Returns:
+            int64 tensor [ceil(N / W)] of indices into `dataset`.
+        """
+        return training_indices(dataset, epoch, seed, self.rank, self.world_size)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """`model` in DistributedDataParallel (rank 0's weights copied to every process).
+
+        Args:
+            model: the model, on this process' device.
+
+        Returns:
+            The wrapper to train through.
+        """
+        with self.collective("wrapping the model in DistributedDataParallel"):
+            return wrap(model, self)
+
+    def train_epoch(
+        self,
+        trainer: nn.Module,
+        model: nn.Module,
+        one_pass: Callable[[nn.Module], TrainResult],
+        images: int,
+    ) -> TrainResult:
+        """`one_pass(trainer)` on this shard, summed over the processes; NaN anywhere stops all.
+
+        Args:
+            trainer: the DDP wrapper `prepare` returned.
+            model: the model itself: rank 0's BatchNorm statistics are copied into it after.
+            one_pass: trains one epoch through the module it is given.
+            images: images in this process' shard.
+
+        Returns:
+            The epoch's `TrainResult` over every process' images.
+
+        Raises:
+            DivergenceError: the loss became NaN or infinite on any process.
+        """
+        diverged: str | None = None
+        try:
+            with self.collective("training (DistributedDataParallel)"):
+                trained = one_pass(trainer)
+        except DivergenceError as error:  # found on this shard: the others must hear of it
+            diverged = str(error)
+            trained = TrainResult(loss=math.nan, accuracy=math.nan, seconds=0.0, images=images)
+        trained = reduce_train_result(trained, self)  # NaN anywhere: NaN everywhere
+        if not math.isfinite(trained.loss):
+            raise DivergenceError(
+                diverged
+                or f"training loss became {trained.loss} in another process; the learning "
+                "rate is probably too high (try a smaller --lr)"
+            )
+        broadcast_buffers(model, self)  # evaluate the BatchNorm statistics rank 0 saves
+        return trained
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        dataset: Dataset,
+        *,
+        batch_size: int,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> EvalResult:
+        """Each process evaluates its shard; rank 0 receives the whole `EvalResult`.
+
+        Args:
+            model: the model itself, not its DDP wrapper (shards differ in batch count).
+            dataset: the validation set.
+            batch_size: images per forward pass.
+            on_batch: called with the number of images after each forward pass.
+
+        Returns:
+            See `evaluate_sharded`.
+        """
+        return evaluate_sharded(
+            model, dataset, self, batch_size=batch_size, device=self.device, on_batch=on_batch
+        )
+
+    def evaluation_size(self, dataset_size: int) -> int:
+        """Images this process evaluates.
+
+        Args:
+            dataset_size: N.
+
+        Returns:
+            The size of this process' evaluation shard.
+        """
+        return len(range(self.rank, dataset_size, self.world_size))
+
+    def stop_point(self, stop: StopSignals, batches: int, *, training: bool) -> None:
+        """The processes decide together every `STOP_CHECK_BATCHES` training batches.
+
+        Their training shards have equal batch counts; evaluation shards may differ by one
+        batch, so evaluation leaves the decision to the end of the epoch (`stop_together`).
+
+        Args:
+            stop: this process' signal flag.
+            batches: batches done so far in this pass.
+            training: whether this is a training pass.
+        """
+        if training and batches % STOP_CHECK_BATCHES == 0:
+            self.stop_together(stop)
 
     def _tensor(self, values: Sequence[float], dtype: torch.dtype) -> Tensor:
         # NCCL reduces tensors on the GPU only; Gloo on the CPU
@@ -179,7 +549,7 @@ class World:
         return box[0]
 
 
-_WORLD: World | None = None  # the process group join() opened, or None
+_WORLD: Torchrun | None = None  # the process group join() opened, or None
 
 
 def launched_by_torchrun() -> bool:
@@ -202,7 +572,7 @@ def is_main() -> bool:
     return not launched_by_torchrun() or int(os.environ.get("RANK", "0")) == 0
 
 
-def current() -> World | None:
+def current() -> Torchrun | None:
     """The `World` that `join()` opened, or None in a single-process run.
 
     Returns:
@@ -211,9 +581,44 @@ def current() -> World | None:
     return _WORLD
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; any other name is passed to `torch.device`.
+
+    Args:
+        name: `auto`, or a torch device string such as `cpu`, `cuda:1`, `mps`.
+
+    Returns:
+        The device, checked to exist on this machine.
+
+    Raises:
+        ValueError: an unknown device name, or a device this machine does not have.
+    """
+    mps = getattr(torch.backends, "mps", None)
+    mps_available = mps is not None and mps.is_available()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if mps_available else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(
+            f"--device {name!r} is not a device (auto, cpu, cuda, cuda:1, mps)"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    if device.type == "mps" and not mps_available:
+        raise ValueError(f"--device {name}: MPS is not available on this machine")
+    return device
+
+
 def _device_and_backend(device_name: str, local_rank: int) -> tuple[torch.device, str]:
     """`cuda:LOCAL_RANK` with NCCL, or the CPU with Gloo, for `--device` `device_name`."""
-    if device_name == "auto":
+    if device_name == "auto":  # torchrun shares out GPUs or CPUs, never MPS
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(device_name)
@@ -231,8 +636,7 @@ def _device_and_backend(device_name: str, local_rank: int) -> tuple[torch.device
             f"--device {device_name}: under torchrun every process takes the GPU of its "
             "LOCAL_RANK; pass --device cuda (or auto)"
         )
-    if not torch.cuda.is_available():
-        raise ValueError(f"--device {device_name}: CUDA is not available on this machine")
+    resolve_device("cuda")  # CUDA present at all
     if local_rank >= torch.cuda.device_count():
         raise ValueError(
             f"LOCAL_RANK {local_rank} but this machine has {torch.cuda.device_count()} CUDA "
@@ -241,7 +645,7 @@ def _device_and_backend(device_name: str, local_rank: int) -> tuple[torch.device
     return torch.device("cuda", local_rank), "nccl"
 
 
-def join(device: str = "auto", timeout: float = DEFAULT_TIMEOUT) -> World | None:
+def join(device: str = "auto", timeout: float = DEFAULT_TIMEOUT) -> Torchrun | None:
     """Open the process group torchrun described in the environment; None without torchrun.
 
     Idempotent: a second call returns the same `World`. A process group opened by someone
@@ -276,7 +680,7 @@ def join(device: str = "auto", timeout: float = DEFAULT_TIMEOUT) -> World | None
                 f"({' '.join(str(error).split())[:300]}); check --rdzv-endpoint / MASTER_ADDR "
                 "and that every machine started torchrun"
             ) from error
-        _WORLD = World(
+        _WORLD = Torchrun(
             rank=dist.get_rank(),
             world_size=dist.get_world_size(),
             local_rank=local_rank,
@@ -285,7 +689,7 @@ def join(device: str = "auto", timeout: float = DEFAULT_TIMEOUT) -> World | None
             timeout=timeout,
         )
         return _WORLD
-    return World(  # someone else's group: describe it, leave it to its owner
+    return Torchrun(  # someone else's group: describe it, leave it to its owner
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
         local_rank=local_rank,
@@ -305,7 +709,9 @@ def leave() -> None:
 
 
 @contextmanager
-def process_group(device: str = "auto", timeout: float = DEFAULT_TIMEOUT) -> Iterator[World | None]:
+def process_group(
+    device: str = "auto", timeout: float = DEFAULT_TIMEOUT
+) -> Iterator[Torchrun | None]:
     """`join()` for the block, and `leave()` after it if this block opened the group.
 
     Args:
@@ -325,7 +731,27 @@ def process_group(device: str = "auto", timeout: float = DEFAULT_TIMEOUT) -> Ite
 
 
 @contextmanager
-def all_or_none(world: World | None, what: str) -> Iterator[None]:
+def open_world(device: str = "auto", timeout: float = DEFAULT_TIMEOUT) -> Iterator[World]:
+    """The run's `World`: torchrun's processes (`join`, closed after the block if opened here),
+    or this process alone on `resolve_device(device)`.
+
+    Args:
+        device: `--device`.
+        timeout: seconds any collective waits for the other processes.
+
+    Yields:
+        A `Torchrun` under torchrun, else a single-process `World`.
+
+    Raises:
+        ValueError: a device this machine does not have, or cannot share among processes.
+        DistributedError: the other processes did not show up within `timeout`.
+    """
+    with process_group(device, timeout) as torchrun:
+        yield torchrun if torchrun is not None else World(resolve_device(device))
+
+
+@contextmanager
+def all_or_none(world: Torchrun | None, what: str) -> Iterator[None]:
     """A block that may fail on some processes only: if it fails on one, it fails on all.
 
     Each process runs the block, then all agree whether every one succeeded (one collective).
@@ -357,7 +783,7 @@ def all_or_none(world: World | None, what: str) -> Iterator[None]:
         )
 
 
-def wrap(model: nn.Module, world: World) -> DistributedDataParallel:
+def wrap(model: nn.Module, world: Torchrun) -> DistributedDataParallel:
     """`model` (already on `world.device`) in DistributedDataParallel.
 
     DDP copies rank 0's parameters and buffers to every process here, so all start equal.
@@ -375,7 +801,7 @@ def wrap(model: nn.Module, world: World) -> DistributedDataParallel:
     return DistributedDataParallel(model, device_ids=device_ids)
 
 
-def broadcast_buffers(model: nn.Module, world: World) -> None:
+def broadcast_buffers(model: nn.Module, world: Torchrun) -> None:
     """Copy rank 0's buffers (BatchNorm running statistics) into every process' `model`.
 
     DDP synchronises buffers at the start of each training step, but the last step updates each
@@ -448,7 +874,7 @@ def interleave_shards(parts: Sequence[Tensor], size: int) -> Tensor:
     return out
 
 
-def _gather_rows(rows: Tensor, world: World, size: int) -> Tensor | None:
+def _gather_rows(rows: Tensor, world: Torchrun, size: int) -> Tensor | None:
     """Gather each process' `rows` [n_r, ...] to rank 0 as a [size, ...] tensor in dataset order.
 
     `dist.gather` needs equal shapes: every process pads to ceil(N / W) rows first.
@@ -467,7 +893,7 @@ def _gather_rows(rows: Tensor, world: World, size: int) -> Tensor | None:
 def evaluate_sharded(
     model: nn.Module,
     dataset: Dataset,
-    world: World,
+    world: Torchrun,
     *,
     batch_size: int = 500,
     device: torch.device | str = "cpu",
@@ -532,7 +958,7 @@ def evaluate_sharded(
     )
 
 
-def reduce_train_result(result: TrainResult, world: World) -> TrainResult:
+def reduce_train_result(result: TrainResult, world: Torchrun) -> TrainResult:
     """One process' `TrainResult` turned into the epoch's over all processes.
 
     Loss and accuracy become image-weighted means over the processes; a NaN on any process

@@ -6,16 +6,36 @@ small hook class with `name` and `__call__(ctx)`) and adding one line here.
 
 from __future__ import annotations
 
-from exigo.attributions import AttributionAnalysis
-from exigo.class_model import ClassModelAnalysis
+from exigo.analyses import (
+    attributions,
+    class_models,
+    confusion,
+    errors,
+    faithfulness,
+    projection,
+    saliency,
+    sanity,
+)
+from exigo.analyses.attributions import AttributionAnalysis
+from exigo.analyses.class_models import ClassModelAnalysis
 from exigo.config import Config
-from exigo.confusion import ConfusionAnalysis
-from exigo.errors import ErrorAnalysis
+from exigo.analyses.confusion import ConfusionAnalysis
+from exigo.analyses.errors import ErrorAnalysis
 from exigo.pipeline import Analysis
-from exigo.projection import ProjectionAnalysis
-from exigo.saliency import SaliencyAnalysis
+from exigo.analyses.projection import ProjectionAnalysis
+from exigo.analyses.saliency import SaliencyAnalysis
 
-__all__ = ["default_analyses"]
+__all__ = [
+    "attributions",
+    "class_models",
+    "confusion",
+    "default_analyses",
+    "errors",
+    "faithfulness",
+    "projection",
+    "saliency",
+    "sanity",
+]
 
 
 def default_analyses(config: Config) -> list[Analysis]:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from exigo.data import iterate_batches
-from exigo.model import embedding_module
+from exigo.models import embedding_module
 
 __all__ = ["DivergenceError", "EvalResult", "TrainResult", "evaluate", "train_epoch"]
 
@@ -164,7 +164,7 @@ def evaluate(
     """Run `model` over all of `dataset` once, in order, in eval mode.
 
     The embedding is captured by a forward pre-hook on the model's classifier layer
-    (`exigo.model.embedding_module`); the hook is removed before returning and the model's
+    (`exigo.models.embedding_module`); the hook is removed before returning and the model's
     train/eval mode is restored.
 
     Args:

@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from exigo._colour_scale import ROBUST_QUANTILE, colour_limit
-from exigo._tiles import TileBlock, TileRow, tile_figure
+from exigo.figures.colour_scale import ROBUST_QUANTILE, colour_limit
+from exigo.figures.tiles import TileBlock, TileRow, tile_figure
 from exigo.data import Normalization, display_pixels
 
 if TYPE_CHECKING:
@@ -272,10 +272,10 @@ def plot_saliency(
     baseline and saliency in one sequential scale (both are gradient magnitudes), delta and
     overlay each in a diverging scale centred at 0 with symmetric limits (red raises the true
     class's logit, blue lowers it). Gradient scales end at the 99.5th percentile of the row
-    (`exigo._colour_scale`) so that a few hot pixels do not wash out the rest; a grey line
+    (`exigo.figures.colour_scale`) so that a few hot pixels do not wash out the rest; a grey line
     over the delta row marks the digit's outline. Each column is headed by its true and
     predicted label (in red when they differ). The maps are drawn as one picture
-    (`exigo._tiles`), which renders five times faster than an Axes per map.
+    (`exigo.figures.tiles`), which renders five times faster than an Axes per map.
 
     Args:
         maps: the `SaliencyMaps` of N images (any device).

@@ -45,8 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from exigo._system import available_cpus
 from exigo._io import atomic_write_bytes
-from exigo._render import Drawn
+from exigo.figures.pool import Drawn
 from exigo.data import display_pixels, gather
 
 if TYPE_CHECKING:
@@ -78,13 +79,6 @@ PROJECTOR_TAG = "validation"
 
 #: TensorBoard's projector refuses sprites larger than this many pixels per side.
 _MAX_SPRITE_SIDE = 8192
-
-
-def _available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
 
 
 def stratified_indices(targets: Tensor, limit: int, seed: int) -> Tensor:
@@ -212,7 +206,7 @@ def tsne_layout(
     used_perplexity = effective_perplexity(num_points, perplexity)
     data = embeddings.detach().to("cpu", torch.float64).numpy()
     if n_jobs is None:
-        n_jobs = max(1, _available_cpus() // 2)
+        n_jobs = max(1, available_cpus() // 2)
     affinities = affinity.PerplexityBasedNN(
         data,
         perplexity=used_perplexity,

@@ -23,7 +23,7 @@ I_{t+1} = \mathrm{clip}_{[0, 1]} \left( I_t + \eta_t \frac{d_t}{\max_j |d_{t,j}|
 \qquad \eta_t = \eta \, (1 - t / T)
 $$
 
-- $\nabla_I S_c$ comes from `exigo.saliency.input_gradients` (the input is normalised, so the
+- $\nabla_I S_c$ comes from `exigo.analyses.saliency.input_gradients` (the input is normalised, so the
   chain rule divides by the normalisation's standard deviation).
 - $M$: a random translation of at most `jitter` pixels and a random rotation of at most
   `rotation` degrees before each gradient, undone on the gradient after (transformation
@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from exigo.data import Normalization
-from exigo.saliency import frozen, input_gradients
+from exigo.analyses.saliency import frozen, input_gradients
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

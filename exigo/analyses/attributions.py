@@ -22,8 +22,8 @@ same image gets the same noise every epoch and every randomised model: drift and
 check measure the model, not the noise.
 
 Every epoch, `AttributionAnalysis` also measures whether the maps can be trusted:
-faithfulness by deletion and insertion curves (`exigo.faithfulness`, Petsiuk et al. 2018),
-dependence on the weights by cascading model randomisation (`exigo.sanity`, Adebayo et al.
+faithfulness by deletion and insertion curves (`exigo.analyses.faithfulness`, Petsiuk et al. 2018),
+dependence on the weights by cascading model randomisation (`exigo.analyses.sanity`, Adebayo et al.
 2018), and drift: the Spearman rank correlation of each method's $|a|$ with its previous
 epoch's, from which the log names the epoch after which explanations settle.
 """
@@ -40,10 +40,10 @@ import torch
 from torch import Tensor, nn
 
 from exigo._modes import evaluation_mode
-from exigo._tiles import TileBlock, TileRow, tile_figure
+from exigo.figures.tiles import TileBlock, TileRow, tile_figure
 from exigo.data import Normalization
-from exigo.faithfulness import FaithfulnessCurves, deletion_insertion
-from exigo.sanity import RandomisationResult, cascading_randomisation, spearman
+from exigo.analyses.faithfulness import FaithfulnessCurves, deletion_insertion
+from exigo.analyses.sanity import RandomisationResult, cascading_randomisation, spearman
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -493,7 +493,7 @@ def plot_attributions(
 ) -> Figure:
     """One row per method, one column per probe image, one colour bar per row.
 
-    Drawn as one picture (`exigo._tiles`): separate axes for 70 maps and 6 colour bars would
+    Drawn as one picture (`exigo.figures.tiles`): separate axes for 70 maps and 6 colour bars would
     take most of the analysis' time to render. A grey line over each map marks the ink.
 
     Args:

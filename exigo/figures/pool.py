@@ -14,7 +14,7 @@ waits, it renders the queued figures the helper has not started yet itself, so b
 work until the end of the queue. Either way the PNG is byte for byte the one this process
 would write.
 
-The helper is `python -m exigo._render`, fed one line per figure on its stdin: a plain
+The helper is `python -m exigo.figures.pool`, fed one line per figure on its stdin: a plain
 subprocess rather than `multiprocessing`, whose `spawn` start would re-run the caller's
 `__main__` script in the helper, and whose `fork` would copy torch's OpenMP state. It ignores
 Ctrl-C (the run decides when to stop) and exits when its stdin closes, also when the run's
@@ -365,7 +365,7 @@ class FigureRenderer:
         # a pickled job may name; one torch thread, as it shares the CPUs with us
         search_path = os.pathsep.join(entry or os.getcwd() for entry in sys.path)
         self._helper = subprocess.Popen(
-            [sys.executable, "-m", "exigo._render", *self.preload],
+            [sys.executable, "-m", "exigo.figures.pool", *self.preload],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": search_path, "OMP_NUM_THREADS": "1"},
@@ -455,8 +455,8 @@ if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     # the module under its own name, not as __main__: the `Drawn` the jobs return (imported
-    # from exigo._render) must be the class `_serve` checks for
-    from exigo import _render
+    # from exigo.figures.pool) must be the class `_serve` checks for
+    from exigo.figures import pool as _render
 
     _render._preload(sys.argv[1:])
     _render._serve(sys.stdin.buffer, sys.stdout.buffer)
