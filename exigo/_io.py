@@ -3,9 +3,10 @@
 Atomic writes go to a temporary sibling that is renamed into place, so a reader, a crash or a
 Ctrl-C never leaves a half-written file: the path holds either the old content or the new one.
 
-`FolderLock` takes an exclusive `flock` on `<folder>/.lock`. The operating system drops the
-lock when the holding process exits for any reason (even `kill -9`), so a crashed run never
-leaves a folder locked; the file itself may stay behind and means nothing on its own.
+`FolderLock` takes an exclusive lock on `<folder>/.lock` (`filelock`: `flock` on POSIX, also
+works on Windows). The operating system drops the lock when the holding process exits for any
+reason (even `kill -9`), so a crashed run never leaves a folder locked; the files themselves
+may stay behind and mean nothing on their own.
 """
 
 from __future__ import annotations
@@ -19,11 +20,6 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
-
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; the lock is then a no-op (see FolderLock)
-    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "FolderLock",
@@ -113,23 +109,27 @@ class FolderLockedError(Exception):
 class FolderLock:
     """An exclusive lock on a folder, held by one process at a time.
 
-    Use as a context manager, or call `acquire()` and `release()`. The lock is `flock` on
-    `<folder>/.lock`: released by the operating system when the process ends, however it ends.
-    The file records who holds it (pid, host, start time) for the message of whoever waits.
-    Where `fcntl` is missing (Windows) the lock does nothing.
+    Use as a context manager, or call `acquire()` and `release()`. The lock is `filelock`'s
+    `FileLock` on `<folder>/.lock` (`flock` on POSIX, `msvcrt.locking` on Windows): released by
+    the operating system when the process ends, however it ends. Who holds it (pid, host, start
+    time) is written beside it, in `<folder>/.lock.holder`, for the message of whoever waits
+    (`filelock` truncates the lock file itself on every attempt).
 
     Args:
         folder: the folder to lock (must exist).
     """
 
     def __init__(self, folder: str | Path) -> None:
+        from filelock import FileLock
+
         self.path = Path(folder) / ".lock"
-        self._handle: IO[str] | None = None
+        self.holder_path = Path(folder) / ".lock.holder"
+        self._lock = FileLock(self.path, timeout=0)
 
     @property
     def held(self) -> bool:
         """Whether this object holds the lock now."""
-        return self._handle is not None
+        return self._lock.is_locked
 
     def acquire(self) -> None:
         """Take the lock, or fail at once.
@@ -138,31 +138,32 @@ class FolderLock:
             FolderLockedError: another process holds it; the message says which.
             OSError: the lock file cannot be opened.
         """
-        if self._handle is not None or fcntl is None:
+        from filelock import Timeout
+
+        if self.held:
             return
-        handle = open(self.path, "a+")  # noqa: SIM115 (kept open while the lock is held)
         try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise FolderLockedError(self.path.parent, holder) from None
-        except BaseException:
-            handle.close()
-            raise
+            self._lock.acquire()
+        except Timeout:
+            try:
+                holder = self.holder_path.read_text().strip()
+            except OSError:
+                holder = ""
+            raise FolderLockedError(self.path.parent, holder or "another process") from None
         started = _dt.datetime.now().isoformat(timespec="seconds")
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {started}\n")
-        handle.flush()
-        self._handle = handle
+        try:
+            atomic_write_bytes(
+                self.holder_path,
+                f"pid {os.getpid()} on {socket.gethostname()} since {started}\n".encode(),
+            )
+        except BaseException:
+            self._lock.release()
+            raise
 
     def release(self) -> None:
-        """Give the lock back (closing the file releases the flock)."""
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        """Give the lock back."""
+        if self.held:
+            self._lock.release()
 
     def __enter__(self) -> FolderLock:
         self.acquire()

@@ -8,6 +8,7 @@ reproduced from its folder alone.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,32 +85,45 @@ class Config:
     """Free-form, recorded in run.json."""
 
     def __post_init__(self) -> None:
-        """Reject values that cannot describe a run, naming the field."""
-        problems = []
-        if self.epochs < 1:
-            problems.append(f"epochs must be at least 1, got {self.epochs}")
-        if self.batch_size < 1:
-            problems.append(f"batch_size must be at least 1, got {self.batch_size}")
-        if self.eval_batch_size < 1:
-            problems.append(f"eval_batch_size must be at least 1, got {self.eval_batch_size}")
-        if not self.lr > 0:  # also rejects NaN
-            problems.append(f"lr must be positive, got {self.lr}")
-        if not self.weight_decay >= 0:
-            problems.append(f"weight_decay must be non-negative, got {self.weight_decay}")
-        if not 0 <= self.label_smoothing < 1:
-            problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.threads < 0:
-            problems.append(f"threads must be non-negative, got {self.threads}")
-        if self.probe_size < 1:
-            problems.append(f"probe_size must be at least 1, got {self.probe_size}")
-        if self.projection_limit < 0:
-            problems.append(f"projection_limit must be non-negative, got {self.projection_limit}")
-        if not 0 < self.dist_timeout < float("inf"):  # also rejects NaN
-            problems.append(f"dist_timeout must be a positive number, got {self.dist_timeout}")
+        """Reject values that cannot describe a run, naming the field and its option.
+
+        The one place settings are validated: `runner.py` turns the `ValueError` into exit 2.
+        """
+        problems = [
+            f"{name} (--{name.replace('_', '-')}) {problem}" for name, problem in self._problems()
+        ]
         if problems:
             raise ValueError("; ".join(problems))
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         object.__setattr__(self, "save_dir", Path(self.save_dir))
+
+    def _problems(self) -> list[tuple[str, str]]:
+        problems: list[tuple[str, str]] = []
+        for name in ("epochs", "batch_size", "eval_batch_size", "probe_size"):
+            value = getattr(self, name)
+            if value < 1:
+                problems.append((name, f"must be at least 1, got {value}"))
+        for name in ("threads", "projection_limit"):
+            value = getattr(self, name)
+            if value < 0:
+                problems.append((name, f"must be at least 0, got {value}"))
+        for name in ("lr", "dist_timeout"):  # `not 0 < x < inf` also rejects NaN
+            value = getattr(self, name)
+            if not 0 < value < math.inf:
+                problems.append((name, f"must be a positive number, got {value}"))
+        if not 0 <= self.weight_decay < math.inf:
+            problems.append(
+                ("weight_decay", f"must be a non-negative number, got {self.weight_decay}")
+            )
+        if not 0 <= self.label_smoothing < 1:
+            problems.append(("label_smoothing", f"must be in [0, 1), got {self.label_smoothing}"))
+        if not 0 <= self.seed < 2**63:  # torch.manual_seed's range
+            problems.append(("seed", f"must be in [0, 2**63), got {self.seed}"))
+        if self.run_name is not None and (
+            self.run_name in ("", ".", "..") or any(c in self.run_name for c in "/\\\0")
+        ):
+            problems.append(("run_name", f"must be a plain folder name, got {self.run_name!r}"))
+        return problems
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready view: paths become strings.

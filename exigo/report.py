@@ -8,8 +8,9 @@ them between epochs, the best epoch marked, and the t-SNE layouts as an animatio
 
 Figures are found by name, so a new analysis appears without any change here:
 `plots/{stem}_init.png` is the figure before training and `plots/{stem}_{epoch}.png` the figure
-after epoch `epoch`. Known stems come first, in a fixed order and with a title; other stems
-follow alphabetically.
+after epoch `epoch`. The stems the run's analyses declared (`run.json`'s `figures`, from each
+`exigo.analysis.Analysis.figures`) come first, in that order, with their titles and captions;
+other stems follow alphabetically.
 
 Every image is embedded as a base64 `data:` URI. Base64 turns each 3 bytes into 4 characters,
 so embedding $n$ bytes of PNG costs
@@ -39,9 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from exigo._io import atomic_write_bytes
+from exigo.engine.run_dir import BASE_METRICS
 
 __all__ = [
-    "KNOWN_FIGURES",
     "Chart",
     "ChartLine",
     "FigureSeries",
@@ -52,40 +53,6 @@ __all__ = [
     "write_animation",
     "write_report",
 ]
-
-#: Known figure stems in display order: stem -> (title, one-line caption).
-KNOWN_FIGURES: dict[str, tuple[str, str]] = {
-    "confusion_matrix": (
-        "Confusion matrix",
-        "Held-out images counted by true class (rows) and predicted class (columns).",
-    ),
-    "saliency": (
-        "Saliency maps",
-        "Which pixels of the fixed probe images the class score is most sensitive to.",
-    ),
-    "tsne": (
-        "t-SNE of the embeddings",
-        "The held-out images' embeddings in 2-D; each epoch's layout starts from the previous "
-        "one, so points that move have changed their neighbours.",
-    ),
-    "attributions": (
-        "Attribution methods compared",
-        "Several attribution methods explaining the same probe images.",
-    ),
-    "attribution_checks": (
-        "Attribution checks",
-        "Can the attributions be trusted: faithfulness (deleting or inserting the pixels they "
-        "rank first) and sensitivity to randomising the model's weights.",
-    ),
-    "class_models": (
-        "Class models",
-        "Inputs optimised to maximise each class score: what the network looks for.",
-    ),
-    "errors": (
-        "Errors",
-        "Held-out images the network gets wrong, with its prediction and the true label.",
-    ),
-}
 
 #: The animated stem and the file it is written to in `plots/`.
 ANIMATED_STEM = "tsne"
@@ -167,16 +134,21 @@ class Chart:
     epoch_x: dict[int, float] = field(default_factory=dict)
 
 
-def discover_figures(plots_dir: str | Path) -> list[FigureSeries]:
+def discover_figures(
+    plots_dir: str | Path, declared: Mapping[str, Mapping[str, str]] | None = None
+) -> list[FigureSeries]:
     """Group `plots_dir/{stem}_{init|epoch}.png` files by stem.
 
     Args:
         plots_dir: a run's `plots/` folder (it may be missing: no figures).
+        declared: figure name -> `{"title": ..., "caption": ...}`, in display order
+            (`run.json`'s `figures`).
 
     Returns:
-        One series per stem: known stems in `KNOWN_FIGURES` order, then the others
-        alphabetically.
+        One series per stem: declared stems in their order, then the others alphabetically
+        (titled after their stem, without caption).
     """
+    declared = declared or {}
     plots_dir = Path(plots_dir)
     frames: dict[str, dict[int, Path]] = {}
     if plots_dir.is_dir():
@@ -187,11 +159,13 @@ def discover_figures(plots_dir: str | Path) -> list[FigureSeries]:
             tag = match["tag"]
             step = BEFORE_TRAINING if tag == "init" else int(tag)
             frames.setdefault(match["stem"], {})[step] = path
-    known = [stem for stem in KNOWN_FIGURES if stem in frames]
-    others = sorted(stem for stem in frames if stem not in KNOWN_FIGURES)
+    known = [stem for stem in declared if stem in frames]
+    others = sorted(stem for stem in frames if stem not in declared)
     series = []
     for stem in known + others:
-        title, caption = KNOWN_FIGURES.get(stem, (stem.replace("_", " ").capitalize(), ""))
+        text = declared.get(stem, {})
+        title = str(text.get("title", stem.replace("_", " ").capitalize()))
+        caption = str(text.get("caption", ""))
         series.append(FigureSeries(stem, title, caption, dict(sorted(frames[stem].items()))))
     return series
 
@@ -400,16 +374,7 @@ def _format_metric(key: str, value: Any) -> str:
 
 
 #: Metrics table columns that every run has: row key -> header.
-_BASE_COLUMNS = {
-    "epoch": "epoch",
-    "train_loss": "train loss",
-    "eval_loss": "eval loss",
-    "train_accuracy": "train accuracy",
-    "eval_accuracy": "eval accuracy",
-    "lr": "learning rate",
-    "seconds": "seconds",
-}
-_NOT_SHOWN = {"best", "analysis_seconds", "train_seconds", "eval_seconds"}
+_BASE_COLUMNS = {key: base.header for key, base in BASE_METRICS.items() if base.header}
 
 
 def _analysis_scalars(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -418,7 +383,7 @@ def _analysis_scalars(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     for row in rows:
         for key, value in row.items():
             numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if numeric and key not in _BASE_COLUMNS and key not in _NOT_SHOWN and key not in names:
+            if numeric and key not in BASE_METRICS and key not in names:
                 names.append(key)
     return names
 
@@ -440,7 +405,7 @@ def build_report(save_dir: str | Path) -> str:
     save_dir = Path(save_dir)
     run_info: dict[str, Any] = _read_json(save_dir / "run.json", {})
     rows: list[dict[str, Any]] = _read_json(save_dir / "metrics.json", [])
-    series = discover_figures(save_dir / "plots")
+    series = discover_figures(save_dir / "plots", run_info.get("figures"))
     best = best_epoch(rows)
 
     steps = sorted(
@@ -561,7 +526,7 @@ def write_report(save_dir: str | Path) -> Path:
     """
     save_dir = Path(save_dir)
     plots_dir = save_dir / "plots"
-    for figure_series in discover_figures(plots_dir):
+    for figure_series in discover_figures(plots_dir):  # titles do not matter here
         if figure_series.stem == ANIMATED_STEM:
             write_animation(
                 list(figure_series.frames.values()),

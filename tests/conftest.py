@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from exigo.analysis import EpochContext
 from exigo.data import TensorImageDataset
+from exigo.figures.pool import FigurePool
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "mnist"
@@ -62,3 +64,29 @@ class TinyNet(torch.nn.Module):
 @pytest.fixture
 def blobs() -> tuple[TensorImageDataset, TensorImageDataset]:
     return make_blobs(96, seed=0), make_blobs(30, seed=1)
+
+
+def epoch_context(tmp_path: Path, analysis: object, **fields: object) -> EpochContext:
+    """An `EpochContext` for calling `analysis` by hand, its figures drawn at once, in process.
+
+    `fields` override the defaults (epoch 1, an identity model, no evaluation, no probe, three
+    classes, CPU); `ctx.figures.collect()` lists what the analysis drew.
+    """
+    plots = Path(fields.pop("plots_dir", tmp_path / "plots"))
+    plots.mkdir(parents=True, exist_ok=True)
+    values = {
+        "epoch": 1,
+        "model": torch.nn.Identity(),
+        "eval": None,
+        "probe": None,
+        "class_names": ["a", "b", "c"],
+        "normalization": None,
+        "val_data": None,
+        "device": torch.device("cpu"),
+        "log_dir": tmp_path / "logs",
+        "plots_dir": plots,
+        "figures": FigurePool(workers=0),
+        "declared": frozenset(info.name for info in analysis.figures),
+        **fields,
+    }
+    return EpochContext(**values)

@@ -23,12 +23,13 @@ from exigo.analyses.attributions import (
     settled_after,
     smoothgrad,
 )
+from exigo.analysis import Probe
 from exigo.config import Config
 from exigo.data import Normalization
 from exigo.models import MnistCNN
-from exigo.pipeline import EpochContext, Probe, run
+from exigo.pipeline import run
 
-from conftest import TinyNet
+from conftest import TinyNet, epoch_context
 
 NORMALIZATION = Normalization(mean=(0.5,), std=(0.25,))
 
@@ -128,31 +129,19 @@ def test_settled_after():
     assert settled_after([], torch.zeros(0, 2), 0.8) is None
 
 
-class FakeWriter:
-    def __init__(self):
-        self.images = []
-
-    def add_image(self, tag, image, global_step=None, dataformats="CHW"):
-        self.images.append((tag, global_step))
-
-
 def make_context(model, epoch, tmp_path, normalization=NORMALIZATION, probe_size=4, size=8):
     generator = torch.Generator().manual_seed(0)
     pixels = torch.rand(probe_size, 1, size, size, generator=generator)
     images = pixels if normalization is None else normalization.normalize(pixels)
     messages = []
-    ctx = EpochContext(
+    ctx = epoch_context(
+        tmp_path,
+        AttributionAnalysis,
         epoch=epoch,
         model=model,
-        eval=None,
         probe=Probe(images, torch.arange(probe_size) % 3, pixels, torch.arange(probe_size)),
-        class_names=["a", "b", "c"],
         normalization=normalization,
-        val_data=None,
-        device=torch.device("cpu"),
-        config=Config(),
         plots_dir=tmp_path,
-        writer=FakeWriter(),
         log=messages.append,
     )
     return ctx, messages

@@ -11,6 +11,7 @@ import pytest
 import torch
 from rich.console import Console
 
+from exigo.config import Config
 from exigo.engine.checkpoint import (
     CheckpointError,
     capture_rng,
@@ -18,7 +19,6 @@ from exigo.engine.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from exigo.config import Config
 from exigo.pipeline import run
 
 from conftest import REPO, TinyNet, make_blobs

@@ -10,8 +10,6 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from exigo.analyses import default_analyses
-from exigo.cli import build_parser, config_from_args
-from exigo.config import Config
 from exigo.analyses.confusion import (
     ConfusionAnalysis,
     confusion_matrix,
@@ -19,11 +17,13 @@ from exigo.analyses.confusion import (
     precision_recall,
     row_normalize,
 )
+from exigo.cli import build_parser, config_from_args
+from exigo.config import Config
 from exigo.data import load_mnist
 from exigo.models import MnistCNN
-from exigo.pipeline import EpochContext, run
+from exigo.pipeline import run
 
-from conftest import TinyNet
+from conftest import TinyNet, epoch_context
 
 # 4 classes, 10 samples. Class 2 is never predicted; class 3 never occurs as a target.
 #   true:  0 0 0 1 1 1 1 2 2 0
@@ -202,32 +202,19 @@ def test_plot_confusion_rejects_wrong_number_of_names():
         plot_confusion(torch.tensor(EXPECTED), ["a", "b", "c"])
 
 
-class _Writer:
-    def __init__(self):
-        self.images = []
-
-    def add_image(self, tag, image, global_step, dataformats):
-        self.images.append((tag, global_step, image.shape, dataformats))
-
-
 def _context(tmp_path, class_names, probabilities_width, epoch=3, evaluation=True):
     eval_result = SimpleNamespace(
         targets=TARGETS,
         predictions=PREDICTIONS,
         num_classes=probabilities_width,
     )
-    return EpochContext(
+    return epoch_context(
+        tmp_path,
+        ConfusionAnalysis,
         epoch=epoch,
-        model=torch.nn.Identity(),
         eval=eval_result if evaluation else None,
-        probe=None,
         class_names=class_names,
-        normalization=None,
-        val_data=None,
-        device=torch.device("cpu"),
-        config=Config(),
         plots_dir=tmp_path,
-        writer=_Writer(),
     )
 
 
@@ -244,9 +231,9 @@ def test_analysis_records_scalars_and_writes_figures(tmp_path):
     for path in tmp_path.glob("*.png"):
         with Image.open(path) as image:
             image.verify()
-    assert [tag for tag, step, _, _ in ctx.writer.images] == [
-        "confusion_matrix",
-        "confusion_matrix_normalized",
+    assert [(figure.name, figure.step) for figure in ctx.figures.collect()] == [
+        ("confusion_matrix", 3),
+        ("confusion_matrix_normalized", 3),
     ]
 
 

@@ -227,6 +227,7 @@ PIPELINE_WORKER = textwrap.dedent(
     from rich.console import Console
     from torch.utils.data import Dataset
     from exigo.engine import world as distributed
+    from exigo.analysis import Analysis
     from exigo.config import Config
     from exigo.pipeline import RunDiverged, RunInterrupted, run
     from conftest import TinyNet, make_blobs
@@ -253,7 +254,7 @@ PIPELINE_WORKER = textwrap.dedent(
                 image = image * float("nan")
             return image, label
 
-    class SignalOnMain:
+    class SignalOnMain(Analysis):
         name = "signal"
         def __call__(self, ctx):
             if ctx.epoch == 1:

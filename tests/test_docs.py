@@ -74,7 +74,12 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
 
 def test_public_modules_are_found() -> None:
     modules = public_modules()
-    for expected in ("exigo.pipeline", "exigo.analyses.confusion", "exigo.analyses.saliency", "exigo.cli"):
+    for expected in (
+        "exigo.pipeline",
+        "exigo.analyses.confusion",
+        "exigo.analyses.saliency",
+        "exigo.cli",
+    ):
         assert expected in modules
     assert not any("._" in name for name in modules)
 

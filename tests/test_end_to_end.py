@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from exigo.engine.checkpoint import load_checkpoint
 from exigo.cli import main
 from exigo.data import load_mnist
-from exigo.models import MnistCNN
+from exigo.engine.checkpoint import load_checkpoint
 from exigo.engine.training import evaluate
+from exigo.models import MnistCNN
 
 
 @pytest.mark.slow

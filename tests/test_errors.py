@@ -2,15 +2,13 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.tensorboard import SummaryWriter
 
-from exigo.config import Config
-from exigo.data import TensorImageDataset
 from exigo.analyses.errors import ErrorAnalysis, error_saliency, frequent_confusions, plot_errors
-from exigo.pipeline import EpochContext, Probe
+from exigo.analysis import EpochContext, Probe
+from exigo.data import TensorImageDataset
 from exigo.engine.training import EvalResult
 
-from conftest import TinyNet
+from conftest import TinyNet, epoch_context
 
 
 def linear_model(classes: int = 3, size: int = 4, seed: int = 0) -> nn.Sequential:
@@ -99,18 +97,15 @@ def make_context(tmp_path, predictions: torch.Tensor, logged: list[str]) -> Epoc
     probe = Probe(images[:3], TARGETS[:3], images[:3], torch.arange(3))
     plots = tmp_path / "plots"
     plots.mkdir(exist_ok=True)
-    return EpochContext(
-        epoch=1,
+    return epoch_context(
+        tmp_path,
+        ErrorAnalysis,
         model=TinyNet(),
         eval=evaluation,
         probe=probe,
         class_names=data.classes,
-        normalization=None,
         val_data=data,
-        device=torch.device("cpu"),
-        config=Config(save_dir=tmp_path),
         plots_dir=plots,
-        writer=SummaryWriter(str(tmp_path / "logs")),
         log=logged.append,
     )
 
@@ -119,7 +114,6 @@ def test_analysis_writes_the_figure(tmp_path):
     logged: list[str] = []
     ctx = make_context(tmp_path, PREDICTIONS, logged)
     ErrorAnalysis()(ctx)
-    ctx.writer.close()
     with Image.open(tmp_path / "plots" / "errors_1.png") as png:
         assert png.size[0] > 300 and png.size[1] > 300
     assert logged == []
@@ -129,6 +123,5 @@ def test_analysis_without_errors_writes_nothing_and_says_so_once(tmp_path):
     logged: list[str] = []
     ctx = make_context(tmp_path, TARGETS.clone(), logged)
     ErrorAnalysis()(ctx)
-    ctx.writer.close()
     assert not list((tmp_path / "plots").iterdir())
     assert len(logged) == 1 and "every held-out image is classified correctly" in logged[0]

@@ -17,14 +17,16 @@ from test_reliability import HOLD_LOCK, PoisonedNet, SignalAt
 import exigo.analyses
 import exigo.data
 import exigo.models
+import exigo.engine.run_dir
 import exigo.pipeline
-from exigo.engine.checkpoint import save_checkpoint
+from exigo.analysis import Analysis
 from exigo.cli import main
+from exigo.engine.checkpoint import save_checkpoint
 
 from conftest import REPO, TinyNet, make_blobs
 
 
-class Broken:
+class Broken(Analysis):
     name = "broken"
 
     def __call__(self, ctx):
@@ -250,7 +252,7 @@ def test_second_process_on_the_same_save_dir_exits_2(tmp_path, tiny_cli, capsys)
 
 
 def test_disk_full_mid_run_exits_1_with_a_message(tmp_path, tiny_cli, monkeypatch, capsys):
-    real = exigo.pipeline.atomic_write_json
+    real = exigo.engine.run_dir.atomic_write_json
     calls = []
 
     def full_on_second_metrics(path, value):
@@ -260,7 +262,7 @@ def test_disk_full_mid_run_exits_1_with_a_message(tmp_path, tiny_cli, monkeypatc
                 raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real(path, value)
 
-    monkeypatch.setattr(exigo.pipeline, "atomic_write_json", full_on_second_metrics)
+    monkeypatch.setattr(exigo.engine.run_dir, "atomic_write_json", full_on_second_metrics)
     assert main(args(tmp_path, "--epochs", "3")) == 1
     err = " ".join(capsys.readouterr().err.split())
     assert "No space left on device" in err and "--resume" in err

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-import exigo.figures.pool
+import exigo._system
 from exigo import cli
 
 
@@ -28,7 +28,7 @@ def test_threads(monkeypatch, restore_threads, option, environment, cpus, expect
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     else:
         monkeypatch.setenv("OMP_NUM_THREADS", environment)
-    monkeypatch.setattr(exigo.figures.pool, "available_cpus", lambda: cpus)
+    monkeypatch.setattr(exigo._system, "available_cpus", lambda: cpus)
     torch.set_num_threads(5)
     cli._set_threads(option)
     assert torch.get_num_threads() == (5 if expected is None else expected)
@@ -37,5 +37,9 @@ def test_threads(monkeypatch, restore_threads, option, environment, cpus, expect
 def test_threads_option_reaches_config():
     args = cli.build_parser().parse_args(["--threads", "2"])
     assert cli.config_from_args(args).threads == 2
-    with pytest.raises(SystemExit):
-        cli.build_parser().parse_args(["--threads", "-1"])
+    negative = cli.build_parser().parse_args(["--threads", "-1"])
+    with pytest.raises(ValueError, match=r"threads \(--threads\) must be at least 0, got -1"):
+        cli.config_from_args(negative)
+    with pytest.raises(SystemExit) as raised:  # main: argparse's error, exit 2
+        cli.main(["--threads", "-1"])
+    assert raised.value.code == 2

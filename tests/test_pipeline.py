@@ -2,14 +2,15 @@ import json
 
 import torch
 
-from exigo.engine.checkpoint import load_checkpoint
+from exigo.analysis import Analysis, EpochContext, select_probe
 from exigo.config import Config
-from exigo.pipeline import EpochContext, run, select_probe
+from exigo.engine.checkpoint import load_checkpoint
+from exigo.pipeline import run
 
 from conftest import TinyNet
 
 
-class Recorder:
+class Recorder(Analysis):
     name = "recorder"
     before_training = True
 
@@ -18,12 +19,12 @@ class Recorder:
 
     def __call__(self, ctx: EpochContext) -> None:
         self.epochs.append(ctx.epoch)
-        assert ctx.probe.images.shape[0] == min(ctx.config.probe_size, 30)
+        assert ctx.probe.images.shape[0] == 4
         if ctx.eval is not None:
             ctx.metrics["recorder/accuracy_again"] = ctx.eval.accuracy
 
 
-class Broken:
+class Broken(Analysis):
     name = "broken"
 
     def __call__(self, ctx):

@@ -14,12 +14,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.tensorboard import SummaryWriter
 
 from exigo.analyses import projection
-from exigo.config import Config
-from exigo.data import MNIST_NORMALIZATION, TensorImageDataset
-from exigo.pipeline import EpochContext, run
 from exigo.analyses.projection import (
     MIN_TSNE_POINTS,
     ProjectionAnalysis,
@@ -32,9 +28,13 @@ from exigo.analyses.projection import (
     stratified_indices,
     tsne_layout,
 )
+from exigo.analysis import Analysis
+from exigo.config import Config
+from exigo.data import MNIST_NORMALIZATION, TensorImageDataset
 from exigo.engine.training import EvalResult
+from exigo.pipeline import run
 
-from conftest import TinyNet, make_blobs
+from conftest import TinyNet, epoch_context, make_blobs
 
 # ------------------------------------------------------------------ selection of the points
 
@@ -187,10 +187,10 @@ def test_sprite_written_once_tensors_exact(tmp_path, monkeypatch):
     monkeypatch.setattr(
         projection, "write_sprite", lambda *args: written.append(args) or "validation_sprite.png"
     )
-    analysis = ProjectionAnalysis()
-    with SummaryWriter(tmp_path / "logs") as writer:
-        for epoch in (1, 2):
-            analysis(make_context(tmp_path, writer, epoch, embeddings, labels, labels, 30, print))
+    analysis = ProjectionAnalysis(limit=30)
+    writer = tmp_path / "logs"
+    for epoch in (1, 2):
+        analysis(make_context(tmp_path, writer, epoch, embeddings, labels, labels, print))
     assert len(written) == 1
     saved = np.loadtxt(tmp_path / "logs" / "00002" / "validation" / "tensors.tsv", dtype=np.float32)
     assert np.array_equal(saved, embeddings[analysis.indices].numpy())  # %.9g: float32 exact
@@ -201,7 +201,7 @@ def test_sprite_written_once_tensors_exact(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ the analysis
 
 
-def make_context(tmp_path, writer, epoch, embeddings, labels, predictions, limit, log):
+def make_context(tmp_path, log_dir, epoch, embeddings, labels, predictions, log):
     images = torch.randn(labels.numel(), 1, 4, 4, generator=torch.Generator().manual_seed(0))
     val_data = TensorImageDataset(images, labels, [f"c{i}" for i in range(3)])
     evaluation = EvalResult(
@@ -215,18 +215,16 @@ def make_context(tmp_path, writer, epoch, embeddings, labels, predictions, limit
     )
     plots = tmp_path / "plots"
     plots.mkdir(exist_ok=True)
-    return EpochContext(
+    return epoch_context(
+        tmp_path,
+        ProjectionAnalysis,
         epoch=epoch,
         model=TinyNet(),
         eval=evaluation,
-        probe=None,
         class_names=[f"c{i}" for i in range(3)],
-        normalization=None,
         val_data=val_data,
-        device=torch.device("cpu"),
-        config=Config(projection_limit=limit, save_dir=tmp_path, seed=0),
+        log_dir=log_dir,
         plots_dir=plots,
-        writer=writer,
         log=log,
     )
 
@@ -237,15 +235,13 @@ def test_analysis_writes_figures_keeps_points_and_carries_the_layout(tmp_path):
     predictions[[0, 25]] = 2
     second_embeddings = embeddings + 0.3 * torch.randn(60, 8, generator=torch.Generator())
     lines = []
-    analysis = ProjectionAnalysis()
-    with SummaryWriter(tmp_path / "logs") as writer:
-        for epoch, values in ((1, embeddings), (2, second_embeddings)):
-            ctx = make_context(
-                tmp_path, writer, epoch, values, labels, predictions, 45, lines.append
-            )
-            analysis(ctx)
-            if epoch == 1:
-                after_first = analysis.state_dict()
+    analysis = ProjectionAnalysis(limit=45)
+    writer = tmp_path / "logs"
+    for epoch, values in ((1, embeddings), (2, second_embeddings)):
+        ctx = make_context(tmp_path, writer, epoch, values, labels, predictions, lines.append)
+        analysis(ctx)
+        if epoch == 1:
+            after_first = analysis.state_dict()
     assert torch.bincount(labels[analysis.indices]).tolist() == [15, 15, 15]
     assert torch.equal(after_first["indices"], analysis.indices)  # the same points each epoch
     assert lines == [
@@ -258,17 +254,15 @@ def test_analysis_writes_figures_keeps_points_and_carries_the_layout(tmp_path):
             assert png.size == (902, 726)  # same size every epoch: frames of the report's GIF
 
     # resuming from the state after epoch 1 gives epoch 2's layout exactly
-    resumed = ProjectionAnalysis()
+    resumed = ProjectionAnalysis(limit=45)
     resumed.load_state_dict(after_first)
-    with SummaryWriter(tmp_path / "logs-resumed") as writer:
-        resumed(
-            make_context(tmp_path, writer, 2, second_embeddings, labels, predictions, 45, print)
-        )
+    writer = tmp_path / "logs-resumed"
+    resumed(make_context(tmp_path, writer, 2, second_embeddings, labels, predictions, print))
     assert torch.equal(resumed.layout, analysis.layout)
     # ... and starting afresh does not: the layout was carried, not recomputed
-    fresh = ProjectionAnalysis()
-    with SummaryWriter(tmp_path / "logs-fresh") as writer:
-        fresh(make_context(tmp_path, writer, 2, second_embeddings, labels, predictions, 45, print))
+    fresh = ProjectionAnalysis(limit=45)
+    writer = tmp_path / "logs-fresh"
+    fresh(make_context(tmp_path, writer, 2, second_embeddings, labels, predictions, print))
     assert torch.equal(fresh.indices, analysis.indices)
     assert not torch.allclose(fresh.layout, analysis.layout, atol=1e-3)
 
@@ -276,22 +270,18 @@ def test_analysis_writes_figures_keeps_points_and_carries_the_layout(tmp_path):
 def test_analysis_small_inputs_say_so_once_and_never_crash(tmp_path):
     embeddings, labels = clusters(per_class=4)  # 12 points
     lines = []
-    analysis = ProjectionAnalysis()
-    with SummaryWriter(tmp_path / "logs") as writer:
-        for epoch in (1, 2):
-            analysis(
-                make_context(tmp_path, writer, epoch, embeddings, labels, labels, 10, lines.append)
-            )
+    analysis = ProjectionAnalysis(limit=10)
+    writer = tmp_path / "logs"
+    for epoch in (1, 2):
+        analysis(make_context(tmp_path, writer, epoch, embeddings, labels, labels, lines.append))
     assert len(lines) == 1 and "perplexity lowered from 30 to 3" in lines[0]
     assert (tmp_path / "plots" / "tsne_2.png").exists()
 
     lines.clear()
-    analysis = ProjectionAnalysis()
-    with SummaryWriter(tmp_path / "logs-three") as writer:
-        for epoch in (1, 2):
-            analysis(
-                make_context(tmp_path, writer, epoch, embeddings, labels, labels, 3, lines.append)
-            )
+    analysis = ProjectionAnalysis(limit=3)
+    writer = tmp_path / "logs-three"
+    for epoch in (1, 2):
+        analysis(make_context(tmp_path, writer, epoch, embeddings, labels, labels, lines.append))
     assert len(lines) == 1 and "t-SNE skipped, 3 point(s)" in lines[0]
     assert analysis.layout is None
     assert (tmp_path / "logs-three" / "00002" / "validation" / "tensors.tsv").exists()
@@ -299,9 +289,9 @@ def test_analysis_small_inputs_say_so_once_and_never_crash(tmp_path):
 
 def test_analysis_off_when_limit_is_zero(tmp_path):
     embeddings, labels = clusters()
-    analysis = ProjectionAnalysis()
-    with SummaryWriter(tmp_path / "logs") as writer:
-        analysis(make_context(tmp_path, writer, 1, embeddings, labels, labels, 0, print))
+    analysis = ProjectionAnalysis(limit=0)
+    writer = tmp_path / "logs"
+    analysis(make_context(tmp_path, writer, 1, embeddings, labels, labels, print))
     assert analysis.indices is None
     assert not (tmp_path / "plots" / "tsne_1.png").exists()
     assert not (tmp_path / "logs" / "projector_config.pbtxt").exists()
@@ -309,10 +299,10 @@ def test_analysis_off_when_limit_is_zero(tmp_path):
 
 def test_a_new_writer_keeps_the_earlier_epochs_in_the_projector(tmp_path):
     embeddings, labels = clusters()
-    analysis = ProjectionAnalysis()
+    analysis = ProjectionAnalysis(limit=30)
     for epoch in (1, 2, 2):  # a new writer per epoch, as after --resume; epoch 2 run twice
-        with SummaryWriter(tmp_path / "logs") as writer:
-            analysis(make_context(tmp_path, writer, epoch, embeddings, labels, labels, 30, print))
+        writer = tmp_path / "logs"
+        analysis(make_context(tmp_path, writer, epoch, embeddings, labels, labels, print))
     config = (tmp_path / "logs" / "projector_config.pbtxt").read_text()
     assert config.count('tensor_name: "validation:00001"') == 1
     assert config.count('tensor_name: "validation:00002"') == 1
@@ -352,7 +342,7 @@ def fetch(base: str, route: str, **query: str) -> bytes:
         return response.read()
 
 
-class Keep:
+class Keep(Analysis):
     name = "keep"
 
     def __init__(self):
@@ -365,7 +355,7 @@ class Keep:
 @pytest.mark.slow
 def test_tensorboard_serves_the_projector(tmp_path):
     train, held_out = make_blobs(96, seed=0), make_blobs(30, seed=1)  # 10 per class
-    keep, projection = Keep(), ProjectionAnalysis()
+    keep, projection = Keep(), ProjectionAnalysis(limit=24)
     config = Config(
         epochs=2,
         batch_size=16,
@@ -457,7 +447,7 @@ def test_mnist_layout_separates_the_digits(mnist_root, tmp_path):
 
     train, held_out = load_mnist(mnist_root, download=False)
     assert held_out.normalization == MNIST_NORMALIZATION
-    keep, projection = Keep(), ProjectionAnalysis()
+    keep, projection = Keep(), ProjectionAnalysis(limit=500)
     config = Config(epochs=1, save_dir=tmp_path / "save", run_name="m", projection_limit=500)
     torch.manual_seed(0)
     run(config, MnistCNN(), train, held_out, [keep, projection])
@@ -473,7 +463,7 @@ def test_the_layout_computed_in_the_helper_reaches_last_pt(tmp_path, monkeypatch
     from exigo import pipeline
     from exigo.engine.checkpoint import load_checkpoint
 
-    monkeypatch.setattr(pipeline, "available_cpus", lambda: 2)  # a helper process, always
+    monkeypatch.setattr(pipeline, "available_cpus", lambda: 2)  # a figure worker, always
     train, held_out = make_blobs(96, seed=0), make_blobs(30, seed=1)
     projection = ProjectionAnalysis()
     config = Config(epochs=2, batch_size=16, lr=1e-2, save_dir=tmp_path / "save")

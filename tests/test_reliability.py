@@ -15,10 +15,10 @@ from matplotlib.figure import Figure
 from rich.console import Console
 from torch.utils.data import Dataset
 
-from exigo.engine.checkpoint import load_checkpoint
+from exigo.analysis import Analysis, EpochContext, FigureInfo
 from exigo.config import Config
+from exigo.engine.checkpoint import load_checkpoint
 from exigo.pipeline import (
-    EpochContext,
     ResumeError,
     RunDiverged,
     RunInterrupted,
@@ -60,7 +60,7 @@ class SignalAt(Dataset):
         return self.data[index]
 
 
-class SignalAfterEpoch:
+class SignalAfterEpoch(Analysis):
     """An analysis that sends `signal_number` to this process at `epoch` (between analyses)."""
 
     name = "signal"
@@ -76,7 +76,7 @@ class SignalAfterEpoch:
         self.finished.append(ctx.epoch)
 
 
-class Counter:
+class Counter(Analysis):
     """State across epochs (like a t-SNE's previous layout): must survive --resume."""
 
     name = "counter"
@@ -88,7 +88,6 @@ class Counter:
     def __call__(self, ctx: EpochContext) -> None:
         self.calls += 1
         ctx.metrics["counter/calls"] = self.calls
-        ctx.writer.add_scalar("counter/direct", self.calls, global_step=ctx.epoch)
         ctx.metrics["counter/random"] = torch.rand(()).item()  # draws from the global RNG
 
     def state_dict(self) -> dict:
@@ -98,7 +97,7 @@ class Counter:
         self.calls = state["calls"]
 
 
-class Idle:
+class Idle(Analysis):
     name = "idle"
 
     def __call__(self, ctx: EpochContext) -> None:
@@ -147,7 +146,6 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, where):
     def attempt(save_dir, *, stop_training_at=None, stop_analyses_at=None, resume=False):
         torch.manual_seed(0)
         config = tiny_config(save_dir, run_name="r", resume=resume)
-        # Counter logs epoch 2 to TensorBoard before the signal: resume must hide that
         analyses = [Counter(), SignalAfterEpoch(stop_analyses_at), Idle()]
         data = SignalAt(train, stop_training_at)
         return run(config, DropoutNet(), data, held_out, analyses, console=quiet())
@@ -181,8 +179,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, where):
     assert scalar_steps(save / "logs" / "r", "loss/eval") == scalar_steps(
         tmp_path / "straight" / "logs" / "r", "loss/eval"
     )
-    assert scalar_steps(save / "logs" / "r", "counter/direct") == [
-        (0, 1.0),
+    assert scalar_steps(save / "logs" / "r", "counter/calls") == [
         (1, 2.0),
         (2, 3.0),
         (3, 4.0),
@@ -341,17 +338,22 @@ class PoisonedNet(TinyNet):
         return logits
 
 
-class Plotter:
+def draw_probabilities(probabilities: torch.Tensor) -> Figure:
+    figure = Figure(figsize=(2, 2))
+    figure.add_subplot().imshow(probabilities.numpy())
+    return figure
+
+
+class Plotter(Analysis):
     name = "plotter"
+    figures = (FigureInfo("probabilities", "Probabilities", "The held-out probabilities."),)
 
     def __init__(self):
         self.epochs = []
 
     def __call__(self, ctx: EpochContext) -> None:
         self.epochs.append(ctx.epoch)
-        figure = Figure(figsize=(2, 2))
-        figure.add_subplot().imshow(ctx.eval.probabilities.numpy())
-        ctx.save_figure(figure, "probabilities")
+        ctx.draw_figure("probabilities", draw_probabilities, ctx.eval.probabilities)
 
 
 @pytest.mark.parametrize("eval_only", [False, True])
@@ -417,7 +419,7 @@ def test_second_run_refused_while_first_holds_the_folder(tmp_path):
 # ---------------------------------------------------------------- analyses
 
 
-class BadMetrics:
+class BadMetrics(Analysis):
     name = "bad_metrics"
 
     def __call__(self, ctx: EpochContext) -> None:
@@ -447,16 +449,21 @@ def resident_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-class BigFigure:
+def draw_embeddings(embeddings: torch.Tensor) -> Figure:
+    figure = Figure(figsize=(6, 6))
+    figure.add_subplot().imshow(embeddings.numpy(), aspect="auto")
+    return figure
+
+
+class BigFigure(Analysis):
     name = "big_figure"
+    figures = (FigureInfo("embeddings", "Embeddings", "The held-out embeddings."),)
 
     def __call__(self, ctx: EpochContext) -> None:
-        figure = Figure(figsize=(6, 6))
-        figure.add_subplot().imshow(ctx.eval.embeddings.numpy(), aspect="auto")
-        ctx.save_figure(figure, "embeddings")
+        ctx.draw_figure("embeddings", draw_embeddings, ctx.eval.embeddings)
 
 
-class InputGradients:
+class InputGradients(Analysis):
     name = "input_gradients"
 
     def __call__(self, ctx: EpochContext) -> None:
@@ -470,7 +477,7 @@ class InputGradients:
         ctx.metrics["input_gradients/mean"] = gradient.abs().mean().item()
 
 
-class Resident:
+class Resident(Analysis):
     name = "resident"
 
     def __init__(self):

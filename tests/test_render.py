@@ -13,8 +13,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 from PIL import Image
 
-from exigo.figures.pool import Drawn, FigureRenderer, available_cpus, log_png, render_png
 from exigo.config import Config
+from exigo.figures.pool import Drawn, FigureRenderer, available_cpus, log_png, render_png
 from exigo.pipeline import EpochContext, run
 
 from conftest import TinyNet

@@ -22,8 +22,9 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 import exigo.report
+from exigo.analysis import Analysis, EpochContext, FigureInfo
 from exigo.config import Config
-from exigo.pipeline import EpochContext, run
+from exigo.pipeline import run
 from exigo.report import (
     best_epoch,
     build_report,
@@ -74,13 +75,22 @@ def _save_dir(tmp_path: Path) -> Path:
 # pure parts
 
 
-def test_discover_figures_orders_known_stems_then_others(tmp_path):
+def test_discover_figures_orders_declared_stems_then_others(tmp_path):
     save = _save_dir(tmp_path)
-    series = discover_figures(save / "plots")
-    assert [s.stem for s in series] == ["confusion_matrix", "tsne", "my_probe"]
-    assert [s.title for s in series] == ["Confusion matrix", "t-SNE of the embeddings", "My probe"]
-    assert list(series[1].frames) == [0, 1, 2]  # init is step 0, first
-    assert series[1].frames[0].name == "tsne_init.png"
+    declared = {
+        "tsne": {"title": "t-SNE of the embeddings", "caption": "A map."},
+        "absent": {"title": "Never drawn", "caption": ""},
+        "confusion_matrix": {"title": "Confusion matrix", "caption": "Counts."},
+    }
+    series = discover_figures(save / "plots", declared)
+    assert [s.stem for s in series] == ["tsne", "confusion_matrix", "my_probe"]
+    assert [s.title for s in series] == ["t-SNE of the embeddings", "Confusion matrix", "My probe"]
+    assert [s.caption for s in series] == ["A map.", "Counts.", ""]
+    assert [s.stem for s in discover_figures(save / "plots")] == sorted(
+        ["confusion_matrix", "tsne", "my_probe"]
+    )
+    assert list(series[0].frames) == [0, 1, 2]  # init is step 0, first
+    assert series[0].frames[0].name == "tsne_init.png"
     assert discover_figures(tmp_path / "absent") == []
 
 
@@ -181,20 +191,25 @@ def test_write_report_writes_gif_and_html_atomically(tmp_path):
 # in the pipeline
 
 
-class EpochCard:
+def draw_card(text: str) -> Figure:
+    figure = Figure(figsize=(3, 2))
+    axes = figure.add_subplot()
+    axes.set_axis_off()
+    axes.text(0.5, 0.5, text, ha="center", va="center", fontsize=20)
+    return figure
+
+
+class EpochCard(Analysis):
     """Draws a card saying which epoch it is: each epoch's figure looks different."""
 
     before_training = True
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.figures = (FigureInfo(name, name.capitalize(), f"A card for {name}."),)
 
     def __call__(self, ctx: EpochContext) -> None:
-        figure = Figure(figsize=(3, 2))
-        axes = figure.add_subplot()
-        axes.set_axis_off()
-        axes.text(0.5, 0.5, f"{self.name}\n{ctx.tag}", ha="center", va="center", fontsize=20)
-        ctx.save_figure(figure, self.name, dpi=50)
+        ctx.draw_figure(self.name, draw_card, f"{self.name}\n{ctx.tag}", dpi=50)
 
 
 def _tiny_run(save: Path, epochs: int = 3) -> Any:

@@ -2,9 +2,6 @@ import torch
 from PIL import Image
 from torch import nn
 
-from exigo.config import Config
-from exigo.data import Normalization
-from exigo.pipeline import run
 from exigo.analyses.saliency import (
     SaliencyAnalysis,
     SaliencyMaps,
@@ -14,6 +11,9 @@ from exigo.analyses.saliency import (
     reduce_channels,
     saliency_maps,
 )
+from exigo.config import Config
+from exigo.data import Normalization
+from exigo.pipeline import run
 
 from conftest import TinyNet
 

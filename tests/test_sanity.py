@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from exigo.analyses.attributions import attribution_maps, saliency
-from exigo.models import MnistCNN
 from exigo.analyses.sanity import cascading_randomisation, randomisable_layers, spearman, ssim
+from exigo.models import MnistCNN
 
 
 def gradient_maps(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

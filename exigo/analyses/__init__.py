@@ -18,12 +18,12 @@ from exigo.analyses import (
 )
 from exigo.analyses.attributions import AttributionAnalysis
 from exigo.analyses.class_models import ClassModelAnalysis
-from exigo.config import Config
 from exigo.analyses.confusion import ConfusionAnalysis
 from exigo.analyses.errors import ErrorAnalysis
-from exigo.pipeline import Analysis
 from exigo.analyses.projection import ProjectionAnalysis
 from exigo.analyses.saliency import SaliencyAnalysis
+from exigo.analysis import Analysis
+from exigo.config import Config
 
 __all__ = [
     "attributions",
@@ -52,7 +52,7 @@ def default_analyses(config: Config) -> list[Analysis]:
     """
     analyses: list[Analysis] = []
     if config.projection_limit > 0:
-        analyses.append(ProjectionAnalysis())
+        analyses.append(ProjectionAnalysis(limit=config.projection_limit, seed=config.seed))
     analyses.append(ConfusionAnalysis(normalize=config.confusion_normalize))
     analyses.append(SaliencyAnalysis())
     analyses.append(ClassModelAnalysis(seed=config.seed))

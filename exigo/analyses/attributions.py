@@ -40,15 +40,15 @@ import torch
 from torch import Tensor, nn
 
 from exigo._modes import evaluation_mode
-from exigo.figures.tiles import TileBlock, TileRow, tile_figure
-from exigo.data import Normalization
 from exigo.analyses.faithfulness import FaithfulnessCurves, deletion_insertion
 from exigo.analyses.sanity import RandomisationResult, cascading_randomisation, spearman
+from exigo.analysis import Analysis, EpochContext, FigureInfo
+from exigo.data import Normalization
+from exigo.figures.tiles import TileBlock, TileRow, tile_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from exigo.pipeline import EpochContext
 
 __all__ = [
     "METHOD_LABELS",
@@ -617,7 +617,7 @@ def plot_attribution_checks(
     return figure
 
 
-class AttributionAnalysis:
+class AttributionAnalysis(Analysis):
     """Compare the attribution methods on the probe images and check them, every epoch.
 
     Writes `plots/attributions_{epoch}.png` (maps; each row's colour scale is the running
@@ -634,6 +634,19 @@ class AttributionAnalysis:
     """
 
     name = "attributions"
+    figures = (
+        FigureInfo(
+            "attributions",
+            "Attribution methods compared",
+            "Several attribution methods explaining the same probe images.",
+        ),
+        FigureInfo(
+            "attribution_checks",
+            "Attribution checks",
+            "Can the attributions be trusted: faithfulness (deleting or inserting the pixels "
+            "they rank first) and sensitivity to randomising the model's weights.",
+        ),
+    )
 
     def __init__(self, settings: AttributionSettings | None = None, seed: int = 0) -> None:
         self.settings = settings or AttributionSettings()
@@ -756,8 +769,6 @@ class AttributionAnalysis:
             ctx.epoch,
         )
 
-        when = "before training" if ctx.epoch == 0 else f"epoch {ctx.epoch}"
-        # both figures are built and rendered in the pipeline's helper process, if any
         ctx.draw_figure(
             "attributions",
             plot_attributions,
@@ -768,7 +779,7 @@ class AttributionAnalysis:
             probe.labels.tolist(),
             curves.deletion[0, :, 0].tolist(),
             ctx.class_names,
-            title=f"Attributions towards the true class, {when}",
+            title=f"Attributions towards the true class, {ctx.when}",
         )
         ctx.draw_figure(
             "attribution_checks",
@@ -776,7 +787,8 @@ class AttributionAnalysis:
             curves,
             randomisation,
             settings.unchanged_threshold,
-            title=f"Can the attributions be trusted? {when}, {probe.labels.numel()} probe images",
+            title=f"Can the attributions be trusted? {ctx.when.capitalize()}, "
+            f"{probe.labels.numel()} probe images",
         )
         seconds["figures"] = time.perf_counter() - clock
 

@@ -53,13 +53,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from exigo.data import Normalization
 from exigo.analyses.saliency import frozen, input_gradients
+from exigo.analysis import Analysis, EpochContext, FigureInfo
+from exigo.data import Normalization
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from exigo.pipeline import EpochContext
 
 __all__ = ["ClassModelAnalysis", "ClassModels", "class_models", "plot_class_models"]
 
@@ -298,7 +298,7 @@ def plot_class_models(
     return figure
 
 
-class ClassModelAnalysis:
+class ClassModelAnalysis(Analysis):
     """Per-epoch hook: `plots/class_models_{epoch}.png`, one class model per class.
 
     The same jitter seed every epoch, so the epochs differ only by the model. Adds the mean
@@ -310,6 +310,13 @@ class ClassModelAnalysis:
     """
 
     name = "class_models"
+    figures = (
+        FigureInfo(
+            "class_models",
+            "Class models",
+            "Inputs optimised to maximise each class score: what the network looks for.",
+        ),
+    )
 
     def __init__(self, seed: int = 0, **settings: float) -> None:
         self.seed = seed
@@ -332,11 +339,10 @@ class ClassModelAnalysis:
             **self.settings,
         )
         ctx.metrics["class_models/mean_probability"] = float(result.probabilities.mean())
-        when = "before training" if ctx.epoch == 0 else f"after epoch {ctx.epoch}"
-        ctx.draw_figure(  # built and rendered in the pipeline's helper process, if any
+        ctx.draw_figure(
             "class_models",
             plot_class_models,
             result,
             ctx.class_names,
-            title=f"Class models: what the network finds most typical of each class, {when}",
+            title=f"Class models: what the network finds most typical of each class, {ctx.when}",
         )

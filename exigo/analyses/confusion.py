@@ -32,11 +32,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from exigo.analysis import Analysis, EpochContext, FigureInfo
+
 if TYPE_CHECKING:
     from matplotlib.colors import Colormap, Normalize
     from matplotlib.figure import Figure
 
-    from exigo.pipeline import EpochContext
 
 __all__ = [
     "ConfusionAnalysis",
@@ -389,7 +390,7 @@ def plot_confusion(
 # ----------------------------------------------------------------------------------------- hook
 
 
-class ConfusionAnalysis:
+class ConfusionAnalysis(Analysis):
     """Per-epoch hook: confusion matrix figure and per-class precision/recall scalars.
 
     Reads `ctx.eval.targets` and `ctx.eval.predictions` (the pipeline's one evaluation pass);
@@ -402,6 +403,18 @@ class ConfusionAnalysis:
     """
 
     name = "confusion"
+    figures = (
+        FigureInfo(
+            "confusion_matrix",
+            "Confusion matrix",
+            "Held-out images counted by true class (rows) and predicted class (columns).",
+        ),
+        FigureInfo(
+            "confusion_matrix_normalized",
+            "Confusion matrix, row-normalised",
+            "Each row divided by its class count: the diagonal is each class' recall.",
+        ),
+    )
 
     def __init__(self, normalize: bool = False) -> None:
         self.normalize = normalize

@@ -25,15 +25,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from exigo.analyses.saliency import input_gradients, reduce_channels
+from exigo.analysis import Analysis, EpochContext, FigureInfo
+from exigo.data import display_pixels, gather
 from exigo.figures.colour_scale import ROBUST_QUANTILE, colour_limit
 from exigo.figures.tiles import TileBlock, TileRow, tile_figure
-from exigo.data import display_pixels, gather
-from exigo.analyses.saliency import input_gradients, reduce_channels
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from exigo.pipeline import EpochContext
 
 __all__ = [
     "Confusion",
@@ -237,7 +237,7 @@ def plot_errors(
     )
 
 
-class ErrorAnalysis:
+class ErrorAnalysis(Analysis):
     """Per-epoch hook: `plots/errors_{epoch}.png` for the most frequent confusions.
 
     Reads the evaluation pass; only the (at most `pairs * per_pair`) shown images go through
@@ -250,6 +250,13 @@ class ErrorAnalysis:
     """
 
     name = "errors"
+    figures = (
+        FigureInfo(
+            "errors",
+            "Errors",
+            "Held-out images the network gets wrong, with its prediction and the true label.",
+        ),
+    )
 
     def __init__(self, pairs: int = 3, per_pair: int = 5) -> None:
         self.pairs = pairs
@@ -275,7 +282,7 @@ class ErrorAnalysis:
         true = torch.cat([torch.full_like(c.indices, c.true) for c in confusions])
         predicted = torch.cat([torch.full_like(c.indices, c.predicted) for c in confusions])
         saliency = error_saliency(ctx.model, images.to(ctx.device), true, predicted)
-        ctx.draw_figure(  # built and rendered in the pipeline's helper process, if any
+        ctx.draw_figure(
             "errors",
             plot_errors,
             confusions,
@@ -284,5 +291,5 @@ class ErrorAnalysis:
             evaluation.probabilities[indices, true],
             evaluation.probabilities[indices, predicted],
             ctx.class_names,
-            title=f"Most frequent errors after epoch {ctx.epoch}: what pulled each image both ways",
+            title=f"Most frequent errors {ctx.when}: what pulled each image both ways",
         )

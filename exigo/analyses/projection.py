@@ -34,7 +34,6 @@ References:
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,15 +44,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from exigo._system import available_cpus
 from exigo._io import atomic_write_bytes
-from exigo.figures.pool import Drawn
+from exigo._system import available_cpus
+from exigo.analysis import Analysis, EpochContext, FigureInfo
 from exigo.data import display_pixels, gather
+from exigo.figures.pool import Drawn
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from exigo.pipeline import EpochContext
 
 __all__ = [
     "MIN_TSNE_POINTS",
@@ -552,10 +551,10 @@ def draw_tsne(
     return Drawn(figure, layout)
 
 
-class ProjectionAnalysis:
+class ProjectionAnalysis(Analysis):
     """Per epoch: the projector embedding in TensorBoard and `plots/tsne_{epoch}.png`.
 
-    The points (at most `config.projection_limit`, stratified by class) are drawn once from
+    The points (at most `limit`, stratified by class) are drawn once from
     the first evaluation and kept, so a reader can follow one point across epochs. Each
     epoch's t-SNE starts from the previous epoch's layout. Nothing runs when the limit is 0.
     The t-SNE and its figure are one `draw_tsne` job: in the pipeline's figure helper process
@@ -563,13 +562,25 @@ class ProjectionAnalysis:
     `self.layout` when the pipeline collects the figure, before it commits the epoch.
 
     Args:
+        limit: at most this many held-out points (`--projection-limit`; 0: nothing runs).
+        seed: seeds the choice of points and the t-SNE.
         perplexity: wanted t-SNE perplexity; lowered automatically for few points.
     """
 
     name = "projection"
-    helper_imports = ("openTSNE",)  # 1 s, imported by the figure helper while epoch 1 trains
+    figures = (
+        FigureInfo(
+            "tsne",
+            "t-SNE of the embeddings",
+            "The held-out images' embeddings in 2-D; each epoch's layout starts from the "
+            "previous one, so points that move have changed their neighbours.",
+        ),
+    )
+    worker_imports = ("openTSNE",)  # 1 s, imported by the figure worker while epoch 1 trains
 
-    def __init__(self, perplexity: float = 30.0) -> None:
+    def __init__(self, limit: int = 2000, seed: int = 0, perplexity: float = 30.0) -> None:
+        self.limit = limit
+        self.seed = seed
         self.perplexity = perplexity
         self.indices: Tensor | None = None
         self.layout: Tensor | None = None
@@ -612,13 +623,11 @@ class ProjectionAnalysis:
     def __call__(self, ctx: EpochContext) -> None:
         """Log the projector embedding and write the t-SNE figure for `ctx.epoch`."""
         evaluation = ctx.eval
-        if evaluation is None or ctx.config.projection_limit == 0:
+        if evaluation is None or self.limit == 0:
             return
         total = evaluation.targets.numel()
         if self.indices is None or (self.indices.numel() and int(self.indices.max()) >= total):
-            self.indices = stratified_indices(
-                evaluation.targets, ctx.config.projection_limit, ctx.config.seed
-            )
+            self.indices = stratified_indices(evaluation.targets, self.limit, self.seed)
             self.layout, self._sprite = None, None
         indices = self.indices
         if indices.numel() == 0:
@@ -628,7 +637,7 @@ class ProjectionAnalysis:
         targets = evaluation.targets[indices]
         predictions = evaluation.predictions[indices]
 
-        log_dir = Path(ctx.writer.get_logdir())
+        log_dir = ctx.log_dir
         if self._sprite is None:  # once per run (and once after --resume)
             images, _ = gather(ctx.val_data, indices)
             thumbnails = sprite_images(display_pixels(images, ctx.normalization))
@@ -656,7 +665,7 @@ class ProjectionAnalysis:
         previous = self.layout
         if previous is not None and previous.shape != (count, 2):
             previous = None
-        ctx.draw_figure(  # the t-SNE too runs in the pipeline's helper process, if any
+        ctx.draw_figure(  # the t-SNE too runs in the figure worker
             "tsne",
             draw_tsne,
             embeddings,
@@ -666,7 +675,7 @@ class ProjectionAnalysis:
             ctx.class_names,
             epoch=ctx.epoch,
             perplexity=perplexity,
-            seed=ctx.config.seed,
+            seed=self.seed,
             dpi=110,
             on_value=self._keep_layout,
         )

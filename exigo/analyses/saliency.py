@@ -38,14 +38,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from exigo.analysis import Analysis, EpochContext, FigureInfo
+from exigo.data import Normalization, display_pixels
 from exigo.figures.colour_scale import ROBUST_QUANTILE, colour_limit
 from exigo.figures.tiles import TileBlock, TileRow, tile_figure
-from exigo.data import Normalization, display_pixels
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from exigo.pipeline import EpochContext
 
 __all__ = [
     "SaliencyAnalysis",
@@ -348,7 +348,7 @@ def plot_saliency(
     )
 
 
-class SaliencyAnalysis:
+class SaliencyAnalysis(Analysis):
     """Per-epoch hook: the five maps of the fixed probe images, `plots/saliency_{epoch}.png`.
 
     Also called before training (`saliency_init.png`), so the untrained and trained network
@@ -357,6 +357,13 @@ class SaliencyAnalysis:
     """
 
     name = "saliency"
+    figures = (
+        FigureInfo(
+            "saliency",
+            "Saliency maps",
+            "Which pixels of the fixed probe images the class score is most sensitive to.",
+        ),
+    )
     before_training = True
 
     def __call__(self, ctx: EpochContext) -> None:
@@ -368,13 +375,12 @@ class SaliencyAnalysis:
         else:
             with torch.no_grad():
                 predictions = ctx.model(probe.images).argmax(1).cpu()
-        when = "before training" if ctx.epoch == 0 else f"after epoch {ctx.epoch}"
-        ctx.draw_figure(  # built and rendered in the pipeline's helper process, if any
+        ctx.draw_figure(
             "saliency",
             plot_saliency,
             maps,
             probe.labels.cpu(),
             predictions,
             ctx.class_names,
-            title=f"Saliency towards the true class, {when}",
+            title=f"Saliency towards the true class, {ctx.when}",
         )

@@ -42,7 +42,6 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -70,8 +69,8 @@ __all__ = [
     "join",
     "launched_by_torchrun",
     "leave",
-    "process_group",
     "open_world",
+    "process_group",
     "reduce_train_result",
     "resolve_device",
     "training_indices",
@@ -299,6 +298,14 @@ class World:
         """
         stop.check()
 
+    def tell_stop(self, signal_number: int) -> None:
+        """Rank 0 stops outside `stop_together` (inside its analyses): the others, waiting in
+        `stop_together`, learn of it here. Nothing to tell for a single process.
+
+        Args:
+            signal_number: the signal that stops rank 0.
+        """
+
     def stop_together(self, stop: StopSignals) -> None:
         """Every process stops here if any one received a signal.
 
@@ -367,7 +374,6 @@ class Torchrun(World):
                 f"--dist-timeout {self.timeout:g} s: its own error, named in torchrun's summary, "
                 "is the cause (raise --dist-timeout if rank 0's analyses take that long)"
             ) from error
-
 
     def describe(self) -> dict[str, Any] | None:
         """What run.json records of the processes.
@@ -501,6 +507,16 @@ class Torchrun(World):
         """
         if training and batches % STOP_CHECK_BATCHES == 0:
             self.stop_together(stop)
+
+    def tell_stop(self, signal_number: int) -> None:
+        """Rank 0 stops outside `stop_together` (inside its analyses): the others, waiting in
+        `stop_together`, learn of it here.
+
+        Args:
+            signal_number: the signal that stops rank 0.
+        """
+        with suppress(DistributedError):  # the others may have left already
+            self.agree_on_signal(signal_number)
 
     def _tensor(self, values: Sequence[float], dtype: torch.dtype) -> Tensor:
         # NCCL reduces tensors on the GPU only; Gloo on the CPU

@@ -463,3 +463,29 @@ if __name__ == "__main__":
     # every reply is flushed and every file written: skip Python's teardown of torch and
     # matplotlib (1 s), which the run's process would wait for in `close`
     os._exit(0)
+
+
+class FigurePool:
+    """Interim adapter (replaced by the loky pool): the new interface over `FigureRenderer`."""
+
+    def __init__(self, *, workers: int = 1, preload=(), timeout: float = 300.0, log=print) -> None:
+        self._renderer = FigureRenderer(in_background=workers > 0, preload=preload)
+
+    def start(self) -> None:
+        with contextlib.suppress(OSError):
+            self._renderer.start()
+
+    def submit(self, draw, args, kwargs, *, path, dpi, name, step, on_value=None) -> None:
+        self._renderer.submit_draw(draw, args, kwargs, path, dpi, name, step, on_value)
+
+    def collect(self):
+        return self._renderer.collect()
+
+    def close(self) -> None:
+        self._renderer.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
