@@ -1,4 +1,4 @@
-"""Time of `exigo.analyses.class_models.class_models` for the ten MNIST classes (budget: 1 s per epoch).
+"""Time of `exigo.analyses.class_models.class_models`, ten MNIST classes (budget: 1 s an epoch).
 
 Default `MnistCNN` with random weights (the time does not depend on the weights) and the
 default settings (60 steps). Prints every repetition, then the medians of the wall-clock and

@@ -18,9 +18,9 @@ import time
 
 import torch
 
+from exigo.analyses.saliency import DEFAULT_CHUNK_SIZE, saliency_maps
 from exigo.data import load_mnist
 from exigo.models import MnistCNN
-from exigo.analyses.saliency import DEFAULT_CHUNK_SIZE, saliency_maps
 
 
 def main() -> None:

@@ -161,8 +161,9 @@ class FolderLock:
             raise
 
     def release(self) -> None:
-        """Give the lock back."""
+        """Give the lock back; its holder file goes first (the next holder writes its own)."""
         if self.held:
+            self.holder_path.unlink(missing_ok=True)
             self._lock.release()
 
     def __enter__(self) -> FolderLock:

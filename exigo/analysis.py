@@ -8,34 +8,40 @@ the trained model and the fixed probe images. The analysis computes numbers, add
 the analysis declares). A minimal one, complete:
 
 ```python
+import torch
 from matplotlib.figure import Figure
 
 from exigo.analysis import Analysis, EpochContext, FigureInfo
 
 
-def draw_confidence(confidence, class_names, title):  # a plain function: the figure worker calls it
+def draw_confidence(per_class, class_names, title):  # the figure worker calls it
     figure = Figure(figsize=(6, 3))
-    figure.add_subplot().bar(class_names, confidence.tolist())
+    figure.add_subplot().bar(class_names, per_class.tolist())
     figure.suptitle(title)
     return figure
 
 
 class MeanConfidence(Analysis):
     name = "mean_confidence"
-    figures = (FigureInfo("mean_confidence", "Mean confidence", "Mean top probability per class."),)
+    figures = (
+        FigureInfo("mean_confidence", "Mean confidence", "Mean top probability per class."),
+    )
 
     def __call__(self, ctx: EpochContext) -> None:
         if ctx.eval is None:
             return
         top = ctx.eval.probabilities.max(dim=1).values  # [N]
-        per_class = torch.stack([top[ctx.eval.targets == c].mean() for c in range(len(ctx.class_names))])
+        classes = range(len(ctx.class_names))
+        per_class = torch.stack([top[ctx.eval.targets == c].mean() for c in classes])
         ctx.metrics["mean_confidence/all"] = float(top.mean())
-        ctx.draw_figure("mean_confidence", draw_confidence, per_class, ctx.class_names,
-                        f"Mean confidence {ctx.when}")
+        ctx.draw_figure(
+            "mean_confidence", draw_confidence, per_class, ctx.class_names,
+            f"Mean confidence {ctx.when}",
+        )
 ```
 
-Register it with one line: `run(config, model, train, val, [*default_analyses(config), MeanConfidence()])`
-(or add it to `exigo.analyses.default_analyses`).
+Register it with one line, `[*default_analyses(config), MeanConfidence()]` as `run`'s
+analyses (or add it to `exigo.analyses.default_analyses`).
 """
 
 from __future__ import annotations
@@ -127,8 +133,9 @@ class Analysis:
         raise NotImplementedError(f"{type(self).__name__} must implement __call__(ctx)")
 
     def state_dict(self) -> dict[str, Any]:
-        """State that must survive `--resume` (colour scales, previous layouts): saved in
-        `models/last.pt` after every epoch. Tensors and plain values only.
+        """State that must survive `--resume` (colour scales, previous layouts).
+
+        Saved in `models/last.pt` after every epoch. Tensors and plain values only.
 
         Returns:
             The state; `{}` (the default) saves nothing.

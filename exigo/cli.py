@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed",
         type=int,
         default=_DEFAULTS.seed,
-        help="seed of model init, shuffling and analyses; same seed, same metrics on the CPU (default: %(default)s)",
+        help="seed of model init, shuffling and analyses; same seed, same metrics on the CPU "
+        "(default: %(default)s)",
     )
     train.add_argument(
         "--device",
@@ -164,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=_DEFAULTS.projection_limit,
         help="at most this many validation points in the projector and the t-SNE "
-        "(stratified by class, the same points every epoch; 0 turns the projection off) (default: %(default)s)",
+        "(stratified by class, the same points every epoch; 0 turns the projection off) "
+        "(default: %(default)s)",
     )
     analysis.add_argument(
         "--no-attribution-checks",
@@ -183,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=_DEFAULTS.threads,
         help="CPU threads of torch's operators (0: OMP_NUM_THREADS if set, else half the "
-        "CPUs; more threads are faster only on idle cores, and far slower on busy ones) (default: %(default)s)",
+        "CPUs; more threads are faster only on idle cores, and far slower on busy ones) "
+        "(default: %(default)s)",
     )
     return parser
 

@@ -220,8 +220,9 @@ def _before_training(session: Session) -> None:
 
 @contextmanager
 def _event_log(session: Session) -> Iterator[None]:
-    """TensorBoard events on rank 0 while the epochs run; a resumed run hides a stopped
-    attempt's events after its last completed epoch.
+    """TensorBoard events on rank 0 while the epochs run.
+
+    A resumed run hides a stopped attempt's events after its last completed epoch.
     """
     if session.world.is_main:
         purge_step = session.state.epoch + 1 if session.state.epoch else None

@@ -1,4 +1,4 @@
-"""The extension API: a newcomer's analysis, written in this file, lands everywhere a built-in's does."""
+"""The extension API: a newcomer's analysis, written in this file, lands where a built-in's does."""
 
 import html
 import json

@@ -45,7 +45,7 @@ def public_modules() -> list[str]:
 
 
 def page_path(site: Path, module: str) -> Path:
-    """Where pdoc writes the page of `module` (`exigo.analyses.confusion` -> `exigo/confusion.html`)."""
+    """Where pdoc writes `module`'s page (`exigo.analyses.confusion` -> `exigo/confusion.html`)."""
     return site.joinpath(*module.split(".")).with_suffix(".html")
 
 

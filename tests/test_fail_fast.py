@@ -16,8 +16,8 @@ from test_reliability import HOLD_LOCK, PoisonedNet, SignalAt
 
 import exigo.analyses
 import exigo.data
-import exigo.models
 import exigo.engine.run_dir
+import exigo.models
 import exigo.pipeline
 from exigo.analysis import Analysis
 from exigo.cli import main

@@ -19,7 +19,6 @@ from exigo.engine.run_dir import BASE_METRICS
 __all__ = ["EventLog", "scalar_tag"]
 
 
-
 def scalar_tag(name: str) -> str | None:
     """The TensorBoard tag of a metrics.json entry.
 

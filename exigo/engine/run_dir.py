@@ -26,9 +26,9 @@ from exigo._system import library_versions
 __all__ = [
     "BASE_METRICS",
     "BEST_CHECKPOINT",
-    "BaseMetric",
     "LAST_CHECKPOINT",
     "RUN_OUTPUTS",
+    "BaseMetric",
     "SaveDirError",
     "check_replaceable",
     "clear_previous_run",
@@ -38,6 +38,7 @@ __all__ = [
     "record_resume",
     "write_metrics",
 ]
+
 
 class BaseMetric(NamedTuple):
     """An entry every metrics.json row has.

@@ -23,8 +23,8 @@ $$ \bar\ell = \frac{\sum_r n_r \, \bar\ell_r}{\sum_r n_r}, \qquad
 \mathrm{acc} = \frac{\sum_r c_r}{\sum_r n_r}, $$
 
 and the predictions, targets, probabilities and embeddings are gathered to rank 0 in dataset
-order. The result equals a single-process `exigo.engine.training.evaluate` of the same model (the loss up
-to float rounding of the split sum).
+order. The result equals a single-process `exigo.engine.training.evaluate` of the same model
+(the loss up to float rounding of the split sum).
 
 Every collective runs under the process group's timeout: a process that crashed, hangs or waits
 longer than `--dist-timeout` for the others makes the collective fail with a `DistributedError`
@@ -91,7 +91,7 @@ class DistributedError(RuntimeError):
 
 
 class World:
-    """The processes of a run, seen from one of them: a single process, whose collectives are no-ops.
+    """The processes of a run, seen from one of them: here a single process (no-op collectives).
 
     The pipeline's epoch loop calls the same methods whatever the launch: `Torchrun` (a
     subclass) shares the work out among torchrun's processes, this class runs it all here.
@@ -299,8 +299,9 @@ class World:
         stop.check()
 
     def tell_stop(self, signal_number: int) -> None:
-        """Rank 0 stops outside `stop_together` (inside its analyses): the others, waiting in
-        `stop_together`, learn of it here. Nothing to tell for a single process.
+        """Tell the others that rank 0 stops outside `stop_together` (in its analyses).
+
+        Nothing to tell for a single process.
 
         Args:
             signal_number: the signal that stops rank 0.
@@ -509,8 +510,9 @@ class Torchrun(World):
             self.stop_together(stop)
 
     def tell_stop(self, signal_number: int) -> None:
-        """Rank 0 stops outside `stop_together` (inside its analyses): the others, waiting in
-        `stop_together`, learn of it here.
+        """Tell the others that rank 0 stops outside `stop_together` (in its analyses).
+
+        They wait in `stop_together` and learn of it there.
 
         Args:
             signal_number: the signal that stops rank 0.
@@ -748,8 +750,10 @@ def process_group(
 
 @contextmanager
 def open_world(device: str = "auto", timeout: float = DEFAULT_TIMEOUT) -> Iterator[World]:
-    """The run's `World`: torchrun's processes (`join`, closed after the block if opened here),
-    or this process alone on `resolve_device(device)`.
+    """The run's `World`: torchrun's processes, or this process alone.
+
+    Under torchrun, `join` (the group is closed after the block if opened here); else a
+    single-process `World` on `resolve_device(device)`.
 
     Args:
         device: `--device`.
