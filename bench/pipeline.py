@@ -2,29 +2,29 @@
 
     python bench/pipeline.py --data-dir ../shared/mnist [--repeats 3] [--json save/bench.json]
                              [--no-end-to-end] [--compare-with OTHER_CHECKOUT]
-                             [--inline-figures] [--verbose] [-- runner options...]
+                             [--verbose] [-- runner options...]
 
-1. In this process, fresh: `import torch`, the exigo imports, the MNIST decode, then
-   `exigo.cli.main` exactly as `python runner.py` calls it (options after `--` are passed on),
-   with timers wrapped around the pipeline's pieces. From the metrics rows: seconds of
-   training, evaluation and every analysis per epoch (and before training); from the timers:
-   figure rendering (matplotlib + PNG + the TensorBoard image), every TensorBoard write,
-   checkpoints, report.html, each t-SNE (with `--inline-figures` only: otherwise it runs in
-   the figure helper process, inside the wait before committing); the time from start to the
-   first training step;
-   images per second of training; held-out accuracy; peak RSS.
-2. On the trained model: saliency maps of the 2,000 held-out images (median of 3), images/s.
-3. End to end: `python runner.py --data-dir ...` as a subprocess, start to exit, --repeats
-   times with the attribution checks and as often with `--no-attribution-checks`
-   (interleaved); medians, CPU seconds (with the figure helper) and the largest peak RSS.
-   `--compare-with` interleaves the same runs of another checkout's `runner.py` (say
-   `git worktree add /tmp/before <commit>`), so both see the same load.
+1. In this process, fresh, through exigo's public API only: `import torch`, the exigo imports,
+   the options parsed by `exigo.cli` (`build_parser`, `config_from_args`; options after `--`
+   are passed on), the MNIST decode (`exigo.data.load_mnist`), then `exigo.pipeline.run` with
+   `exigo.cli.default_model` and `exigo.analyses.default_analyses`, as `runner.py` runs them.
+   The phases come from the run's own timing points, `RunResult.timings` (summed over epochs:
+   setup, training, evaluation, each analysis, the wait for the figure worker, metrics,
+   checkpoints, report) and the metrics rows (training, evaluation and each analysis per
+   epoch); the analyses before training are the difference of the two. Around them: start-up,
+   the whole run, CPU seconds of this process and of the figure worker, peak RSS.
+2. On the trained model: saliency maps of the 2,000 held-out images (median of 3) and a cold
+   t-SNE of the projection's points (`exigo.analyses.projection`), each alone.
+3. End to end, as subprocesses, start to exit, interleaved, `--repeats` times each:
+   `python runner.py`, `python runner.py --no-attribution-checks` and `python bench/
+   training_only.py` (the same run with no analysis: training, evaluation, checkpoints; the
+   baseline of issue 22); medians, CPU seconds (with the figure worker), the largest peak RSS
+   and the ratio whole run / training only. `--compare-with` interleaves the two `runner.py`
+   runs of another checkout (say `git worktree add /tmp/before <commit>`), so both see the
+   same load.
 
-`--inline-figures` draws the in-process run's figures in its own process, without the helper
-process, to measure what the helper saves.
-
-Prints one Markdown table (phase, value, target) and writes the same numbers as JSON. Other
-processes that share the CPU slow every figure down; the table records the load average
+Prints one Markdown table (phase, wall, CPU, target) and writes the same numbers as JSON.
+Other processes that share the CPU slow every phase down; the table records the load average
 before and after.
 """
 
@@ -36,8 +36,8 @@ _STARTED = time.perf_counter()  # before any heavy import: start-up is measured 
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
-import io  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
@@ -45,12 +45,14 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-from collections import defaultdict  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `python bench/pipeline.py` from a checkout, exigo not installed
+TRAINING_ONLY = Path(__file__).resolve().with_name("training_only.py")
+
+from training_only import parse_runner_options, set_threads  # noqa: E402  (bench/, light)
 
 #: (key, target, "max" or "min"): the targets of issue 7 for 2 epochs with the defaults.
 TARGETS = {
@@ -61,43 +63,6 @@ TARGETS = {
     "peak_rss_mb": (1536.0, "max"),
     "startup_seconds": (3.0, "max"),
 }
-
-
-class Timers:
-    """Wall and CPU seconds spent in wrapped functions, summed per name, and the calls' count.
-
-    CPU seconds (`time.process_time`, all threads of this process) barely depend on the load
-    of the machine: with one torch thread they estimate the wall time on an idle machine.
-    """
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.cpu_seconds: dict[str, float] = defaultdict(float)
-        self.calls: dict[str, int] = defaultdict(int)
-        self.events: dict[str, list[float]] = defaultdict(list)
-        self._depth: dict[str, int] = defaultdict(int)
-
-    def wrap(self, owner: Any, attribute: str, name: str, keep: bool = False) -> None:
-        """Replace `owner.attribute` by a timed version that adds its seconds to `name`."""
-        original = getattr(owner, attribute)
-
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            if self._depth[name]:  # a timed call inside another of the same name counts once
-                return original(*args, **kwargs)
-            self._depth[name] += 1
-            start, cpu_start = time.perf_counter(), time.process_time()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self._depth[name] -= 1
-                elapsed = time.perf_counter() - start
-                self.seconds[name] += elapsed
-                self.cpu_seconds[name] += time.process_time() - cpu_start
-                self.calls[name] += 1
-                if keep:
-                    self.events[name].append(elapsed)
-
-        setattr(owner, attribute, timed)
 
 
 def machine() -> dict[str, Any]:
@@ -130,182 +95,91 @@ def peak_rss_mb(usage: resource.struct_rusage) -> float:
     return usage.ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-def in_process(
-    data_dir: Path, save_dir: Path, runner_args: list[str], verbose: bool, inline_figures: bool
-) -> dict:
-    """Run the pipeline in this process with timers; return the measured phases."""
+def in_process(data_dir: Path, save_dir: Path, runner_args: list[str], verbose: bool) -> dict:
+    """Run the pipeline in this process as `runner.py` does, through the public API only.
+
+    Returns:
+        The start-up timers, `RunResult.timings`, the metrics rows' per-epoch seconds, CPU
+        seconds and peak RSS; under `_model`, `_held_out`, `_config` what the measurements
+        that follow need.
+    """
     start = time.perf_counter()
     import torch
 
     imported_torch = time.perf_counter()
+    from rich.console import Console
+
     import exigo.analyses
     import exigo.cli
     import exigo.data
     import exigo.pipeline
-    import exigo.analyses.projection
-    import exigo.report
+    from exigo.engine.world import resolve_device
 
     imported_exigo = time.perf_counter()
 
-    timers = Timers()
-    captured: dict[str, Any] = {}
-    first_step: list[float] = []
-
-    load_mnist = exigo.data.load_mnist
-
-    def load_and_keep(*args: Any, **kwargs: Any) -> Any:
-        begin = time.perf_counter()
-        splits = load_mnist(*args, **kwargs)
-        captured["decode_seconds"] = time.perf_counter() - begin
-        captured["splits"] = splits
-        return splits
-
-    exigo.data.load_mnist = load_and_keep  # cli imports it when it runs, so it sees this one
-
-    train_epoch = exigo.pipeline.train_epoch
-
-    def train_and_mark(*args: Any, **kwargs: Any) -> Any:
-        if not first_step:
-            first_step.append(time.perf_counter())
-        return train_epoch(*args, **kwargs)
-
-    exigo.pipeline.train_epoch = train_and_mark
-    timers.wrap(exigo.pipeline, "train_epoch", "train")
-    timers.wrap(exigo.pipeline, "evaluate", "eval")
-
-    pipeline_run = exigo.pipeline.run
-
-    def run_and_keep(config: Any, model: Any, *args: Any, **kwargs: Any) -> Any:
-        captured["model"] = model
-        captured["threads"] = torch.get_num_threads()
-        return pipeline_run(config, model, *args, **kwargs)
-
-    exigo.pipeline.run = run_and_keep
-    if inline_figures and hasattr(exigo.pipeline, "available_cpus"):
-        exigo.pipeline.available_cpus = lambda: 1  # no helper process: figures drawn here
-
-    analyse = exigo.pipeline._Run._analyse
-    before_training: dict[str, float] = {}
-
-    def analyse_and_keep(self: Any, ctx: Any, which: Any) -> dict[str, float]:
-        seconds = analyse(self, ctx, which)
-        if ctx.epoch == 0:
-            before_training.update(seconds)
-        return seconds
-
-    exigo.pipeline._Run._analyse = analyse_and_keep
-
-    from torch.utils.tensorboard import SummaryWriter
-
-    tensorboard_methods = ("add_scalar", "add_image", "add_embedding", "add_figure")
-    tensorboard_methods += ("add_histogram", "__init__", "flush", "close")
-    for method in tensorboard_methods:
-        timers.wrap(SummaryWriter, method, f"tensorboard.{method}")
-    figure_cpu: dict[str, float] = defaultdict(float)
-    figure_depth: list[str] = []
-    methods = [m for m in ("save_figure", "draw_figure") if hasattr(exigo.pipeline.EpochContext, m)]
-    for method in methods:
-        timers.wrap(exigo.pipeline.EpochContext, method, "figures")
-        original = getattr(exigo.pipeline.EpochContext, method)
-
-        def count(ctx: Any, first: Any, second: Any, *args: Any, _call=original, **kwargs: Any):
-            if figure_depth:  # draw_figure without a helper calls save_figure: count once
-                return _call(ctx, first, second, *args, **kwargs)
-            name = first if isinstance(first, str) else second  # draw_figure(name, ...)
-            figure_depth.append(name)
-            cpu_start = time.process_time()
-            try:
-                return _call(ctx, first, second, *args, **kwargs)
-            finally:
-                figure_depth.pop()
-                figure_cpu[name] += time.process_time() - cpu_start
-
-        setattr(exigo.pipeline.EpochContext, method, count)
-    try:
-        import exigo.figures.pool
-
-        timers.wrap(exigo.figures.pool.FigureRenderer, "collect", "figure_wait")
-    except ImportError:  # a checkout from before the helper process (for before/after tables)
-        pass
-    timers.wrap(exigo.pipeline, "save_checkpoint", "checkpoints")
-    timers.wrap(exigo.report, "write_report", "report")
-    # the t-SNE runs in the figure helper process: timed here only with --inline-figures
-    timers.wrap(exigo.analyses.projection, "tsne_layout", "tsne", keep=True)
-    project = exigo.analyses.projection.ProjectionAnalysis.__call__
-
-    def project_and_keep(self: Any, ctx: Any) -> None:
-        project(self, ctx)
-        if self.indices is not None and ctx.eval is not None:  # the last epoch's, after the run
-            captured["tsne_embeddings"] = ctx.eval.embeddings[self.indices].clone()
-
-    exigo.analyses.projection.ProjectionAnalysis.__call__ = project_and_keep
-
-    default_analyses = exigo.analyses.default_analyses
-
-    def analyses_with_timers(config: Any) -> list[Any]:
-        analyses = default_analyses(config)
-        for analysis in analyses:
-            kind = type(analysis)
-            if not getattr(kind, "_bench_timed", False):
-                timers.wrap(kind, "__call__", f"analysis:{analysis.name}")
-                kind._bench_timed = True
-        return analyses
-
-    exigo.analyses.default_analyses = analyses_with_timers
-
-    def tensorboard_total(seconds: dict[str, float]) -> float:
-        return sum(value for key, value in seconds.items() if key.startswith("tensorboard."))
-
     argv = ["--data-dir", str(data_dir), "--save-dir", str(save_dir), *runner_args]
-    output = io.StringIO()
-    with contextlib.redirect_stdout(sys.stdout if verbose else output):
-        code = exigo.cli.main(argv)
-    finished = time.perf_counter()
-    if code != 0:
-        print(output.getvalue(), file=sys.stderr)
-        raise SystemExit(f"the pipeline exited with code {code}")
+    config = parse_runner_options(argv)
+    threads = set_threads(config)
+    begin = time.perf_counter()
+    train_data, held_out = exigo.data.load_mnist(config.data_dir, download=config.download)
+    decode_seconds = time.perf_counter() - begin
+    torch.manual_seed(config.seed)  # runner.py's initial weights
+    model = exigo.cli.default_model(len(train_data.classes), resolve_device(config.device))
+    analyses = exigo.analyses.default_analyses(config)
+    console = Console() if verbose else Console(quiet=True)
 
-    history = json.loads((save_dir / "metrics.json").read_text())
-    train_data, held_out = captured["splits"]
+    run_called, run_cpu = time.perf_counter(), time.process_time()
+    result = exigo.pipeline.run(config, model, train_data, held_out, analyses, console=console)
+    finished = time.perf_counter()
+    process_cpu, worker_cpu = time.process_time(), _children_cpu()  # the figure worker is reaped
+    if result.failed_analyses:
+        raise SystemExit(f"the run recorded failures: {result.failed_analyses}")
+
+    timings, history = result.timings, result.history
     train_seconds = [row["train_seconds"] for row in history]
-    analyses = list(history[0]["analysis_seconds"])
-    tsne = list(timers.events.get("tsne", []))  # before the standalone t-SNE adds to it
-    timers.seconds["tensorboard"] = tensorboard_total(timers.seconds)
-    timers.cpu_seconds["tensorboard"] = tensorboard_total(timers.cpu_seconds)
+    # `timings` sums every call of an analysis, the metrics rows only the epochs': the
+    # difference is the call before training (epoch 0)
+    before_training = {
+        analysis.name: timings.get(f"analysis/{analysis.name}", 0.0)
+        - sum(row["analysis_seconds"].get(analysis.name, 0.0) for row in history)
+        for analysis in analyses
+        if analysis.before_training
+    }
+    run_seconds = finished - run_called
+    startup_seconds = imported_exigo - _STARTED + decode_seconds
     return {
-        "exit_code": code,
-        "threads": captured["threads"],
+        "threads": threads,
         "import_torch_seconds": imported_torch - start,
         "import_exigo_seconds": imported_exigo - imported_torch,
-        "decode_seconds": captured["decode_seconds"],
-        "startup_seconds": imported_exigo - _STARTED + captured["decode_seconds"],
-        "first_training_step_seconds": first_step[0] - _STARTED,
+        "decode_seconds": decode_seconds,
+        "startup_seconds": startup_seconds,
+        "run_called_seconds": run_called - _STARTED,
+        # the epoch loop starts after `setup` and the analyses before training (give or take
+        # opening the TensorBoard log)
+        "first_epoch_seconds": run_called
+        - _STARTED
+        + timings.get("setup", 0.0)
+        + sum(before_training.values()),
+        "timings": dict(timings),
         "before_training_seconds": before_training,
         "train_seconds": train_seconds,
         "train_images_per_second": [len(train_data) / s for s in train_seconds],
         "eval_seconds": [row["eval_seconds"] for row in history],
         "analysis_seconds": {
-            name: [row["analysis_seconds"].get(name, float("nan")) for row in history]
-            for name in analyses
+            analysis.name: [row["analysis_seconds"].get(analysis.name, math.nan) for row in history]
+            for analysis in analyses
         },
-        "tsne_seconds": tsne,
-        "cpu_seconds": dict(timers.cpu_seconds),
-        "wall_seconds": dict(timers.seconds),
-        "process_cpu_seconds": time.process_time(),
-        "helper_cpu_seconds": _children_cpu(),
-        "figures_seconds": timers.seconds["figures"],
-        "figures": timers.calls["figures"],
-        "figure_cpu_seconds": dict(figure_cpu),
-        "tensorboard_seconds": timers.seconds["tensorboard"],
-        "checkpoint_seconds": timers.seconds["checkpoints"],
-        "report_seconds": timers.seconds["report"],
+        "run_seconds": run_seconds,
+        "run_cpu_seconds": process_cpu - run_cpu,
+        "outside_phases_seconds": run_seconds - sum(timings.values()),
         "held_out_accuracy": history[-1]["eval_accuracy"],
-        "pipeline_seconds": finished - start,
         "process_seconds": finished - _STARTED,
+        "process_cpu_seconds": process_cpu,
+        "worker_cpu_seconds": worker_cpu,
         "peak_rss_mb": peak_rss_mb(resource.getrusage(resource.RUSAGE_SELF)),
-        "_model": captured["model"],
-        "_tsne_embeddings": captured.get("tsne_embeddings"),
+        "_model": model,
         "_held_out": held_out,
+        "_config": config,
     }
 
 
@@ -316,29 +190,49 @@ def saliency_rate(model: Any, held_out: Any, repeats: int = 3) -> dict[str, floa
     model.eval()
     images, labels = held_out.images, held_out.targets
     saliency_maps(model, images[:256], labels[:256], normalization=held_out.normalization)
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         saliency_maps(model, images, labels, normalization=held_out.normalization)
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
     seconds = statistics.median(times)
     return {
         "images": images.shape[0],
         "seconds": seconds,
+        "cpu_seconds": statistics.median(cpu),
         "images_per_second": len(images) / seconds,
     }
 
 
-def tsne_seconds(embeddings: Any, repeats: int = 3) -> dict[str, float]:
-    """Seconds of a cold t-SNE (PCA start, exaggeration phase) of `embeddings`, median."""
-    from exigo.analyses.projection import tsne_layout
+def tsne_seconds(model: Any, held_out: Any, config: Any, repeats: int = 3) -> dict[str, Any]:
+    """Seconds of a cold t-SNE (PCA start, exaggeration phase) of the projection's points.
 
-    times = []
+    The points are those `ProjectionAnalysis` shows (`stratified_indices` with the run's limit
+    and seed), embedded by the trained model: the last epoch's t-SNE input, started cold.
+    """
+    import torch
+
+    from exigo.analyses.projection import MIN_TSNE_POINTS, stratified_indices, tsne_layout
+
+    indices = stratified_indices(held_out.targets, config.projection_limit, config.seed)
+    if indices.numel() < MIN_TSNE_POINTS:
+        return {}
+    model.eval()
+    with torch.no_grad():
+        embeddings = model.embed(held_out.images[indices])  # (K, hidden)
+    times, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        tsne_layout(embeddings)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        tsne_layout(embeddings, seed=config.seed)
         times.append(time.perf_counter() - start)
-    return {"points": embeddings.shape[0], "seconds": statistics.median(times), "runs": times}
+        cpu.append(time.process_time() - cpu_start)
+    return {
+        "points": embeddings.shape[0],
+        "seconds": statistics.median(times),
+        "cpu_seconds": statistics.median(cpu),
+        "runs": times,
+    }
 
 
 def end_to_end(
@@ -348,15 +242,26 @@ def end_to_end(
     scratch: Path,
     compare_with: Path | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Wall and CPU seconds and peak RSS of `python runner.py` runs, with and without checks.
+    """Wall and CPU seconds and peak RSS of whole runs, each a subprocess, start to exit.
 
-    With `compare_with` (another checkout), its `runner.py` runs too, interleaved with this
-    one's so that both see the same load; its results are keyed `compare:<variant>`.
+    Variants: `default` (`runner.py`), `no_attribution_checks` and `training_only`
+    (`bench/training_only.py`: no analyses). With `compare_with` (another checkout), its
+    `runner.py` runs too, keyed `compare:<variant>`. Each repeat runs every variant once, in
+    reverse order every other repeat, so that all see the same load.
     """
-    options = {"default": [], "no_attribution_checks": ["--no-attribution-checks"]}
-    variants = {name: (REPO, extra) for name, extra in options.items()}
+    runner = REPO / "runner.py"
+    variants: dict[str, tuple[Path, Path, list[str]]] = {
+        "default": (REPO, runner, []),
+        "no_attribution_checks": (REPO, runner, ["--no-attribution-checks"]),
+        "training_only": (REPO, TRAINING_ONLY, []),
+    }
     if compare_with is not None:
-        variants |= {f"compare:{name}": (compare_with, extra) for name, extra in options.items()}
+        for name in ("default", "no_attribution_checks"):
+            variants[f"compare:{name}"] = (
+                compare_with,
+                compare_with / "runner.py",
+                variants[name][2],
+            )
     results: dict[str, dict[str, Any]] = {
         name: {"seconds": [], "cpu_seconds": [], "peak_rss_mb": [], "held_out_accuracy": []}
         for name in variants
@@ -364,11 +269,11 @@ def end_to_end(
     for repeat in range(repeats):
         order = list(variants) if repeat % 2 == 0 else list(reversed(variants))
         for name in order:
-            repo, extra = variants[name]
+            repo, script, extra = variants[name]
             save_dir = scratch / f"{name.replace(':', '-')}-{repeat}"
             command = [
                 sys.executable,
-                str(repo / "runner.py"),
+                str(script),
                 "--data-dir",
                 str(data_dir),
                 "--save-dir",
@@ -396,7 +301,12 @@ def end_to_end(
             results[name]["held_out_accuracy"].append(history[-1]["eval_accuracy"])
     for result in results.values():
         result["median_seconds"] = statistics.median(result["seconds"])
+        result["median_cpu_seconds"] = statistics.median(result["cpu_seconds"])
         result["max_peak_rss_mb"] = max(result["peak_rss_mb"])
+    if repeats:
+        baseline = results["training_only"]["median_seconds"]
+        for name in ("default", "no_attribution_checks"):
+            results[name]["ratio_to_training_only"] = results[name]["median_seconds"] / baseline
     return results
 
 
@@ -407,12 +317,11 @@ def _per_epoch(values: list[float], digits: int = 2) -> str:
 def table(report: dict[str, Any]) -> str:
     """The Markdown table of `report`: phase, wall seconds (or rate), CPU seconds, target."""
     phases = report["in_process"]
-    cpu = phases["cpu_seconds"]
+    timings = phases["timings"]
     rows: list[tuple[str, str, str, str]] = []
 
-    def add(what: str, value: str, cpu_key: str | None = None, target: str = "") -> None:
-        cpu_text = f"{cpu[cpu_key]:.2f} s" if cpu_key in cpu else ""
-        rows.append((what, value, cpu_text, target))
+    def add(what: str, value: str, cpu: str = "", target: str = "") -> None:
+        rows.append((what, value, cpu, target))
 
     def verdict(key: str, value: float) -> str:
         limit, kind = TARGETS[key]
@@ -423,10 +332,18 @@ def table(report: dict[str, Any]) -> str:
 
     e2e = report.get("end_to_end")
     if e2e:
-        for name, label in (
-            ("default", "`python runner.py`, start to exit (attribution checks on)"),
-            ("no_attribution_checks", "`python runner.py --no-attribution-checks`"),
-        ):
+        compared = report["compare_with"]
+        labels = {
+            "default": "`python runner.py`, start to exit (attribution checks on)",
+            "no_attribution_checks": "`python runner.py --no-attribution-checks`",
+            "training_only": "`python bench/training_only.py` (no analyses: training, "
+            "evaluation, checkpoints)",
+            "compare:default": f"  the same, {compared}",
+            "compare:no_attribution_checks": f"  the same, --no-attribution-checks, {compared}",
+        }
+        for name, label in labels.items():
+            if name not in e2e:
+                continue
             result = e2e[name]
             runs = ", ".join(f"{s:.1f}" for s in result["seconds"])
             target = (
@@ -434,96 +351,84 @@ def table(report: dict[str, Any]) -> str:
                 if name == "no_attribution_checks"
                 else ""
             )
-            rows.append(
-                (
-                    label,
-                    f"{result['median_seconds']:.1f} s (median of {runs})",
-                    f"{statistics.median(result['cpu_seconds']):.1f} s",
-                    target,
-                )
+            add(
+                label,
+                f"{result['median_seconds']:.1f} s (median of {runs})",
+                f"{result['median_cpu_seconds']:.1f} s",
+                target,
             )
-        if "compare:default" in e2e:
-            for name, label in (
-                ("compare:default", f"  the same, {report['compare_with']}"),
-                (
-                    "compare:no_attribution_checks",
-                    f"  the same, --no-attribution-checks, {report['compare_with']}",
-                ),
-            ):
-                result = e2e[name]
-                runs = ", ".join(f"{s:.1f}" for s in result["seconds"])
-                rows.append(
-                    (
-                        label,
-                        f"{result['median_seconds']:.1f} s (median of {runs})",
-                        f"{statistics.median(result['cpu_seconds']):.1f} s",
-                        "",
-                    )
-                )
+        baseline = e2e["training_only"]
+        ratios = [
+            (
+                e2e[name]["median_seconds"] / baseline["median_seconds"],
+                e2e[name]["median_cpu_seconds"] / baseline["median_cpu_seconds"],
+            )
+            for name in ("default", "no_attribution_checks")
+        ]
+        add(
+            "whole run / training only (attribution checks on; off)",
+            "; ".join(f"{wall:.2f}x" for wall, _ in ratios),
+            "; ".join(f"{cpu:.2f}x" for _, cpu in ratios),
+        )
         share = (
             1 - e2e["no_attribution_checks"]["median_seconds"] / e2e["default"]["median_seconds"]
         )
-        add("attribution checks' share of the default run", f"{share:.0%}", None, "≤ 20% (issue 8)")
+        add("attribution checks' share of the default run", f"{share:.0%}", "", "≤ 20% (issue 8)")
     add("start-up: `import torch`", f"{phases['import_torch_seconds']:.2f} s")
     add("start-up: exigo imports", f"{phases['import_exigo_seconds']:.2f} s")
     add("start-up: MNIST decode (10,000 images)", f"{phases['decode_seconds']:.2f} s")
     add(
         "start-up: interpreter + imports + decode",
         f"{phases['startup_seconds']:.2f} s",
-        None,
+        "",
         verdict("startup_seconds", phases["startup_seconds"]),
     )
+    add("`run()` called, after start (+ model, analyses)", f"{phases['run_called_seconds']:.2f} s")
+    add("setup: from `run()` to the first epoch", f"{timings.get('setup', 0.0):.2f} s")
     before = phases["before_training_seconds"]
-    add("before training: " + ", ".join(before), f"{sum(before.values()):.2f} s")
-    add("first training step, after start", f"{phases['first_training_step_seconds']:.2f} s")
-    add("training, per epoch", f"{_per_epoch(phases['train_seconds'])} s", "train")
+    if before:
+        add("before training: " + ", ".join(before), f"{sum(before.values()):.2f} s")
+    add("first epoch begins, after start", f"{phases['first_epoch_seconds']:.2f} s")
+    add("training, per epoch", f"{_per_epoch(phases['train_seconds'])} s")
     add("training throughput", f"{_per_epoch(phases['train_images_per_second'], 0)} img/s")
-    add("evaluation (2,000 images), per epoch", f"{_per_epoch(phases['eval_seconds'])} s", "eval")
+    add("evaluation (2,000 images), per epoch", f"{_per_epoch(phases['eval_seconds'])} s")
     for name, seconds in phases["analysis_seconds"].items():
-        add(f"analysis `{name}`, per epoch", f"{_per_epoch(seconds)} s", f"analysis:{name}")
-    tsne = phases["tsne_seconds"]
-    if tsne:
-        add(
-            "  t-SNE inside `projection`, per epoch (first: cold, with openTSNE's import)",
-            f"{_per_epoch(tsne)} s",
-            "tsne",
-        )
+        add(f"analysis `{name}`, per epoch", f"{_per_epoch(seconds)} s")
     add(
-        f"  {phases['figures']} figures: `save_figure`/`draw_figure` (hand-off or render)",
-        f"{phases['figures_seconds']:.2f} s",
-        "figures",
+        "figures: waiting for the figure worker before each commit",
+        f"{timings.get('figures', 0.0):.2f} s",
+    )
+    add("metrics.json and TensorBoard scalars", f"{timings.get('metrics', 0.0):.2f} s")
+    add("checkpoints (best.pt, last.pt)", f"{timings.get('checkpoints', 0.0):.2f} s")
+    add("report.html", f"{timings.get('report', 0.0):.2f} s")
+    add(
+        "`run()` outside these phases (TensorBoard open/close, gc, worker stop, ...)",
+        f"{phases['outside_phases_seconds']:.2f} s",
     )
     add(
-        "  figures: waiting for the helper (t-SNE, figures), rendering the rest here",
-        f"{phases['wall_seconds'].get('figure_wait', 0.0):.2f} s",
-        "figure_wait",
+        "`run()`, whole (CPU: this process + figure worker)",
+        f"{phases['run_seconds']:.2f} s",
+        f"{phases['run_cpu_seconds']:.1f} + {phases['worker_cpu_seconds']:.1f} s",
     )
-    add(
-        "TensorBoard writing (every add_*, flush, close)",
-        f"{phases['tensorboard_seconds']:.2f} s",
-        "tensorboard",
-    )
-    add("checkpoints (best.pt, last.pt)", f"{phases['checkpoint_seconds']:.2f} s", "checkpoints")
-    add("report.html", f"{phases['report_seconds']:.2f} s", "report")
     saliency = report["saliency"]
     add(
         f"saliency maps of the {saliency['images']:,} held-out images",
         f"{saliency['images_per_second']:,.0f} img/s ({saliency['seconds']:.2f} s)",
-        None,
+        f"{saliency['cpu_seconds']:.2f} s",
         verdict("saliency_images_per_second", saliency["images_per_second"]),
     )
     if report.get("tsne"):
         alone = report["tsne"]
         add(
-            f"t-SNE of the last epoch's {alone['points']:,} embeddings, cold start, alone",
+            f"t-SNE of the trained model's {alone['points']:,} projection points, cold, alone",
             f"{alone['seconds']:.2f} s",
-            None,
+            f"{alone['cpu_seconds']:.2f} s",
             verdict("tsne_seconds_first_epoch", alone["seconds"]),
         )
     add(
         "held-out accuracy after the last epoch",
         f"{phases['held_out_accuracy']:.2%}",
-        None,
+        "",
         verdict("held_out_accuracy", phases["held_out_accuracy"]),
     )
     rss = [phases["peak_rss_mb"]]
@@ -532,16 +437,13 @@ def table(report: dict[str, Any]) -> str:
     add(
         "peak RSS (largest of all runs)",
         f"{max(rss):,.0f} MB",
-        None,
+        "",
         verdict("peak_rss_mb", max(rss)),
     )
-    rows.append(
-        (
-            "in-process run, start to exit (CPU: + figure helper process)",
-            f"{phases['process_seconds']:.1f} s",
-            f"{phases['process_cpu_seconds']:.1f} + {phases['helper_cpu_seconds']:.1f} s",
-            "",
-        )
+    add(
+        "in-process run, start to the end of `run()` (CPU: + figure worker)",
+        f"{phases['process_seconds']:.1f} s",
+        f"{phases['process_cpu_seconds']:.1f} + {phases['worker_cpu_seconds']:.1f} s",
     )
 
     info = report["machine"]
@@ -551,7 +453,7 @@ def table(report: dict[str, Any]) -> str:
         f"torch {report['torch']} ({phases['threads']} threads), Python {info['python']}; "
         f"load average {load['before'][0]:.2f} before, {load['after'][0]:.2f} after; "
         f"options: {' '.join(report['runner_args']) or 'defaults'}. Seconds are summed over "
-        "both epochs unless the row says per epoch; CPU: all threads of the process."
+        "all epochs unless the row says per epoch; CPU: all threads of the process."
     )
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     titles = ("phase", "wall", "CPU", "target")
@@ -584,40 +486,33 @@ def main() -> None:
         help="another checkout (e.g. a git worktree of an older commit) whose runner.py runs "
         "interleaved with this one's in the end-to-end timing",
     )
-    parser.add_argument(
-        "--inline-figures",
-        action="store_true",
-        help="in-process run: draw figures in the run's process, not in the helper (A/B)",
-    )
     parser.add_argument("runner_args", nargs="*", help="options for runner.py, after --")
     args = parser.parse_args()
     data_dir = args.data_dir.resolve()
+    compare_with = args.compare_with.resolve() if args.compare_with else None
     load_before = os.getloadavg()
 
     with tempfile.TemporaryDirectory(prefix="exigo-bench-") as scratch:
-        phases = in_process(
-            data_dir,
-            Path(scratch) / "in-process",
-            args.runner_args,
-            args.verbose,
-            args.inline_figures,
-        )
+        phases = in_process(data_dir, Path(scratch) / "in-process", args.runner_args, args.verbose)
         import torch
 
-        saliency = saliency_rate(phases.pop("_model"), phases.pop("_held_out"))
-        embeddings = phases.pop("_tsne_embeddings")
-        tsne = tsne_seconds(embeddings) if embeddings is not None else None
+        model, held_out, config = (
+            phases.pop("_model"),
+            phases.pop("_held_out"),
+            phases.pop("_config"),
+        )
+        saliency = saliency_rate(model, held_out)
+        tsne = tsne_seconds(model, held_out, config) or None
         e2e = (
-            end_to_end(data_dir, args.runner_args, args.repeats, Path(scratch), args.compare_with)
-            if args.end_to_end
+            end_to_end(data_dir, args.runner_args, args.repeats, Path(scratch), compare_with)
+            if args.end_to_end and args.repeats > 0
             else None
         )
     report = {
         "machine": machine(),
         "torch": torch.__version__,
         "runner_args": args.runner_args,
-        "inline_figures": args.inline_figures,
-        "compare_with": str(args.compare_with.resolve()) if args.compare_with else None,
+        "compare_with": str(compare_with) if compare_with else None,
         "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
         "in_process": phases,
         "saliency": saliency,
