@@ -113,7 +113,7 @@ def settings_sweep(model: torch.nn.Module, data_dir: Path, repeats: int) -> None
     from exigo.analyses.faithfulness import deletion_insertion
     from exigo.analyses.sanity import cascading_randomisation, spearman
     from exigo.data import MNIST_NORMALIZATION, load_mnist
-    from exigo.pipeline import select_probe
+    from exigo.analysis import select_probe
 
     _, held_out = load_mnist(data_dir, download=False)
     index = select_probe(held_out.targets, 10, 10)

@@ -1,70 +1,76 @@
-"""Figures built and rendered to PNG, in this process or in a helper process meanwhile.
+"""Figures drawn and rendered to PNG in a worker process while the run goes on.
 
 Figures (building the Axes, matplotlib's constrained layout, Agg rasterisation, PNG encoding)
-were a third of a default run's CPU time, all pure Python, so a thread would not overlap them
-with anything. With two or more CPUs the pipeline hands each figure to one helper process
-(`FigureRenderer`) and goes on with the next analysis on its own core: either a finished
-`Figure`, pickled (`EpochContext.save_figure`), or, cheaper for this process, the draw
-function and the data it draws (`EpochContext.draw_figure`), so the figure is built there
-too. A draw function may also compute something the run needs back and return it with the
-figure (`Drawn`): the t-SNE runs in the helper this way. Before it commits the epoch the
-pipeline waits for the figures (`collect`) and logs their PNGs to TensorBoard, so
-`report.html` and `models/last.pt` never come before the figures they describe; while it
-waits, it renders the queued figures the helper has not started yet itself, so both cores
-work until the end of the queue. Either way the PNG is byte for byte the one this process
-would write.
+are a third of a default run's CPU time, all pure Python: a thread would hold the GIL and
+overlap nothing, so they go to another process. `FigurePool.submit` hands the worker a draw
+function and the data it draws, so the figure is built there too (cheaper for this process
+than pickling a finished Figure), and returns at once. A draw function may also compute
+something the run needs back and return it with the figure (`Drawn`): the t-SNE runs in the
+worker this way. Before the pipeline commits an epoch it waits for its figures (`collect`),
+so `report.html` and `models/last.pt` never come before the figures they describe. While it
+waits it shares the remaining work: it draws the figures the worker has not started, from the
+last one back, while the worker takes them from the front (the t-SNE, submitted first, runs
+long in the worker while this process draws the ones behind it), so both cores work until
+the queue is empty. Either way the PNG is byte for byte the one this process would write.
 
-The helper is `python -m exigo.figures.pool`, fed one line per figure on its stdin: a plain
-subprocess rather than `multiprocessing`, whose `spawn` start would re-run the caller's
-`__main__` script in the helper, and whose `fork` would copy torch's OpenMP state. It ignores
-Ctrl-C (the run decides when to stop) and exits when its stdin closes, also when the run's
-process dies. A figure that cannot be pickled, a helper that cannot start or fails on a
-figure: the figure is drawn in this process, as without a helper.
+The workers come from `loky.ProcessPoolExecutor`, a maintained executor, rather than
+`multiprocessing`: its workers start by fork+exec, so they neither re-run the caller's
+`__main__` script (as `spawn` would) nor inherit torch's OpenMP state (as `fork` would); jobs
+travel with cloudpickle, so closures and functions of a user's script work; and it reports a
+dead worker as `BrokenProcessPool` instead of hanging. A worker imports matplotlib and the
+`preload` modules as it starts, runs one OpenMP thread (it shares the CPUs with training) and
+ignores Ctrl-C (the run decides when to stop).
+
+The executor gets one job per worker at a time, and none before its workers have started;
+the others wait here, where `collect` can take them. loky marks the jobs in its call queue
+running (up to twice the workers, plus one), whether a worker has started them or not, and
+`Future.cancel` cannot take them back: a queue handed over at once would keep three figures
+behind the t-SNE, and the first epoch's figures would wait for the worker's start.
+
+Nothing falls back silently: a figure the worker cannot draw (it cannot be pickled, it raises
+there, the worker died or took longer than `timeout`) is drawn in this process with one line
+through `log` saying which and why; a worker that died, hung or never started is replaced
+at the next `submit`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import io
-import os
-import pickle
-import shutil
+import re
 import signal
-import subprocess
 import sys
-import tempfile
+import threading
+import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from exigo._io import atomic_write_bytes
 
 if TYPE_CHECKING:
+    from loky import ProcessPoolExecutor
     from matplotlib.figure import Figure
-    from torch.utils.tensorboard import SummaryWriter
 
-__all__ = ["Drawn", "FigureRenderer", "RenderedFigure", "available_cpus", "log_png", "render_png"]
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+__all__ = ["Drawn", "FigurePool", "RenderedFigure", "render_png"]
 
 
 @dataclass(frozen=True)
 class Drawn:
     """What a draw function returns when it computes something the run needs back.
 
-    The t-SNE figure's draw function computes the layout too, so the t-SNE runs in the helper
+    The t-SNE figure's draw function computes the layout too, so the t-SNE runs in the worker
     process; the next epoch starts from that layout. `value` is pickled back to the run's
-    process and handed to the `on_value` callback of `submit_draw` when the figure is
+    process and handed to the `on_value` callback of `FigurePool.submit` when the figure is
     collected.
 
     Attributes:
@@ -77,7 +83,14 @@ class Drawn:
 
     @classmethod
     def of(cls, drawn: Figure | Drawn) -> Drawn:
-        """What a draw function returned, as a `Drawn` (a plain Figure's value is None)."""
+        """What a draw function returned, as a `Drawn`.
+
+        Args:
+            drawn: a matplotlib Figure or a `Drawn`.
+
+        Returns:
+            `drawn` itself, or a plain Figure with the value None.
+        """
         return drawn if isinstance(drawn, Drawn) else cls(drawn, None)
 
 
@@ -103,30 +116,6 @@ def render_png(figure: Figure, dpi: int) -> bytes:
     return buffer.getvalue()
 
 
-def log_png(writer: SummaryWriter, tag: str, png: bytes, step: int) -> None:
-    """Log an encoded PNG as a TensorBoard image, as `add_image` would, without re-encoding it.
-
-    Args:
-        writer: the run's TensorBoard writer.
-        tag: image tag.
-        png: bytes of an RGB PNG.
-        step: global step.
-    """
-    file_writer = getattr(writer, "file_writer", None)
-    if file_writer is None:  # not torch's SummaryWriter: its public add_image, pixels in
-        from PIL import Image
-
-        with Image.open(io.BytesIO(png)) as image:
-            rgb = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
-        writer.add_image(tag, rgb, global_step=step, dataformats="HWC")
-        return
-    from tensorboard.compat.proto.summary_pb2 import Summary
-
-    width, height = (int.from_bytes(png[offset : offset + 4], "big") for offset in (16, 20))
-    image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=png)
-    file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), global_step=step)
-
-
 @dataclass(frozen=True)
 class RenderedFigure:
     """A figure written to disk, or the error that stopped it.
@@ -146,103 +135,172 @@ class RenderedFigure:
     error: BaseException | None = None
 
 
-def _as_is(value: Any) -> Any:
-    """The draw call of a figure drawn already (and how a tensor copied to the CPU unpickles)."""
-    return value
+def _on_cpu(tree: Any) -> Any:
+    """`tree` with every tensor of another device replaced by its CPU copy: the worker needs no GPU.
+
+    Looks into tuples (named ones too), lists and dicts. CPU tensors, and containers with
+    nothing to replace, are returned as they are, not copied.
+    """
+    torch = sys.modules.get("torch")  # no tensor without torch imported
+    if torch is None:
+        return tree
+    if isinstance(tree, torch.Tensor):
+        return tree if tree.device.type == "cpu" else tree.cpu()
+    if isinstance(tree, (tuple, list)):
+        items = [_on_cpu(item) for item in tree]
+        if all(new is old for new, old in zip(items, tree, strict=True)):
+            return tree
+        if isinstance(tree, list):
+            return items
+        return type(tree)(*items) if hasattr(tree, "_fields") else tuple(items)
+    if isinstance(tree, dict):
+        values = {key: _on_cpu(value) for key, value in tree.items()}
+        if all(values[key] is value for key, value in tree.items()):
+            return tree
+        return values
+    return tree
 
 
-class _CPUPickler(pickle.Pickler):
-    """Pickles tensors of other devices as their CPU copies: the helper needs no GPU."""
-
-    def reducer_override(self, value: Any) -> Any:
-        torch = sys.modules.get("torch")  # no tensor without torch imported
-        if torch is not None and isinstance(value, torch.Tensor) and value.device.type != "cpu":
-            return _as_is, (value.cpu(),)
-        return NotImplemented
-
-
-def _pickle(value: Any) -> bytes:
-    buffer = io.BytesIO()
-    _CPUPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
-    return buffer.getvalue()
+def _start_worker(preload: Sequence[str]) -> None:
+    """A worker's initializer: ignore Ctrl-C and import what the jobs will need."""
+    # Ctrl-C reaches the whole process group; the run decides when to stop its figures
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for module in ("matplotlib.figure", "matplotlib.backends.backend_agg", *preload):
+        # a module that fails to import here fails again, visibly, in the job that needs it
+        with contextlib.suppress(Exception):
+            importlib.import_module(module)
 
 
-@dataclass
+def _draw_and_render(
+    draw: Callable[..., Figure | Drawn], args: tuple[Any, ...], kwargs: dict[str, Any], dpi: int
+) -> tuple[bytes, Any]:
+    """A job, in the worker: the PNG and the value (this process writes the file)."""
+    drawn = Drawn.of(draw(*args, **kwargs))
+    return render_png(drawn.figure, dpi), drawn.value
+
+
+def _describe(error: BaseException) -> str:
+    """One line about `error`, with the worker's own error when loky wraps it."""
+    message = str(error)
+    if _is_broken(error):  # loky's paragraph about a dead worker: its first sentence, the codes
+        codes = re.search(r"exit codes? of the workers? (?:are|is) (\{.*?\})", message)
+        message = message.split(". ")[0].rstrip(".")
+        if codes is not None:
+            message = f"{message} (exit codes {codes[1]})"
+    text = f"{type(error).__name__}: {message}"
+    cause = error.__cause__
+    if cause is not None:  # loky's remote traceback, in quotes: its last line is the error
+        lines = [line.strip() for line in str(cause).splitlines()]
+        lines = [line for line in lines if line and line != '"""']
+        if lines and lines[-1] not in text:
+            text = f"{text} ({lines[-1]})"
+    return " ".join(text.split())
+
+
+@dataclass(eq=False)  # compared and hashed by identity: the in-flight set holds jobs
 class _Job:
     name: str
     step: int
     path: Path
     dpi: int
-    # the call, kept until collected: made here if the helper fails or never starts the job
-    draw: Callable[..., Figure | Drawn] | None
-    args: tuple[Any, ...] = ()
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    on_value: Callable[[Any], None] | None = None
-    png: bytes | None = None  # set once rendered in this process, or read back
-    job_file: Path | None = None  # the pickle sent to the helper; None: not sent
-    number: int = 0  # its place in the helper's queue (one reply line per job, in order)
-
-    def render_here(self) -> None:
-        assert self.draw is not None
-        drawn = Drawn.of(self.draw(*self.args, **self.kwargs))
-        self.png = render_png(drawn.figure, self.dpi)
-        atomic_write_bytes(self.path, self.png)
-        self.draw, self.args, self.kwargs = None, (), {}
-        self.hand_over(drawn.value)
-
-    def hand_over(self, value: Any) -> None:
-        if self.on_value is not None:
-            on_value, self.on_value = self.on_value, None
-            on_value(value)
+    draw: Callable[..., Figure | Drawn]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    on_value: Callable[[Any], None] | None
+    future: Future[tuple[bytes, Any]] | None = None  # set once handed to an executor
+    executor: ProcessPoolExecutor | None = None  # the one it was handed to
+    lost: str | None = None  # why its worker will not deliver it: stopped for another figure
+    done: RenderedFigure | None = field(default=None, repr=False)
 
 
-class FigureRenderer:
-    """Draws and renders figures in one helper process; `collect()` returns them in order.
+class FigurePool:
+    """Draws and renders figures in worker processes; `collect()` returns them in order.
+
+    Also a context manager that calls `close` on exit.
 
     Args:
-        in_background: use a helper process; False renders every figure at once in this
-            process (what `submit` also does when a job cannot be pickled).
-        preload: modules the helper imports as soon as it starts, before its first job
-            (openTSNE for the t-SNE: 1 s the first epoch's figure no longer waits for).
+        workers: worker processes; 0 draws every figure at once in `submit`, in this process
+            (the pipeline's choice on a machine with one CPU).
+        preload: modules a worker imports as it starts (openTSNE for the t-SNE), so that cost
+            overlaps the first epoch's training instead of delaying its figures.
+        timeout: seconds `collect` waits for one figure before it stops the worker and draws
+            that figure in this process.
+        log: takes one-line messages for the run's console: each figure drawn in this process
+            because the worker could not draw it.
     """
 
-    def __init__(self, in_background: bool = True, preload: Sequence[str] = ()) -> None:
-        self.in_background = in_background
-        self.preload = list(preload)
-        self._helper: subprocess.Popen[bytes] | None = None
-        self._folder: Path | None = None  # pickled jobs on their way to the helper
-        self._pending: list[_Job] = []
-        self._jobs = 0  # sent to the helper
-        self._answered = 0  # reply lines read from the helper
+    def __init__(
+        self,
+        *,
+        workers: int = 1,
+        preload: Sequence[str] = (),
+        timeout: float = 300.0,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        if workers < 0:
+            raise ValueError(f"workers must be 0 or more, not {workers}")
+        self.workers = workers
+        self.preload = tuple(preload)
+        self.timeout = timeout
+        self.log = log
+        self._jobs: list[_Job] = []  # submitted since the last collect, in order
+        self._backlog: deque[_Job] = deque()  # waiting here for a free worker
+        self._in_flight: set[_Job] = set()  # handed to an executor, not finished
+        self._executor: ProcessPoolExecutor | None = None
+        self._ready = False  # its worker has started (loky has run a first job)
+        self._started_at = 0.0  # time.monotonic() when it was created
+        self._start_failure: str | None = None  # why the last one never started
+        # dropped (broken, hung, closed): shut down from this thread, not from loky's
+        self._retired: list[ProcessPoolExecutor] = []
+        # guards the attributes above: loky's threads call back when a job ends
+        self._lock = threading.RLock()
 
-    def submit(self, figure: Figure, path: Path, dpi: int, name: str, step: int) -> None:
-        """Render `figure` to `path`, now or in the helper process.
+    def __enter__(self) -> FigurePool:
+        return self
 
-        Args:
-            figure: a matplotlib Figure; not used by the caller afterwards.
-            path: the PNG to write (atomically).
-            dpi: resolution.
-            name: TensorBoard tag.
-            step: TensorBoard step.
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Start the worker processes now rather than at the first figure.
+
+        Their imports (matplotlib, the `preload` modules: seconds of CPU) then run while this
+        process is still starting, instead of delaying the first epoch's figures. Does nothing
+        with `workers=0`, or when started already.
         """
-        self.submit_draw(_as_is, (figure,), {}, path, dpi, name, step)
+        if self.workers == 0:
+            return
+        self._stop_retired()
+        with self._lock:
+            if self._executor is None:
+                try:
+                    self._start_executor()
+                except Exception as error:  # `collect` says so
+                    self._start_failure = f"no worker: {_describe(error)}"
 
-    def submit_draw(
+    def submit(
         self,
         draw: Callable[..., Figure | Drawn],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        *,
         path: Path,
         dpi: int,
         name: str,
         step: int,
         on_value: Callable[[Any], None] | None = None,
     ) -> None:
-        """Call `draw(*args, **kwargs)` and render its Figure to `path`, here or in the helper.
+        """Have `draw(*args, **kwargs)` drawn and its PNG written to `path`; never waits.
 
-        In the helper, `draw` and its arguments are unpickled: `draw` must be a module-level
-        function, the arguments tensors, arrays and plain values. Building the figure there
-        too saves this process the figure's construction and its (larger) pickle.
+        `draw` and its arguments travel to the worker with cloudpickle: module-level
+        functions, closures and functions of the user's script work; tensors on another
+        device travel as CPU copies (also inside tuples, lists and dicts). They are read when
+        the figure is drawn, up to `collect`: do not modify them before.
 
         Args:
             draw: returns a matplotlib Figure, or a `Drawn` (a Figure and a value).
@@ -250,242 +308,239 @@ class FigureRenderer:
             kwargs: its keyword arguments.
             path: the PNG to write (atomically).
             dpi: resolution.
-            name: TensorBoard tag.
+            name: figure name (file stem and TensorBoard tag), in log lines too.
             step: TensorBoard step.
-            on_value: called in this process with the `Drawn` value (None for a plain
-                Figure) once the figure is written: at once when drawn here, else by
-                `collect`. Not called when the figure fails.
+            on_value: called once in this process with the `Drawn` value (None for a plain
+                Figure) when the figure is written: by `collect`, or at once with
+                `workers=0`. Not called when the figure fails.
         """
-        job = _Job(name, step, path, dpi, draw, args, kwargs, on_value)
-        if self.in_background:
-            try:
-                job.job_file, job.number = self._send(_pickle((draw, args, kwargs)), path, dpi)
-                self._pending.append(job)
-                return
-            except Exception:  # something unpicklable, or no helper: render here instead
-                pass
-        job.render_here()
-        self._pending.append(job)
+        args, kwargs = _on_cpu(args), _on_cpu(kwargs)
+        job = _Job(name, step, Path(path), dpi, draw, args, kwargs, on_value)
+        self._jobs.append(job)
+        if self.workers == 0:
+            self._draw_here(job)
+            return
+        self._stop_retired()
+        with self._lock:
+            self._backlog.append(job)
+            self._dispatch(create=True)
 
     def collect(self) -> list[RenderedFigure]:
-        """Wait for every submitted figure; the written ones and the failures, in order.
+        """Wait for every submitted figure; the written ones and the failures.
 
-        This process would only wait, so it shares the remaining work: from the last job
-        back, it takes each job the helper has not started yet and renders it here, until it
-        meets one the helper has started; then it waits for the helper's replies. (The t-SNE
-        job, submitted first, is in the helper while this process renders the figures
-        queued behind it.) A job is taken by deleting its pickle, which the helper claims by
-        renaming it: whichever comes first wins. A figure the helper could not render (a
-        function it cannot import, a helper that died) is rendered here; the error of that
-        attempt is reported if it fails too.
+        This process would only wait, so it shares the remaining work: it draws the figures
+        no worker has started, from the last one back, while the workers take them from the
+        front; then it waits for the workers' figures, at most `timeout` seconds each. A
+        figure a worker could not draw is drawn here, with one line through `log`.
+
+        Returns:
+            One `RenderedFigure` per submitted figure, in submission order; `png` is None
+            and `error` set for a figure that failed here too. Each `on_value` has been
+            called before this returns.
         """
-        failed: dict[int, BaseException] = {}
-        for position in reversed(range(len(self._pending))):
-            job = self._pending[position]
-            if job.png is not None or job.job_file is None:
-                continue
-            if not _take(job.job_file):
-                break  # the helper has this one; it reached the ones before too
-            job.job_file = None
-            try:
-                job.render_here()
-            except Exception as error:
-                failed[position] = error
-        done = []
-        for position, job in enumerate(self._pending):
-            if job.png is None and position not in failed:
-                try:
-                    if self._reply(job) == b"ok\n":
-                        job.png = job.path.read_bytes()
-                        job.hand_over(_read_value(job.job_file))
-                    else:
-                        job.render_here()
-                except Exception as error:
-                    failed[position] = error
-            if position in failed:
-                done.append(RenderedFigure(job.name, job.step, job.path, None, failed[position]))
-            else:
-                done.append(RenderedFigure(job.name, job.step, job.path, job.png))
-        self._pending.clear()
+        with self._lock:
+            starting = self._executor is not None and not self._ready
+            if starting and time.monotonic() - self._started_at > self.timeout:
+                self._start_failure = (
+                    f"the worker took more than {self.timeout:g} s to start and was stopped"
+                )
+                self._drop(self._executor)
+            failure = self._start_failure if self._backlog else None
+            names = ", ".join(job.name for job in self._backlog)
+            if failure is not None:  # said once; kept till figures are drawn here for it
+                self._start_failure = None
+        if failure is not None:
+            self.log(f"figures {names}: drawn in the run's process ({failure})")
+        self._stop_retired()
+        while True:
+            with self._lock:
+                if not self._backlog:
+                    break
+                job = self._backlog.pop()
+            self._draw_here(job)
+        for job in self._jobs:
+            if job.done is None:
+                self._wait(job)
+        done = [job.done for job in self._jobs if job.done is not None]
+        self._jobs.clear()
+        self._stop_retired()
         return done
 
-    def _reply(self, job: _Job) -> bytes:
-        """The helper's reply line about `job` (b"" if the helper is gone).
-
-        Replies come one line per job, in order; lines about jobs this process took
-        (`taken`) are skipped on the way.
-        """
-        while self._helper is not None and self._helper.stdout is not None:
-            if self._answered >= job.number:
-                break  # read already: cannot happen when jobs are collected in order
-            line = self._helper.stdout.readline()
-            if not line:
-                break
-            self._answered += 1
-            if self._answered == job.number:
-                return line
-        return b""
-
     def close(self) -> None:
-        """Stop the helper (figures not yet rendered are dropped) and remove its files."""
-        if self._helper is not None:
-            if self._helper.stdin is not None:
-                with contextlib.suppress(OSError):  # a helper that died leaves a broken pipe
-                    self._helper.stdin.close()  # the helper exits when it has read every job
-            if self._jobs == 0:
-                self._helper.kill()  # never given a job: nothing to finish or clean up
-            elif any(job.png is None for job in self._pending):
-                self._helper.terminate()  # a stopped run: no need to finish its figures
-            try:
-                self._helper.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._helper.kill()
-                self._helper.wait()
-            if self._helper.stdout is not None:
-                self._helper.stdout.close()
-            self._helper = None
-        if self._folder is not None:
-            shutil.rmtree(self._folder, ignore_errors=True)
-            self._folder = None
-        self._pending.clear()
-        self._jobs = self._answered = 0  # a later job starts a new helper, counting afresh
+        """Stop the workers; figures not collected yet are dropped (a stopped run).
 
-    def start(self) -> None:
-        """Start the helper process now rather than at the first figure.
-
-        Its imports (torch, matplotlib, the `preload` modules: 3 CPU-seconds) then run while
-        this process is still starting, instead of delaying the first epoch's figures. Does
-        nothing without `in_background`, or when started already.
+        Jobs not started are cancelled and the workers killed without waiting for the
+        figure they draw, so this never hangs; this process writes every PNG, so no
+        temporary file is left behind. Can be called twice; a later `submit` starts new
+        workers.
         """
-        if not self.in_background or self._helper is not None:
-            return
-        if self._folder is None:
-            self._folder = Path(tempfile.mkdtemp(prefix="exigo-figures-"))
-        # the helper imports what this process can: exigo, and the caller's own modules that
-        # a pickled job may name; one torch thread, as it shares the CPUs with us
-        search_path = os.pathsep.join(entry or os.getcwd() for entry in sys.path)
-        self._helper = subprocess.Popen(
-            [sys.executable, "-m", "exigo.figures.pool", *self.preload],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env={**os.environ, "PYTHONPATH": search_path, "OMP_NUM_THREADS": "1"},
+        with self._lock:
+            self._backlog.clear()
+            for job in list(self._in_flight):  # cancel() runs `_finished` at once
+                if job.future is not None:
+                    job.future.cancel()
+            self._in_flight.clear()
+            self._jobs.clear()
+            self._drop(self._executor)
+            self._start_failure = None
+        self._stop_retired()
+
+    def _start_executor(self) -> None:
+        """Create the executor and start its workers (caller holds the lock).
+
+        loky starts workers with a first job: one that does nothing, whose end says they are
+        ready. Figures go to a worker only then: a figure handed to a starting worker could
+        not be taken back, and this process would wait for the worker's start to get it.
+        """
+        from loky import ProcessPoolExecutor
+
+        executor = ProcessPoolExecutor(
+            max_workers=self.workers,
+            initializer=_start_worker,
+            initargs=(self.preload,),
+            env={"OMP_NUM_THREADS": "1"},  # it shares the CPUs with training
         )
-
-    def _send(self, payload: bytes, path: Path, dpi: int) -> tuple[Path, int]:
-        self.start()
-        assert self._helper is not None
-        if self._helper.poll() is not None:
-            raise RuntimeError("the figure helper process stopped")
-        assert self._folder is not None and self._helper.stdin is not None
-        number = self._jobs + 1
-        job = self._folder / f"{number}.pickle"
-        job.write_bytes(payload)
-        # one short line per figure: the pipe never fills, so this never waits for the helper
-        self._helper.stdin.write(f"{job}\t{path.resolve()}\t{dpi}\n".encode())
-        self._helper.stdin.flush()
-        self._jobs = number  # counted once sent: reply n is about the n-th line sent
-        return job, number
-
-
-def _take(job: Path) -> bool:
-    """Take a job from the helper's queue: True if the helper had not claimed it yet."""
-    try:
-        job.unlink()
-    except FileNotFoundError:  # renamed by the helper (`_serve`): it is the helper's
-        return False
-    return True
-
-
-def _value_file(job: Path) -> Path:
-    """Where the helper leaves the `Drawn` value of the job pickled in `job`."""
-    return job.with_suffix(".value")
-
-
-def _read_value(job: Path | None) -> Any:
-    """The value the helper left for `job` (and remove it); None if it left none."""
-    path = None if job is None else _value_file(job)
-    if path is None or not path.exists():
-        return None
-    value = pickle.loads(path.read_bytes())
-    path.unlink()
-    return value
-
-
-def _serve(jobs: IO[bytes], replies: IO[bytes]) -> None:
-    """The helper's loop: claim, draw and render each job; answer one line per job.
-
-    `ok`, `error <message>`, or `taken` for a job the run's process took first (`_take`).
-    """
-    for line in jobs:
-        job, path, dpi = line.decode().rstrip("\n").split("\t")
-        claimed = Path(job).with_suffix(".claimed")
+        self._executor, self._ready, self._started_at = executor, False, time.monotonic()
         try:
-            os.rename(job, claimed)  # atomic: either this or the run's unlink succeeds
-        except FileNotFoundError:
-            replies.write(b"taken\n")
-            replies.flush()
-            continue
+            started = executor.submit(int)
+        except Exception:
+            self._drop(executor)
+            raise
+        started.add_done_callback(functools.partial(self._started, executor))
+
+    def _started(self, executor: ProcessPoolExecutor, future: Future[int]) -> None:
+        """The first job of `executor` ended (called from loky's threads)."""
+        with self._lock:
+            if executor is not self._executor:
+                return
+            error = None if future.cancelled() else future.exception()
+            if error is not None:  # died in its initializer: `collect` says so
+                self._start_failure = f"the worker did not start: {_describe(error)}"
+                self._drop(executor)
+                return
+            self._ready, self._start_failure = True, None
+            self._dispatch(create=False)
+
+    def _dispatch(self, *, create: bool) -> None:
+        """Hand waiting jobs to the executor, one per idle worker (caller holds the lock).
+
+        `create`: start an executor if there is none (not from loky's threads).
+        """
+        while self._backlog and len(self._in_flight) < self.workers:
+            if self._executor is None:
+                if not create:
+                    return
+                try:
+                    self._start_executor()
+                except Exception as error:  # `collect` says so
+                    self._start_failure = f"no worker: {_describe(error)}"
+                    return
+            if not self._ready:
+                return  # `_started` calls again
+            executor = self._executor
+            job = self._backlog.popleft()
+            try:
+                future = executor.submit(_draw_and_render, job.draw, job.args, job.kwargs, job.dpi)
+            except Exception:  # broken or stopped meanwhile: a new one, or this process
+                self._backlog.appendleft(job)
+                self._drop(executor)
+                continue
+            job.future, job.executor = future, executor
+            self._in_flight.add(job)
+            future.add_done_callback(functools.partial(self._finished, job))
+
+    def _finished(self, job: _Job, future: Future[tuple[bytes, Any]]) -> None:
+        """A job's future is done (called from loky's threads): give its worker the next."""
+        with self._lock:
+            self._in_flight.discard(job)
+            if not future.cancelled() and _is_broken(future.exception()):
+                self._drop(job.executor)
+            self._dispatch(create=False)
+
+    def _drop(self, executor: ProcessPoolExecutor | None) -> None:
+        """No more jobs for `executor` (caller holds the lock); `_stop_retired` stops it."""
+        if executor is not None and executor is self._executor:
+            self._executor, self._ready = None, False
+            self._retired.append(executor)
+
+    def _stop_retired(self) -> None:
+        """Shut the dropped executors down, killing their workers (not from loky's threads)."""
+        with self._lock:
+            retired, self._retired = self._retired, []
+        for executor in retired:
+            with contextlib.suppress(Exception):  # a broken executor has stopped already
+                executor.shutdown(wait=False, kill_workers=True)
+
+    def _wait(self, job: _Job) -> None:
+        """Wait for a job a worker has; draw it here if the worker cannot deliver it."""
+        assert job.future is not None
+        if job.lost is not None:  # its worker was stopped for another figure
+            self.log(f"figure {job.name}: drawn in the run's process ({job.lost})")
+            self._draw_here(job)
+            return
         try:
-            draw, args, kwargs = pickle.loads(claimed.read_bytes())
-            drawn = Drawn.of(draw(*args, **kwargs))
-            atomic_write_bytes(path, render_png(drawn.figure, int(dpi)))
-            if drawn.value is not None:
-                _value_file(Path(job)).write_bytes(_pickle(drawn.value))
-            replies.write(b"ok\n")
+            png, value = job.future.result(timeout=self.timeout)
+        except FutureTimeoutError:
+            self.log(
+                f"figure {job.name}: drawn in the run's process (the worker took more than "
+                f"{self.timeout:g} s on it and was stopped)"
+            )
+            self._stop(job)
+            self._draw_here(job)
+            return
         except Exception as error:
-            text = " ".join(f"{type(error).__name__}: {error}".split())
-            replies.write(f"error rendering {Path(path).name}: {text}\n".encode())
-        finally:
-            claimed.unlink(missing_ok=True)
-        replies.flush()
+            why = "died" if _is_broken(error) else "failed"
+            self.log(
+                f"figure {job.name}: drawn in the run's process (the worker {why}: "
+                f"{_describe(error)})"
+            )
+            self._draw_here(job)
+            return
+        try:
+            atomic_write_bytes(job.path, png)
+            self._hand_over(job, value)
+        except Exception as error:
+            job.done = RenderedFigure(job.name, job.step, job.path, None, error)
+            return
+        job.done = RenderedFigure(job.name, job.step, job.path, png)
+
+    def _stop(self, hung: _Job) -> None:
+        """Kill the executor of a job that took too long; its other jobs are drawn here."""
+        with self._lock:
+            executor = hung.executor
+            self._drop(executor)
+            for job in list(self._in_flight):
+                if job.executor is executor:
+                    self._in_flight.discard(job)
+                    if job is not hung:
+                        job.lost = f"its worker was stopped: figure {hung.name} took too long"
+        self._stop_retired()
+
+    def _draw_here(self, job: _Job) -> None:
+        """Draw, render and write `job` in this process; keep the figure or its error."""
+        try:
+            drawn = Drawn.of(job.draw(*job.args, **job.kwargs))
+            png = render_png(drawn.figure, job.dpi)
+            atomic_write_bytes(job.path, png)
+            self._hand_over(job, drawn.value)
+        except Exception as error:
+            job.done = RenderedFigure(job.name, job.step, job.path, None, error)
+            return
+        job.done = RenderedFigure(job.name, job.step, job.path, png)
+
+    @staticmethod
+    def _hand_over(job: _Job, value: Any) -> None:
+        on_value, job.on_value = job.on_value, None
+        job.draw, job.args, job.kwargs = _no_draw, (), {}  # let the data go
+        if on_value is not None:
+            on_value(value)
 
 
-def _exit_on_sigterm(number: int, _frame: object) -> None:
-    raise SystemExit(128 + number)  # unwinds atomic_write, which removes its temporary file
+def _no_draw() -> Figure:
+    raise RuntimeError("this figure was drawn already")
 
 
-def _preload(modules: Sequence[str]) -> None:
-    """Import what the jobs will need while the run trains (a failure shows in the job)."""
-    for module in ("matplotlib.figure", "matplotlib.backends.backend_agg", *modules):
-        with contextlib.suppress(Exception):
-            importlib.import_module(module)
+def _is_broken(error: BaseException | None) -> bool:
+    from loky import BrokenProcessPool
 
-
-if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    # the module under its own name, not as __main__: the `Drawn` the jobs return (imported
-    # from exigo.figures.pool) must be the class `_serve` checks for
-    from exigo.figures import pool as _render
-
-    _render._preload(sys.argv[1:])
-    _render._serve(sys.stdin.buffer, sys.stdout.buffer)
-    # every reply is flushed and every file written: skip Python's teardown of torch and
-    # matplotlib (1 s), which the run's process would wait for in `close`
-    os._exit(0)
-
-
-class FigurePool:
-    """Interim adapter (replaced by the loky pool): the new interface over `FigureRenderer`."""
-
-    def __init__(self, *, workers: int = 1, preload=(), timeout: float = 300.0, log=print) -> None:
-        self._renderer = FigureRenderer(in_background=workers > 0, preload=preload)
-
-    def start(self) -> None:
-        with contextlib.suppress(OSError):
-            self._renderer.start()
-
-    def submit(self, draw, args, kwargs, *, path, dpi, name, step, on_value=None) -> None:
-        self._renderer.submit_draw(draw, args, kwargs, path, dpi, name, step, on_value)
-
-    def collect(self):
-        return self._renderer.collect()
-
-    def close(self) -> None:
-        self._renderer.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    return isinstance(error, BrokenProcessPool)
