@@ -4,12 +4,12 @@ from torch import nn
 
 from exigo.analyses.class_models import ClassModelAnalysis, class_models, plot_class_models
 from exigo.config import Config
-from exigo.data import Normalization
+from exigo.data import MNIST_NORMALIZATION
 from exigo.pipeline import run
 
 from conftest import TinyNet
 
-NORM = Normalization(mean=(0.1307,), std=(0.3081,))
+NORM = MNIST_NORMALIZATION
 
 
 def linear_model(classes: int = 3, size: int = 4, seed: int = 0) -> nn.Sequential:
@@ -45,7 +45,7 @@ def test_normalised_inputs_chain_rule_and_clamped_closed_form():
     start = NORM.blank((1, 1, 4, 4))
     result = class_models(model, start, classes, normalization=NORM, l2=0.2, **exact_ascent())
     rows = model[1].weight.detach()[classes].view(3, 1, 4, 4)
-    expected = (rows / (2 * 0.2 * 0.3081)).clamp(0, 1)
+    expected = (rows / (2 * 0.2 * NORM.std[0])).clamp(0, 1)
     torch.testing.assert_close(result.pixels, expected, atol=1e-3, rtol=0)
     torch.testing.assert_close(result.images, NORM.normalize(result.pixels))
     assert 0 < expected.mean() < 1  # both bounds and the interior are exercised

@@ -23,8 +23,8 @@ I_{t+1} = \mathrm{clip}_{[0, 1]} \left( I_t + \eta_t \frac{d_t}{\max_j |d_{t,j}|
 \qquad \eta_t = \eta \, (1 - t / T)
 $$
 
-- $\nabla_I S_c$ comes from `exigo.analyses.saliency.input_gradients` (the input is normalised, so the
-  chain rule divides by the normalisation's standard deviation).
+- $\nabla_I S_c$ comes from `exigo.analyses.saliency.input_gradients` (the input is
+  normalised, so the chain rule divides by the normalisation's standard deviation).
 - $M$: a random translation of at most `jitter` pixels and a random rotation of at most
   `rotation` degrees before each gradient, undone on the gradient after (transformation
   robustness, Olah et al. 2017, "Feature Visualization", Distill: features that only work at
@@ -53,8 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from exigo.data import Normalization
 from exigo.analyses.saliency import frozen, input_gradients
+from exigo.data import Normalization
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -88,12 +88,10 @@ class ClassModels:
 
 def _channel_stats(normalization: Normalization | None, like: Tensor) -> tuple[Tensor, Tensor]:
     """Mean and std as [1, C, 1, 1] tensors (0 and 1 without a normalisation)."""
+    if normalization is not None:
+        return normalization.stats(like)
     channels = like.shape[1]
-    if normalization is None:
-        return like.new_zeros(1, channels, 1, 1), like.new_ones(1, channels, 1, 1)
-    mean = torch.tensor(normalization.mean, dtype=like.dtype, device=like.device)
-    std = torch.tensor(normalization.std, dtype=like.dtype, device=like.device)
-    return mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
+    return like.new_zeros(1, channels, 1, 1), like.new_ones(1, channels, 1, 1)
 
 
 def _gaussian_blur(images: Tensor, sigma: float) -> Tensor:
@@ -180,7 +178,7 @@ def class_models(
     Args:
         model: classifier mapping [K, C, H, W] to logits [K, num_classes].
         start: float tensor [C, H, W] or [K, C, H, W], the image(s) to start from, as the
-            model takes them (normalised); usually the blank image, `normalization.blank(...)`.
+            model takes them (normalised); usually the blank image, `exigo.data.blank_image`.
         classes: int64 tensor [K], the class each image should maximise.
         normalization: how images are made from pixel intensities; the optimisation runs on
             intensities $I$ and feeds the model $(I - \mu) / \sigma$. None: the model's inputs

@@ -38,9 +38,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from exigo.data import Normalization, blank_image, display_pixels
 from exigo.figures.colour_scale import ROBUST_QUANTILE, colour_limit
 from exigo.figures.tiles import TileBlock, TileRow, tile_figure
-from exigo.data import Normalization, display_pixels
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -220,7 +220,7 @@ def saliency_maps(
         labels: int64 tensor [N], the class $y$ whose logit is explained (usually the true
             label).
         baseline: float tensor broadcastable to `images`: the reference input $b$. Default: the
-            blank image, `normalization.blank(...)` (zero pixel intensity, normalised), or
+            blank image, `exigo.data.blank_image` (zero pixel intensity, normalised), or
             all zeros when `normalization` is None. A baseline without a batch dimension (or
             with batch size 1) is shared by all images, and its gradient is computed once per
             distinct label.
@@ -239,12 +239,7 @@ def saliency_maps(
             f"labels must be [N] with N={images.shape[0]}, got shape {tuple(labels.shape)}"
         )
     if baseline is None:
-        single = (1, *images.shape[1:])
-        baseline = (
-            normalization.blank(single, device=images.device).to(images.dtype)
-            if normalization is not None
-            else images.new_zeros(single)
-        )
+        baseline = blank_image(normalization, images)
     pixels = display_pixels(images.detach(), normalization)  # (N, C, H, W)
     at_image = input_gradients(model, images, labels, chunk_size=chunk_size)
     at_baseline = _baseline_gradients(model, baseline, images, labels, chunk_size)
