@@ -7,7 +7,7 @@ from exigo.config import Config
 from exigo.data import MNIST_NORMALIZATION
 from exigo.pipeline import run
 
-from conftest import TinyNet
+from conftest import TinyNet, assert_unchanged, snapshot
 
 NORM = MNIST_NORMALIZATION
 
@@ -85,16 +85,11 @@ def test_model_comes_back_unchanged():
     )
     model.train()
     model[3].bias.requires_grad_(False)
-    flags = [p.requires_grad for p in model.parameters()]
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+    before = snapshot(model)
     threads = torch.get_num_threads()
     start = torch.zeros(1, 4, 4)
     class_models(model, start, torch.arange(3), steps=5)
-    assert model.training and all(m.training for m in model.modules())
-    assert [p.requires_grad for p in model.parameters()] == flags
-    assert all(p.grad is None for p in model.parameters())
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, state[key]), key
+    assert_unchanged(model, before)
     assert torch.get_num_threads() == threads
     assert torch.equal(start, torch.zeros(1, 4, 4))
 

@@ -4,13 +4,13 @@ from PIL import Image
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
+from exigo.analyses.errors import ErrorAnalysis, error_saliency, frequent_confusions, plot_errors
 from exigo.config import Config
 from exigo.data import TensorImageDataset
-from exigo.analyses.errors import ErrorAnalysis, error_saliency, frequent_confusions, plot_errors
-from exigo.pipeline import EpochContext, Probe
 from exigo.engine.training import EvalResult
+from exigo.pipeline import EpochContext, Probe
 
-from conftest import TinyNet
+from conftest import TinyNet, assert_unchanged, snapshot
 
 
 def linear_model(classes: int = 3, size: int = 4, seed: int = 0) -> nn.Sequential:
@@ -49,11 +49,13 @@ def test_error_saliency_of_a_linear_model_is_both_weight_rows():
     before = images.clone()
     true, predicted = torch.tensor([0, 2, 1, 0]), torch.tensor([1, 0, 2, 2])
     model.train()
+    untouched = snapshot(model)
     saliency = error_saliency(model, images, true, predicted)
     weight = model[1].weight.detach().view(3, 4, 4)
     torch.testing.assert_close(saliency.towards_true, weight[true])
     torch.testing.assert_close(saliency.towards_predicted, weight[predicted])
-    assert model.training and all(p.requires_grad and p.grad is None for p in model.parameters())
+    assert_unchanged(model, untouched)
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
     assert torch.equal(images, before)
 
 

@@ -15,7 +15,7 @@ from exigo.config import Config
 from exigo.data import MNIST_NORMALIZATION, Normalization
 from exigo.pipeline import run
 
-from conftest import TinyNet
+from conftest import TinyNet, assert_unchanged, snapshot
 
 NORM = MNIST_NORMALIZATION
 (MEAN,), (STD,) = NORM.mean, NORM.std
@@ -141,17 +141,12 @@ def test_model_mode_flags_buffers_and_inputs_restored():
     )
     model.train()
     model[0].weight.requires_grad_(False)
-    flags = [p.requires_grad for p in model.parameters()]
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+    before = snapshot(model)
     images = torch.randn(4, 1, 4, 4)
     labels = torch.tensor([0, 1, 2, 0])
     images_before, labels_before = images.clone(), labels.clone()
     saliency_maps(model, images, labels, normalization=NORM)
-    assert model.training and all(m.training for m in model.modules())
-    assert [p.requires_grad for p in model.parameters()] == flags
-    assert all(p.grad is None for p in model.parameters())
-    for key, value in model.state_dict().items():  # BatchNorm running stats untouched
-        torch.testing.assert_close(value, state[key])
+    assert_unchanged(model, before)  # BatchNorm running stats too
     assert torch.equal(images, images_before) and torch.equal(labels, labels_before)
 
 

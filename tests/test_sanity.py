@@ -6,8 +6,10 @@ import torch
 from torch import nn
 
 from exigo.analyses.attributions import attribution_maps, saliency
-from exigo.models import MnistCNN
 from exigo.analyses.sanity import cascading_randomisation, randomisable_layers, spearman, ssim
+from exigo.models import MnistCNN
+
+from conftest import assert_unchanged, snapshot
 
 
 def gradient_maps(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -21,26 +23,6 @@ def image_maps(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) ->
 
 def both_maps(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.cat([gradient_maps(model, images, targets), image_maps(model, images, targets)])
-
-
-def snapshot(model: nn.Module) -> dict:
-    return {
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-        "training": [m.training for m in model.modules()],
-        "requires_grad": [p.requires_grad for p in model.parameters()],
-        "grad": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
-    }
-
-
-def assert_unchanged(model: nn.Module, before: dict) -> None:
-    after = snapshot(model)
-    assert before["state"].keys() == after["state"].keys()
-    for key, value in before["state"].items():
-        assert torch.equal(value, after["state"][key]), key
-    assert before["training"] == after["training"]
-    assert before["requires_grad"] == after["requires_grad"]
-    for old, new in zip(before["grad"], after["grad"], strict=True):
-        assert (old is None and new is None) or torch.equal(old, new)
 
 
 def test_spearman_hand_computed():

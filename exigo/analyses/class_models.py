@@ -53,7 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from exigo.analyses.saliency import frozen, input_gradients
+from exigo._modes import frozen
+from exigo.analyses.saliency import input_gradients
 from exigo.data import Normalization
 
 if TYPE_CHECKING:

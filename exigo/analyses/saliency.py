@@ -30,14 +30,14 @@ model analyses use it too.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
+from exigo._modes import frozen
 from exigo.data import Normalization, blank_image, display_pixels
 from exigo.figures.colour_scale import ROBUST_QUANTILE, colour_limit
 from exigo.figures.tiles import TileBlock, TileRow, tile_figure
@@ -89,34 +89,6 @@ class SaliencyMaps:
             `(name, float map [N, H, W])` pairs: source, baseline, saliency, delta, overlay.
         """
         return [(name, getattr(self, name)) for name in ROW_NAMES]
-
-
-@contextmanager
-def frozen(model: nn.Module) -> Iterator[nn.Module]:
-    """Put `model` in eval mode with every parameter's `requires_grad` off; restore both after.
-
-    Inside, backward passes compute input gradients only: no parameter gradient is computed or
-    accumulated in `.grad`. Eval mode makes samples independent (BatchNorm uses its running
-    statistics, dropout is off), which batched input gradients rely on. Exceptions propagate;
-    the mode and flags are restored in any case.
-
-    Args:
-        model: any module.
-
-    Yields:
-        The same model.
-    """
-    was_training = model.training
-    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
-    try:
-        model.eval()
-        for parameter, _ in flags:
-            parameter.requires_grad_(False)
-        yield model
-    finally:
-        for parameter, flag in flags:
-            parameter.requires_grad_(flag)
-        model.train(was_training)
 
 
 def input_gradients(
