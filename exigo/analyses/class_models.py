@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from exigo._modes import frozen
+from exigo.analyses._filters import gaussian_blur
 from exigo.analyses.saliency import input_gradients
 from exigo.data import Normalization
 
@@ -93,23 +94,6 @@ def _channel_stats(normalization: Normalization | None, like: Tensor) -> tuple[T
         return normalization.stats(like)
     channels = like.shape[1]
     return like.new_zeros(1, channels, 1, 1), like.new_ones(1, channels, 1, 1)
-
-
-def _gaussian_blur(images: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of each channel, edges replicated. [K, C, H, W] -> same."""
-    radius = max(1, math.ceil(2 * sigma))
-    offsets = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
-    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
-    channels = images.shape[1]
-    horizontal = kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1)
-    vertical = kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1)
-    images = F.conv2d(
-        F.pad(images, (radius, radius, 0, 0), mode="replicate"), horizontal, groups=channels
-    )
-    return F.conv2d(
-        F.pad(images, (0, 0, radius, radius), mode="replicate"), vertical, groups=channels
-    )
 
 
 def _rotate(images: Tensor, degrees: float) -> Tensor:
@@ -224,7 +208,7 @@ def class_models(
                 gradient = torch.roll(gradient, (-dy, -dx), dims=(2, 3))
             direction = gradient / std - decay * pixels  # d/dI of S_c - l2 |I|^2
             if smoothing > 0:
-                direction = _gaussian_blur(direction, smoothing)
+                direction = gaussian_blur(direction, smoothing)
             if pixel_range is not None:  # pinned pixels pushed outward do not move: ignore them
                 low, high = pixel_range
                 pinned = ((pixels <= low) & (direction < 0)) | ((pixels >= high) & (direction > 0))

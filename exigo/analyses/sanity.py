@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from exigo.analyses._filters import gaussian_kernel
+
 __all__ = [
     "Explainer",
     "RandomisationResult",
@@ -112,13 +114,6 @@ def _average_ranks(rows: Tensor) -> Tensor:
     return ranks
 
 
-def _gaussian_window(size: int, sigma: float, dtype: torch.dtype) -> Tensor:
-    offsets = torch.arange(size, dtype=dtype) - (size - 1) / 2
-    profile = torch.exp(-offsets.square() / (2 * sigma**2))
-    profile = profile / profile.sum()
-    return (profile[:, None] * profile[None, :])[None, None]  # (1, 1, size, size)
-
-
 def ssim(
     first: Tensor,
     second: Tensor,
@@ -148,7 +143,8 @@ def ssim(
     u = first.detach().double().cpu()[:, None]  # (N, 1, H, W)
     v = second.detach().double().cpu()[:, None]
     size = min(window, *(side if side % 2 else side - 1 for side in u.shape[-2:]))
-    kernel = _gaussian_window(size, sigma, u.dtype)
+    profile = gaussian_kernel(size, sigma, dtype=u.dtype)
+    kernel = (profile[:, None] * profile[None, :])[None, None]  # (1, 1, size, size)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     mean_u, mean_v = F.conv2d(u, kernel), F.conv2d(v, kernel)
     var_u = F.conv2d(u * u, kernel) - mean_u.square()
