@@ -46,6 +46,27 @@ def test_spearman_can_leave_out_pixels_that_are_zero_in_both_maps():
     )
 
 
+@pytest.mark.filterwarnings("ignore:An input array is constant")  # the oracle's NaN row
+def test_spearman_equals_scipy_row_by_row_with_ties_and_left_out_zeros():
+    from scipy.stats import spearmanr
+
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 4, (6, 30), generator=generator).float()  # many ties and zeros
+    b = torch.randint(0, 4, (6, 30), generator=generator).float()
+    a[4, :] = 2.0  # constant: no ranking, 0
+    a[5, 2:], b[5, 2:] = 0.0, 0.0  # two positions left: still a correlation
+    for ignore in (False, True):
+        expected = []
+        for x, y in zip(a.double().numpy(), b.double().numpy(), strict=True):
+            kept = (x != 0) | (y != 0) if ignore else slice(None)
+            rho = spearmanr(x[kept], y[kept]).statistic if len(x[kept]) >= 2 else 0.0
+            expected.append(0.0 if math.isnan(rho) else rho)
+        actual = spearman(a, b, ignore_joint_zeros=ignore)
+        torch.testing.assert_close(actual, torch.tensor(expected, dtype=torch.float32))
+    single = torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.0, 0.0, 5.0]])
+    assert float(spearman(*single, ignore_joint_zeros=True)) == 0.0  # one value left
+
+
 def test_ssim_closed_form_for_constant_images():
     first = torch.full((1, 12, 12), 0.2)
     second = torch.full((1, 12, 12), 0.6)
