@@ -41,6 +41,17 @@ def make_blobs(n: int = 64, classes: int = 3, size: int = 8, seed: int = 0) -> T
     return TensorImageDataset(images, targets, [f"class {c}" for c in range(classes)])
 
 
+def batch_norm_net(classes: int = 3) -> torch.nn.Sequential:
+    """Conv, BatchNorm, linear for [N, 1, 4, 4] images: mode and running statistics to keep."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 2, 3, padding=1),
+        torch.nn.BatchNorm2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(32, classes),
+    )
+
+
 def snapshot(model: torch.nn.Module) -> dict:
     """What an analysis must leave as it found it: state, each module's mode, flags, `.grad`."""
     return {

@@ -7,7 +7,7 @@ from exigo.config import Config
 from exigo.data import MNIST_NORMALIZATION
 from exigo.pipeline import run
 
-from conftest import TinyNet, assert_unchanged, snapshot
+from conftest import TinyNet, assert_unchanged, batch_norm_net, snapshot
 
 NORM = MNIST_NORMALIZATION
 
@@ -79,10 +79,7 @@ def test_default_regularisers_keep_the_direction_of_a_smooth_weight_row():
 
 
 def test_model_comes_back_unchanged():
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(32, 3)
-    )
+    model = batch_norm_net()
     model.train()
     model[3].bias.requires_grad_(False)
     before = snapshot(model)

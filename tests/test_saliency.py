@@ -15,7 +15,7 @@ from exigo.config import Config
 from exigo.data import MNIST_NORMALIZATION, Normalization
 from exigo.pipeline import run
 
-from conftest import TinyNet, assert_unchanged, snapshot
+from conftest import TinyNet, assert_unchanged, batch_norm_net, snapshot
 
 NORM = MNIST_NORMALIZATION
 (MEAN,), (STD,) = NORM.mean, NORM.std
@@ -135,10 +135,7 @@ def test_batched_gradients_equal_one_image_at_a_time():
 
 
 def test_model_mode_flags_buffers_and_inputs_restored():
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(32, 3)
-    )
+    model = batch_norm_net()
     model.train()
     model[0].weight.requires_grad_(False)
     before = snapshot(model)

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from exigo._modes import evaluation_mode
+from exigo.analyses._random import seeded
 from exigo.analyses.faithfulness import FaithfulnessCurves, deletion_insertion
 from exigo.analyses.sanity import RandomisationResult, cascading_randomisation, spearman
 from exigo.data import blank_image
@@ -242,9 +243,7 @@ def smoothgrad(
     if value_range is None:
         value_range = float(images.max() - images.min())
     sigma = noise * value_range
-    devices = [images.device] if images.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    with seeded(seed, images.device):
         return (
             NoiseTunnel(Saliency(model))
             .attribute(

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from exigo.analyses._filters import gaussian_kernel
+from exigo.analyses._random import seeded
 
 __all__ = [
     "Explainer",
@@ -259,9 +260,7 @@ def cascading_randomisation(
         copied = copy.deepcopy(model).eval()
         copied_layers = randomisable_layers(copied)
         used: list[str] = []
-        devices = [images.device] if images.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(_SEED_OFFSET + seed)
+        with seeded(_SEED_OFFSET + seed, images.device):
             randomised = 0
             for depth in depths:
                 while randomised < depth:
