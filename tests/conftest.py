@@ -43,6 +43,38 @@ def make_blobs(n: int = 64, classes: int = 3, size: int = 8, seed: int = 0) -> T
     return TensorImageDataset(images, targets, [f"class {c}" for c in range(classes)])
 
 
+def batch_norm_net(classes: int = 3) -> torch.nn.Sequential:
+    """Conv, BatchNorm, linear for [N, 1, 4, 4] images: mode and running statistics to keep."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 2, 3, padding=1),
+        torch.nn.BatchNorm2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(32, classes),
+    )
+
+
+def snapshot(model: torch.nn.Module) -> dict:
+    """What an analysis must leave as it found it: state, each module's mode, flags, `.grad`."""
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "training": [m.training for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "grad": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+    }
+
+
+def assert_unchanged(model: torch.nn.Module, before: dict) -> None:
+    after = snapshot(model)
+    assert before["state"].keys() == after["state"].keys()
+    for key, value in before["state"].items():
+        assert torch.equal(value, after["state"][key]), key
+    assert before["training"] == after["training"]
+    assert before["requires_grad"] == after["requires_grad"]
+    for old, new in zip(before["grad"], after["grad"], strict=True):
+        assert (old is None and new is None) or torch.equal(old, new)
+
+
 class TinyNet(torch.nn.Module):
     """A conv layer, an 8-unit embedding and a classifier: small enough for milliseconds."""
 

@@ -29,7 +29,7 @@ from exigo.data import Normalization
 from exigo.models import MnistCNN
 from exigo.pipeline import run
 
-from conftest import TinyNet, epoch_context
+from conftest import TinyNet, assert_unchanged, epoch_context, snapshot
 
 NORMALIZATION = Normalization(mean=(0.5,), std=(0.25,))
 
@@ -100,8 +100,7 @@ def test_attribution_maps_batching_shape_and_no_side_effects():
     model.classifier.bias.requires_grad_(False)
     images, targets = torch.randn(5, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1])
     original_images = images.clone()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    flags = [p.requires_grad for p in model.parameters()]
+    before = snapshot(model)
     methods = default_methods(torch.zeros(1, 1, 8, 8), AttributionSettings(batch_size=4))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # Captum's 'did not require gradients' warning
@@ -112,11 +111,7 @@ def test_attribution_maps_batching_shape_and_no_side_effects():
     assert torch.allclose(whole[deterministic], split[deterministic], atol=1e-5)
     assert torch.isfinite(whole).all()
     assert torch.equal(images, original_images)
-    assert model.training and all(m.training for m in model.modules())
-    assert [p.requires_grad for p in model.parameters()] == flags
-    assert all(p.grad is None for p in model.parameters())
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, state[key])
+    assert_unchanged(model, before)
 
 
 def test_settled_after():
@@ -162,16 +157,13 @@ def test_hook_writes_figures_metrics_and_leaves_the_model_alone(tmp_path):
     model.train()
     model(torch.randn(8, 1, 8, 8) * 2).sum().backward()  # running stats and .grad
     model.eval()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    grads = [p.grad.clone() for p in model.parameters()]
+    before = snapshot(model)
     analysis = AttributionAnalysis(SMALL, seed=0)
     for epoch in (1, 2):
         ctx, messages = make_context(model, epoch, tmp_path)
         analysis(ctx)
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, before[key]), key
-    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
-    assert not model.training and all(p.requires_grad for p in model.parameters())
+    assert_unchanged(model, before)
+    assert all(p.requires_grad for p in model.parameters())
     for name in ("attributions_2.png", "attribution_checks_2.png"):
         with Image.open(tmp_path / name) as image:
             assert image.size[0] > 300

@@ -4,12 +4,12 @@ from torch import nn
 
 from exigo.analyses.class_models import ClassModelAnalysis, class_models, plot_class_models
 from exigo.config import Config
-from exigo.data import Normalization
+from exigo.data import MNIST_NORMALIZATION
 from exigo.pipeline import run
 
-from conftest import TinyNet
+from conftest import TinyNet, assert_unchanged, batch_norm_net, snapshot
 
-NORM = Normalization(mean=(0.1307,), std=(0.3081,))
+NORM = MNIST_NORMALIZATION
 
 
 def linear_model(classes: int = 3, size: int = 4, seed: int = 0) -> nn.Sequential:
@@ -45,7 +45,7 @@ def test_normalised_inputs_chain_rule_and_clamped_closed_form():
     start = NORM.blank((1, 1, 4, 4))
     result = class_models(model, start, classes, normalization=NORM, l2=0.2, **exact_ascent())
     rows = model[1].weight.detach()[classes].view(3, 1, 4, 4)
-    expected = (rows / (2 * 0.2 * 0.3081)).clamp(0, 1)
+    expected = (rows / (2 * 0.2 * NORM.std[0])).clamp(0, 1)
     torch.testing.assert_close(result.pixels, expected, atol=1e-3, rtol=0)
     torch.testing.assert_close(result.images, NORM.normalize(result.pixels))
     assert 0 < expected.mean() < 1  # both bounds and the interior are exercised
@@ -79,22 +79,14 @@ def test_default_regularisers_keep_the_direction_of_a_smooth_weight_row():
 
 
 def test_model_comes_back_unchanged():
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(32, 3)
-    )
+    model = batch_norm_net()
     model.train()
     model[3].bias.requires_grad_(False)
-    flags = [p.requires_grad for p in model.parameters()]
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+    before = snapshot(model)
     threads = torch.get_num_threads()
     start = torch.zeros(1, 4, 4)
     class_models(model, start, torch.arange(3), steps=5)
-    assert model.training and all(m.training for m in model.modules())
-    assert [p.requires_grad for p in model.parameters()] == flags
-    assert all(p.grad is None for p in model.parameters())
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, state[key]), key
+    assert_unchanged(model, before)
     assert torch.get_num_threads() == threads
     assert torch.equal(start, torch.zeros(1, 4, 4))
 

@@ -6,6 +6,7 @@ from exigo.data import (
     DataError,
     Normalization,
     TensorImageDataset,
+    blank_image,
     display_pixels,
     gather,
     iterate_batches,
@@ -20,6 +21,16 @@ def test_normalization_round_trip_and_blank():
     blank = norm.blank((1, 2, 2, 2))
     assert torch.allclose(blank[0, 0], torch.full((2, 2), -1.0))
     assert torch.allclose(blank[0, 1], torch.full((2, 2), -1.0))
+
+
+def test_blank_image_is_zero_intensity_shaped_like_one_input():
+    norm = Normalization(mean=(0.5, 0.25), std=(0.5, 0.25))
+    like = torch.ones(3, 2, 4, 5, dtype=torch.float64)
+    blank = blank_image(norm, like)
+    assert blank.shape == (1, 2, 4, 5) and blank.dtype == torch.float64
+    assert torch.equal(norm.denormalize(blank), torch.zeros(1, 2, 4, 5, dtype=torch.float64))
+    unknown = blank_image(None, like)  # no normalisation: the all-zero input
+    assert torch.equal(unknown, torch.zeros(1, 2, 4, 5, dtype=torch.float64))
 
 
 def test_batches_visit_indices_in_order():
@@ -47,7 +58,9 @@ def test_load_real_mnist(mnist_root):
     assert set(held_out.targets.tolist()) == set(range(10))
     pixels = MNIST_NORMALIZATION.denormalize(train.images)
     assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
-    assert abs(pixels.mean().item() - 0.1307) < 0.01  # the statistics we normalise with
+    (mean,), (std,) = MNIST_NORMALIZATION.mean, MNIST_NORMALIZATION.std
+    assert abs(pixels.mean().item() - mean) < 0.01  # the statistics we normalise with
+    assert abs(pixels.std().item() - std) < 0.01
 
 
 def test_missing_data_names_files(tmp_path):

@@ -8,7 +8,7 @@ from exigo.analysis import EpochContext, Probe
 from exigo.data import TensorImageDataset
 from exigo.engine.training import EvalResult
 
-from conftest import TinyNet, epoch_context
+from conftest import TinyNet, assert_unchanged, epoch_context, snapshot
 
 
 def linear_model(classes: int = 3, size: int = 4, seed: int = 0) -> nn.Sequential:
@@ -47,11 +47,13 @@ def test_error_saliency_of_a_linear_model_is_both_weight_rows():
     before = images.clone()
     true, predicted = torch.tensor([0, 2, 1, 0]), torch.tensor([1, 0, 2, 2])
     model.train()
+    untouched = snapshot(model)
     saliency = error_saliency(model, images, true, predicted)
     weight = model[1].weight.detach().view(3, 4, 4)
     torch.testing.assert_close(saliency.towards_true, weight[true])
     torch.testing.assert_close(saliency.towards_predicted, weight[predicted])
-    assert model.training and all(p.requires_grad and p.grad is None for p in model.parameters())
+    assert_unchanged(model, untouched)
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
     assert torch.equal(images, before)
 
 

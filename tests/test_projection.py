@@ -181,6 +181,27 @@ def test_sprite_sheet_tiles_row_major_in_a_square():
     assert np.array_equal(sheet[..., 0], sheet[..., 2])  # grey thumbnails: equal channels
 
 
+def hand_tiled_sprite_sheet(thumbnails: torch.Tensor) -> np.ndarray:
+    """exigo's own tiling before torchvision's make_grid (commit 191dc7d): the reference."""
+    count, side = thumbnails.shape[0], thumbnails.shape[-1]
+    per_row = math.ceil(math.sqrt(max(count, 1)))
+    padded = torch.zeros(per_row * per_row, 3, side, side)
+    padded[:count] = thumbnails.detach().float().cpu().expand(-1, 3, -1, -1)
+    grid = padded.view(per_row, per_row, 3, side, side).permute(0, 3, 1, 4, 2)
+    return (grid.reshape(per_row * side, per_row * side, 3) * 255).round().to(torch.uint8).numpy()
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_sprite_sheet_is_byte_identical_to_the_hand_tiling(channels):
+    generator = torch.Generator().manual_seed(channels)
+    for count in (0, 1, 2, 3, 5, 16, 17, 50):
+        thumbnails = torch.rand(count, channels, 7, 7, generator=generator)
+        sheet = sprite_sheet(thumbnails)
+        expected = hand_tiled_sprite_sheet(thumbnails)
+        assert sheet.dtype == expected.dtype and sheet.shape == expected.shape, count
+        assert sheet.tobytes() == expected.tobytes(), count
+
+
 def test_sprite_written_once_tensors_exact(tmp_path, monkeypatch):
     embeddings, labels = clusters()
     written = []

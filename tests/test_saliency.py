@@ -12,12 +12,13 @@ from exigo.analyses.saliency import (
     saliency_maps,
 )
 from exigo.config import Config
-from exigo.data import Normalization
+from exigo.data import MNIST_NORMALIZATION, Normalization
 from exigo.pipeline import run
 
-from conftest import TinyNet
+from conftest import TinyNet, assert_unchanged, batch_norm_net, snapshot
 
-NORM = Normalization(mean=(0.1307,), std=(0.3081,))
+NORM = MNIST_NORMALIZATION
+(MEAN,), (STD,) = NORM.mean, NORM.std
 
 
 def linear_model(channels: int = 1, size: int = 4, classes: int = 3, seed: int = 0) -> nn.Module:
@@ -50,7 +51,7 @@ def test_linear_model_maps_equal_weight_rows():
     labels = torch.tensor([0, 2, 1, 2, 0])
     maps = saliency_maps(model, images, labels, normalization=NORM)
     rows = model[1].weight.detach()[labels].view(5, 4, 4)
-    torch.testing.assert_close(maps.source, (images[:, 0] * 0.3081 + 0.1307).clamp(0, 1))
+    torch.testing.assert_close(maps.source, (images[:, 0] * STD + MEAN).clamp(0, 1))
     torch.testing.assert_close(maps.baseline, rows.abs())
     torch.testing.assert_close(maps.saliency, rows.abs())
     # a linear model looks at the same pixels whatever it is shown: nothing above the baseline
@@ -62,11 +63,11 @@ def test_quadratic_model_maps_equal_closed_form_with_blank_baseline():
     model = Quadratic()
     images = torch.randn(6, 1, 4, 4, generator=torch.Generator().manual_seed(3))
     labels = torch.tensor([1, 1, 0, 2, 0, 1])
-    blank = torch.full((6, 1, 4, 4), -0.1307 / 0.3081)
+    blank = torch.full((6, 1, 4, 4), -MEAN / STD)
     maps = saliency_maps(model, images, labels, normalization=NORM)
     at_image = model.gradient(images, labels)[:, 0]
     at_blank = model.gradient(blank, labels)[:, 0]
-    source = (images[:, 0] * 0.3081 + 0.1307).clamp(0, 1)
+    source = (images[:, 0] * STD + MEAN).clamp(0, 1)
     torch.testing.assert_close(maps.source, source)
     torch.testing.assert_close(maps.baseline, at_blank.abs())
     torch.testing.assert_close(maps.saliency, at_image.abs())
@@ -134,23 +135,15 @@ def test_batched_gradients_equal_one_image_at_a_time():
 
 
 def test_model_mode_flags_buffers_and_inputs_restored():
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(32, 3)
-    )
+    model = batch_norm_net()
     model.train()
     model[0].weight.requires_grad_(False)
-    flags = [p.requires_grad for p in model.parameters()]
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+    before = snapshot(model)
     images = torch.randn(4, 1, 4, 4)
     labels = torch.tensor([0, 1, 2, 0])
     images_before, labels_before = images.clone(), labels.clone()
     saliency_maps(model, images, labels, normalization=NORM)
-    assert model.training and all(m.training for m in model.modules())
-    assert [p.requires_grad for p in model.parameters()] == flags
-    assert all(p.grad is None for p in model.parameters())
-    for key, value in model.state_dict().items():  # BatchNorm running stats untouched
-        torch.testing.assert_close(value, state[key])
+    assert_unchanged(model, before)  # BatchNorm running stats too
     assert torch.equal(images, images_before) and torch.equal(labels, labels_before)
 
 

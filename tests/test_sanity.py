@@ -9,6 +9,8 @@ from exigo.analyses.attributions import attribution_maps, saliency
 from exigo.analyses.sanity import cascading_randomisation, randomisable_layers, spearman, ssim
 from exigo.models import MnistCNN
 
+from conftest import assert_unchanged, snapshot
+
 
 def gradient_maps(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return attribution_maps(model, images, targets, {"saliency": saliency})
@@ -21,26 +23,6 @@ def image_maps(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) ->
 
 def both_maps(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.cat([gradient_maps(model, images, targets), image_maps(model, images, targets)])
-
-
-def snapshot(model: nn.Module) -> dict:
-    return {
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-        "training": [m.training for m in model.modules()],
-        "requires_grad": [p.requires_grad for p in model.parameters()],
-        "grad": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
-    }
-
-
-def assert_unchanged(model: nn.Module, before: dict) -> None:
-    after = snapshot(model)
-    assert before["state"].keys() == after["state"].keys()
-    for key, value in before["state"].items():
-        assert torch.equal(value, after["state"][key]), key
-    assert before["training"] == after["training"]
-    assert before["requires_grad"] == after["requires_grad"]
-    for old, new in zip(before["grad"], after["grad"], strict=True):
-        assert (old is None and new is None) or torch.equal(old, new)
 
 
 def test_spearman_hand_computed():
@@ -62,6 +44,27 @@ def test_spearman_can_leave_out_pixels_that_are_zero_in_both_maps():
     assert float(spearman(a, c, ignore_joint_zeros=True)) == pytest.approx(
         float(spearman(a[:, 2:], c[:, 2:]))
     )
+
+
+@pytest.mark.filterwarnings("ignore:An input array is constant")  # the oracle's NaN row
+def test_spearman_equals_scipy_row_by_row_with_ties_and_left_out_zeros():
+    from scipy.stats import spearmanr
+
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 4, (6, 30), generator=generator).float()  # many ties and zeros
+    b = torch.randint(0, 4, (6, 30), generator=generator).float()
+    a[4, :] = 2.0  # constant: no ranking, 0
+    a[5, 2:], b[5, 2:] = 0.0, 0.0  # two positions left: still a correlation
+    for ignore in (False, True):
+        expected = []
+        for x, y in zip(a.double().numpy(), b.double().numpy(), strict=True):
+            kept = (x != 0) | (y != 0) if ignore else slice(None)
+            rho = spearmanr(x[kept], y[kept]).statistic if len(x[kept]) >= 2 else 0.0
+            expected.append(0.0 if math.isnan(rho) else rho)
+        actual = spearman(a, b, ignore_joint_zeros=ignore)
+        torch.testing.assert_close(actual, torch.tensor(expected, dtype=torch.float32))
+    single = torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.0, 0.0, 5.0]])
+    assert float(spearman(*single, ignore_joint_zeros=True)) == 0.0  # one value left
 
 
 def test_ssim_closed_form_for_constant_images():

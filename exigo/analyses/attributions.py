@@ -40,10 +40,11 @@ import torch
 from torch import Tensor, nn
 
 from exigo._modes import evaluation_mode
+from exigo.analyses._random import seeded
 from exigo.analyses.faithfulness import FaithfulnessCurves, deletion_insertion
 from exigo.analyses.sanity import RandomisationResult, cascading_randomisation, spearman
 from exigo.analysis import Analysis, EpochContext, FigureInfo
-from exigo.data import Normalization
+from exigo.data import blank_image
 from exigo.figures.tiles import TileBlock, TileRow, tile_figure
 
 if TYPE_CHECKING:
@@ -242,9 +243,7 @@ def smoothgrad(
     if value_range is None:
         value_range = float(images.max() - images.min())
     sigma = noise * value_range
-    devices = [images.device] if images.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    with seeded(seed, images.device):
         return (
             NoiseTunnel(Saliency(model))
             .attribute(
@@ -342,20 +341,8 @@ def grad_cam(model: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
     )
 
 
-def blank_baseline(normalization: Normalization | None, like: Tensor) -> Tensor:
-    """The blank image (zero intensity), normalised like the data: the attribution baseline.
-
-    Args:
-        normalization: how pixel intensities were normalised; None gives the all-zero input.
-        like: float tensor [N, C, H, W] whose shape, dtype and device the baseline takes.
-
-    Returns:
-        Float tensor [1, C, H, W] on `like`'s device and of its dtype.
-    """
-    shape = (1, *like.shape[1:])
-    if normalization is None:
-        return torch.zeros(shape, dtype=like.dtype, device=like.device)
-    return normalization.blank(shape, device=like.device).to(like.dtype)
+#: The attribution baseline is the blank image; this name stays for `AttributionAnalysis`.
+blank_baseline = blank_image
 
 
 def default_methods(
@@ -369,8 +356,8 @@ def default_methods(
     """The six methods with their settings bound, keyed as in `METHOD_LABELS`, in figure order.
 
     Args:
-        baseline: float tensor [1, C, H, W], the blank image (Integrated Gradients' start and
-            Occlusion's patch content).
+        baseline: float tensor [1, C, H, W], the blank image (`exigo.data.blank_image`:
+            Integrated Gradients' start and Occlusion's patch content).
         settings: costs of the methods; default `AttributionSettings()`.
         seed: seed of SmoothGrad's noise.
         value_range: max - min of the data, the unit of SmoothGrad's noise; default: the

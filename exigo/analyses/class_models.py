@@ -23,8 +23,8 @@ I_{t+1} = \mathrm{clip}_{[0, 1]} \left( I_t + \eta_t \frac{d_t}{\max_j |d_{t,j}|
 \qquad \eta_t = \eta \, (1 - t / T)
 $$
 
-- $\nabla_I S_c$ comes from `exigo.analyses.saliency.input_gradients` (the input is normalised, so the
-  chain rule divides by the normalisation's standard deviation).
+- $\nabla_I S_c$ comes from `exigo.analyses.saliency.input_gradients` (the input is
+  normalised, so the chain rule divides by the normalisation's standard deviation).
 - $M$: a random translation of at most `jitter` pixels and a random rotation of at most
   `rotation` degrees before each gradient, undone on the gradient after (transformation
   robustness, Olah et al. 2017, "Feature Visualization", Distill: features that only work at
@@ -53,7 +53,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from exigo.analyses.saliency import frozen, input_gradients
+from exigo._modes import frozen
+from exigo.analyses._filters import gaussian_blur
+from exigo.analyses.saliency import input_gradients
 from exigo.analysis import Analysis, EpochContext, FigureInfo
 from exigo.data import Normalization
 
@@ -88,29 +90,10 @@ class ClassModels:
 
 def _channel_stats(normalization: Normalization | None, like: Tensor) -> tuple[Tensor, Tensor]:
     """Mean and std as [1, C, 1, 1] tensors (0 and 1 without a normalisation)."""
+    if normalization is not None:
+        return normalization.stats(like)
     channels = like.shape[1]
-    if normalization is None:
-        return like.new_zeros(1, channels, 1, 1), like.new_ones(1, channels, 1, 1)
-    mean = torch.tensor(normalization.mean, dtype=like.dtype, device=like.device)
-    std = torch.tensor(normalization.std, dtype=like.dtype, device=like.device)
-    return mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
-
-
-def _gaussian_blur(images: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of each channel, edges replicated. [K, C, H, W] -> same."""
-    radius = max(1, math.ceil(2 * sigma))
-    offsets = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
-    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
-    channels = images.shape[1]
-    horizontal = kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1)
-    vertical = kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1)
-    images = F.conv2d(
-        F.pad(images, (radius, radius, 0, 0), mode="replicate"), horizontal, groups=channels
-    )
-    return F.conv2d(
-        F.pad(images, (0, 0, radius, radius), mode="replicate"), vertical, groups=channels
-    )
+    return like.new_zeros(1, channels, 1, 1), like.new_ones(1, channels, 1, 1)
 
 
 def _rotate(images: Tensor, degrees: float) -> Tensor:
@@ -180,7 +163,7 @@ def class_models(
     Args:
         model: classifier mapping [K, C, H, W] to logits [K, num_classes].
         start: float tensor [C, H, W] or [K, C, H, W], the image(s) to start from, as the
-            model takes them (normalised); usually the blank image, `normalization.blank(...)`.
+            model takes them (normalised); usually the blank image, `exigo.data.blank_image`.
         classes: int64 tensor [K], the class each image should maximise.
         normalization: how images are made from pixel intensities; the optimisation runs on
             intensities $I$ and feeds the model $(I - \mu) / \sigma$. None: the model's inputs
@@ -225,7 +208,7 @@ def class_models(
                 gradient = torch.roll(gradient, (-dy, -dx), dims=(2, 3))
             direction = gradient / std - decay * pixels  # d/dI of S_c - l2 |I|^2
             if smoothing > 0:
-                direction = _gaussian_blur(direction, smoothing)
+                direction = gaussian_blur(direction, smoothing)
             if pixel_range is not None:  # pinned pixels pushed outward do not move: ignore them
                 low, high = pixel_range
                 pinned = ((pixels <= low) & (direction < 0)) | ((pixels >= high) & (direction > 0))

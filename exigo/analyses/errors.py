@@ -12,8 +12,8 @@ $$ \nabla_x f_y(x) \quad \text{(towards the true class } y\text{)}, \qquad
 on one shared colour scale, with $p(y \mid x)$ and $p(\hat y \mid x)$ from the evaluation pass.
 Red pixels raise that class's logit, blue pixels lower it: where the predicted-class map is
 red on ink that the true-class map leaves white or blue, that stroke is what misled the
-network. The gradients come from `exigo.analyses.saliency.input_gradients`, one batched call for both
-maps of every image.
+network. The gradients come from `exigo.analyses.saliency.input_gradients`, one batched call
+for both maps of every image.
 """
 
 from __future__ import annotations
@@ -129,8 +129,8 @@ def error_saliency(
     """Saliency of each image towards its true and its predicted class, signed.
 
     One batched `input_gradients` call for both maps; the model comes back unchanged (see
-    `exigo.analyses.saliency.frozen`) and `images` are not modified. Multi-channel gradients keep, at
-    every pixel, the channel of largest magnitude (`reduce_channels`).
+    `exigo._modes.frozen`) and `images` are not modified. Multi-channel gradients keep, at every
+    pixel, the channel of largest magnitude (`reduce_channels`).
 
     Args:
         model: classifier mapping [N, C, H, W] to logits.

@@ -303,7 +303,8 @@ def sprite_sheet(thumbnails: Tensor) -> np.ndarray:
     """Tile thumbnails into TensorBoard's sprite: a square, `ceil(sqrt(K))` thumbnails a side.
 
     Row-major, the first thumbnail top left, black where the square has no thumbnail (the
-    layout TensorBoard's projector expects, as torch's `add_embedding` writes it).
+    layout TensorBoard's projector expects, as torch's `add_embedding` writes it); tiled by
+    `torchvision.utils.make_grid`.
 
     Args:
         thumbnails: float tensor [K, 1 or 3, S, S] in [0, 1] (`sprite_images`).
@@ -311,12 +312,14 @@ def sprite_sheet(thumbnails: Tensor) -> np.ndarray:
     Returns:
         uint8 array [n S, n S, 3], n = ceil(sqrt(K)).
     """
-    count, side = thumbnails.shape[0], thumbnails.shape[-1]
+    from torchvision.utils import make_grid
+
+    thumbnails = thumbnails.detach().float().cpu()
+    count = thumbnails.shape[0]
     per_row = math.ceil(math.sqrt(max(count, 1)))
-    padded = torch.zeros(per_row * per_row, 3, side, side)
-    padded[:count] = thumbnails.detach().float().cpu().expand(-1, 3, -1, -1)
-    grid = padded.view(per_row, per_row, 3, side, side).permute(0, 3, 1, 4, 2)
-    return (grid.reshape(per_row * side, per_row * side, 3) * 255).round().to(torch.uint8).numpy()
+    blanks = thumbnails.new_zeros(per_row * per_row - count, *thumbnails.shape[1:])
+    grid = make_grid(torch.cat([thumbnails, blanks]), nrow=per_row, padding=0)  # (3, nS, nS)
+    return (grid * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
 
 
 def write_sprite(log_dir: Path, sprites: Tensor, tag: str = PROJECTOR_TAG) -> str:

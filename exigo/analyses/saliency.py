@@ -30,16 +30,16 @@ model analyses use it too.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
+from exigo._modes import frozen
 from exigo.analysis import Analysis, EpochContext, FigureInfo
-from exigo.data import Normalization, display_pixels
+from exigo.data import Normalization, blank_image, display_pixels
 from exigo.figures.colour_scale import ROBUST_QUANTILE, colour_limit
 from exigo.figures.tiles import TileBlock, TileRow, tile_figure
 
@@ -89,34 +89,6 @@ class SaliencyMaps:
             `(name, float map [N, H, W])` pairs: source, baseline, saliency, delta, overlay.
         """
         return [(name, getattr(self, name)) for name in ROW_NAMES]
-
-
-@contextmanager
-def frozen(model: nn.Module) -> Iterator[nn.Module]:
-    """Put `model` in eval mode with every parameter's `requires_grad` off; restore both after.
-
-    Inside, backward passes compute input gradients only: no parameter gradient is computed or
-    accumulated in `.grad`. Eval mode makes samples independent (BatchNorm uses its running
-    statistics, dropout is off), which batched input gradients rely on. Exceptions propagate;
-    the mode and flags are restored in any case.
-
-    Args:
-        model: any module.
-
-    Yields:
-        The same model.
-    """
-    was_training = model.training
-    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
-    try:
-        model.eval()
-        for parameter, _ in flags:
-            parameter.requires_grad_(False)
-        yield model
-    finally:
-        for parameter, flag in flags:
-            parameter.requires_grad_(flag)
-        model.train(was_training)
 
 
 def input_gradients(
@@ -220,7 +192,7 @@ def saliency_maps(
         labels: int64 tensor [N], the class $y$ whose logit is explained (usually the true
             label).
         baseline: float tensor broadcastable to `images`: the reference input $b$. Default: the
-            blank image, `normalization.blank(...)` (zero pixel intensity, normalised), or
+            blank image, `exigo.data.blank_image` (zero pixel intensity, normalised), or
             all zeros when `normalization` is None. A baseline without a batch dimension (or
             with batch size 1) is shared by all images, and its gradient is computed once per
             distinct label.
@@ -239,12 +211,7 @@ def saliency_maps(
             f"labels must be [N] with N={images.shape[0]}, got shape {tuple(labels.shape)}"
         )
     if baseline is None:
-        single = (1, *images.shape[1:])
-        baseline = (
-            normalization.blank(single, device=images.device).to(images.dtype)
-            if normalization is not None
-            else images.new_zeros(single)
-        )
+        baseline = blank_image(normalization, images)
     pixels = display_pixels(images.detach(), normalization)  # (N, C, H, W)
     at_image = input_gradients(model, images, labels, chunk_size=chunk_size)
     at_baseline = _baseline_gradients(model, baseline, images, labels, chunk_size)
