@@ -57,7 +57,6 @@ __all__ = [
     "AttributionMethod",
     "AttributionSettings",
     "attribution_maps",
-    "blank_baseline",
     "default_methods",
     "grad_cam",
     "input_x_gradient",
@@ -339,10 +338,6 @@ def grad_cam(model: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
     return LayerAttribution.interpolate(
         cam.detach(), tuple(images.shape[-2:]), interpolate_mode="bilinear"
     )
-
-
-#: The attribution baseline is the blank image; this name stays for `AttributionAnalysis`.
-blank_baseline = blank_image
 
 
 def default_methods(
@@ -695,7 +690,7 @@ class AttributionAnalysis(Analysis):
         seconds: dict[str, float] = {}
         clock = time.perf_counter()
 
-        baseline = blank_baseline(ctx.normalization, probe.images)
+        baseline = blank_image(ctx.normalization, probe.images)
         methods = default_methods(
             baseline,
             settings,

@@ -43,9 +43,8 @@ $$
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -57,7 +56,7 @@ from exigo._modes import frozen
 from exigo.analyses._filters import gaussian_blur
 from exigo.analyses.saliency import input_gradients
 from exigo.analysis import Analysis, EpochContext, FigureInfo
-from exigo.data import Normalization
+from exigo.data import Normalization, blank_image
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -118,26 +117,6 @@ def _margin_weights(size: Sequence[int], margin: float, like: Tensor) -> Tensor:
     return weights
 
 
-@contextlib.contextmanager
-def _intra_op_threads(count: int, device: torch.device) -> Iterator[None]:
-    """Use `count` CPU threads inside, restore the previous number after.
-
-    The ascent runs hundreds of tiny forward/backward passes (one image per class); on a busy
-    CPU, OpenMP threads that wait for each other at every operator made one step 50x slower
-    than a single thread (200 ms against 4 ms per step for 10 MNIST images, measured on the
-    shared 2-core machines). No effect on other devices.
-    """
-    if device.type != "cpu":
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def class_models(
     model: nn.Module,
     start: Tensor,
@@ -157,8 +136,7 @@ def class_models(
     r"""Maximise $S_c(I) - \lambda \lVert I \rVert^2$ for every class at once (module docstring).
 
     The model is `frozen` (eval mode, no parameter gradients) while the images are optimised
-    and comes back with its weights, mode and `requires_grad` flags unchanged. On the CPU the
-    ascent runs on one intra-op thread (see `_intra_op_threads`).
+    and comes back with its weights, mode and `requires_grad` flags unchanged.
 
     Args:
         model: classifier mapping [K, C, H, W] to logits [K, num_classes].
@@ -195,28 +173,27 @@ def class_models(
     pixels = (start * std + mean).clone()  # (K, C, H, W) intensities, optimised in place
     decay = 2 * l2 * _margin_weights(pixels.shape[-2:], margin, pixels)  # (1, 1, H, W)
     generator = torch.Generator().manual_seed(seed)
-    with _intra_op_threads(1, start.device):
-        for step in range(steps):
-            dy, dx = torch.randint(-jitter, jitter + 1, (2,), generator=generator).tolist()
-            angle = rotation * (2 * float(torch.rand((), generator=generator)) - 1)
-            moved = torch.roll(pixels, (dy, dx), dims=(2, 3)) if jitter else pixels
-            moved = _rotate(moved, angle) if rotation else moved
-            gradient = input_gradients(model, (moved - mean) / std, classes)
-            # back to the unmoved image's frame (the adjoint of the moves, up to interpolation)
-            gradient = _rotate(gradient, -angle) if rotation else gradient
-            if jitter:
-                gradient = torch.roll(gradient, (-dy, -dx), dims=(2, 3))
-            direction = gradient / std - decay * pixels  # d/dI of S_c - l2 |I|^2
-            if smoothing > 0:
-                direction = gaussian_blur(direction, smoothing)
-            if pixel_range is not None:  # pinned pixels pushed outward do not move: ignore them
-                low, high = pixel_range
-                pinned = ((pixels <= low) & (direction < 0)) | ((pixels >= high) & (direction > 0))
-                direction = direction.masked_fill(pinned, 0.0)
-            largest = direction.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
-            pixels += step_size * (1 - step / steps) * direction / largest
-            if pixel_range is not None:
-                pixels.clamp_(*pixel_range)
+    for step in range(steps):
+        dy, dx = torch.randint(-jitter, jitter + 1, (2,), generator=generator).tolist()
+        angle = rotation * (2 * float(torch.rand((), generator=generator)) - 1)
+        moved = torch.roll(pixels, (dy, dx), dims=(2, 3)) if jitter else pixels
+        moved = _rotate(moved, angle) if rotation else moved
+        gradient = input_gradients(model, (moved - mean) / std, classes)
+        # back to the unmoved image's frame (the adjoint of the moves, up to interpolation)
+        gradient = _rotate(gradient, -angle) if rotation else gradient
+        if jitter:
+            gradient = torch.roll(gradient, (-dy, -dx), dims=(2, 3))
+        direction = gradient / std - decay * pixels  # d/dI of S_c - l2 |I|^2
+        if smoothing > 0:
+            direction = gaussian_blur(direction, smoothing)
+        if pixel_range is not None:  # pinned pixels pushed outward do not move: ignore them
+            low, high = pixel_range
+            pinned = ((pixels <= low) & (direction < 0)) | ((pixels >= high) & (direction > 0))
+            direction = direction.masked_fill(pinned, 0.0)
+        largest = direction.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
+        pixels += step_size * (1 - step / steps) * direction / largest
+        if pixel_range is not None:
+            pixels.clamp_(*pixel_range)
     images = (pixels - mean) / std
     with frozen(model), torch.no_grad():
         logits = model(images).float()
@@ -307,11 +284,7 @@ class ClassModelAnalysis(Analysis):
 
     def __call__(self, ctx: EpochContext) -> None:
         """Optimise one image per class from the blank image and save the figure."""
-        shape = (1, *ctx.probe.images.shape[1:])
-        if ctx.normalization is not None:
-            blank = ctx.normalization.blank(shape, device=ctx.device)
-        else:
-            blank = torch.zeros(shape, device=ctx.device)
+        blank = blank_image(ctx.normalization, ctx.probe.images[:1])  # (1, C, H, W)
         classes = torch.arange(len(ctx.class_names), device=ctx.device)
         result = class_models(
             ctx.model,

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from exigo._modes import evaluation_mode
 from exigo.data import iterate_batches
 from exigo.models import embedding_module
 
@@ -180,25 +181,23 @@ def evaluate(
         The `EvalResult`, with every tensor on the CPU.
     """
     start = time.perf_counter()
-    was_training = model.training
-    model.eval()
     captured: list[Tensor] = []
 
     def keep_embedding(_module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
         captured.append(inputs[0].detach().flatten(1))
 
-    handle = embedding_module(model).register_forward_pre_hook(keep_embedding)
-    logits_parts, target_parts = [], []
-    try:
-        order = range(len(dataset)) if indices is None else indices
-        for images, labels in iterate_batches(dataset, order, batch_size):
-            logits_parts.append(model(images.to(device, non_blocking=True)).float())
-            target_parts.append(labels)
-            if on_batch is not None:
-                on_batch(labels.shape[0])
-    finally:
-        handle.remove()
-        model.train(was_training)
+    with evaluation_mode(model):  # every submodule gets its own mode back
+        handle = embedding_module(model).register_forward_pre_hook(keep_embedding)
+        logits_parts, target_parts = [], []
+        try:
+            order = range(len(dataset)) if indices is None else indices
+            for images, labels in iterate_batches(dataset, order, batch_size):
+                logits_parts.append(model(images.to(device, non_blocking=True)).float())
+                target_parts.append(labels)
+                if on_batch is not None:
+                    on_batch(labels.shape[0])
+        finally:
+            handle.remove()
     if not logits_parts:
         raise ValueError("cannot evaluate on an empty dataset")
     logits = torch.cat(logits_parts).cpu()
