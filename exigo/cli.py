@@ -175,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip comparing attribution methods and their sanity checks",
     )
     analysis.add_argument(
+        "--sequential",
+        action="store_true",
+        help="analyse each epoch before the next one trains, not beside it (for debugging and "
+        "benchmarks; the results are the same)",
+    )
+    analysis.add_argument(
         "--eval-batch-size",
         type=int,
         default=_DEFAULTS.eval_batch_size,

@@ -81,6 +81,10 @@ class Config:
     dist_timeout: float = 1800.0
     """Seconds a torchrun process waits for the others, then fails."""
 
+    sequential: bool = False
+    """Analyse each epoch before the next one trains (default: beside it, on rank 0, with 2+
+    CPUs); for debugging and benchmarks: the results are the same either way."""
+
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form, recorded in run.json."""
 

@@ -46,7 +46,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 from torch.utils.data import Dataset
@@ -55,7 +55,8 @@ from exigo._system import available_cpus
 from exigo.analysis import Analysis
 from exigo.config import Config
 from exigo.data import Normalization
-from exigo.engine.epoch import analyse, commit, context, fit
+from exigo.engine.checkpoint import capture_rng
+from exigo.engine.epoch import Background, EpochEnd, analyse, context, fit, same_random_state
 from exigo.engine.events import EventLog
 from exigo.engine.resume import ResumeError
 from exigo.engine.run_dir import SaveDirError, lock_save_dir, prepare_save_dir
@@ -179,35 +180,81 @@ def run(
                 "nothing to resume"
             )
             return session.result()
-        return _epochs(session)
+        result = _epochs(session)
+    if stop.received is not None:  # arrived while the run closed its files: still a stop
+        interrupt = RunInterrupted(stop.received)
+        interrupt.args = (session.where_things_are(f"interrupted by {interrupt.signal_name}"),)
+        interrupt.result = result
+        raise interrupt
+    return result
 
 
 def _epochs(session: Session) -> RunResult:
     """The epoch loop; a stop or a divergence becomes an exception carrying the result."""
     config, world = session.config, session.world
+    background = Background(session, overlap=_overlap(session))
     try:
-        with _event_log(session):
+        with _event_log(session), background:
             if session.state.epoch == 0:
                 _before_training(session)
-            for epoch in range(session.state.epoch + 1, config.epochs + 1):
+            first_epoch, randomness = session.state.epoch + 1, capture_rng()
+            for epoch in range(first_epoch, config.epochs + 1):
                 started = time.perf_counter()
                 session.current_epoch = epoch
                 trained, evaluation = fit(session, epoch)
-                if world.is_main:  # rank 0 analyses and writes while the others wait
-                    ctx = context(session, epoch, evaluation)
-                    seconds = analyse(session, ctx, session.analyses)
+                if epoch == first_epoch and background.overlap:  # nothing ran beside it
+                    background.overlap = _training_draws_no_random_numbers(session, randomness)
+                background.wait()  # epoch - 1 analysed and committed: one copy alive at a time
+                if world.is_main:  # rank 0 analyses and writes; beside the next epoch if overlapped
+                    ended = EpochEnd.capture(
+                        session, epoch, trained, evaluation, started, copy_state=background.overlap
+                    )
+                    background.start(ended)
                 world.stop_together(session.stop)
-                if world.is_main:
-                    commit(session, ctx, trained, evaluation, seconds, started)
-                session.state.epoch = epoch
+                if not world.is_main:
+                    session.state.epoch = epoch
+        session.stop.check()  # a signal during the last epoch's analyses or commit
     except RunInterrupted as interrupt:
-        interrupt.args = (session.where_things_are(f"interrupted by {interrupt.signal_name}"),)
+        where = session.where_things_are(f"interrupted by {interrupt.signal_name}")
+        if interrupt.cut_short:
+            where += f"; the signal cut the analysis {interrupt.cut_short} short"
+        interrupt.args = (where,)
         interrupt.result = session.result()
         raise
     except DivergenceError as error:
         message = session.where_things_are(f"{error}; --lr is {config.lr:g}")
         raise RunDiverged(message, session.result()) from None
     return session.result()
+
+
+def _overlap(session: Session) -> bool:
+    """Whether each epoch's analyses run beside the next epoch's training (rank 0, 2+ CPUs)."""
+    if session.config.sequential or not session.world.is_main:
+        return False
+    if available_cpus() < 2:
+        session.console.print(
+            "analyses run after each epoch, not beside the next one: only one CPU is available"
+        )
+        return False
+    return True
+
+
+def _training_draws_no_random_numbers(session: Session, before: dict[str, Any]) -> bool:
+    """Whether the first epoch trained here left the global random generators as they were.
+
+    If it drew from them (dropout, augmentation), analyses on another thread could change
+    which numbers it draws: the run goes on sequentially, and says so once.
+    """
+    if same_random_state(before, capture_rng()):
+        return True
+    session.console.print(
+        "analyses run after each epoch from now on, not beside the next one: the model draws "
+        "random numbers while it trains (dropout, augmentation), and analyses on another thread "
+        "would change which ones (results stay reproducible this way)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    return False
 
 
 def _before_training(session: Session) -> None:

@@ -1,28 +1,55 @@
-"""The steps of one epoch, as `exigo.pipeline`'s loop calls them: fit, analyse, commit.
+"""The steps of one epoch, as `exigo.pipeline`'s loop calls them: fit, then finish.
 
 - `fit`: train one epoch and evaluate once (every process its shard), with progress bars.
-- `analyse`: call each analysis with the epoch's `EpochContext`; a failing one is reported and
-  skipped, its non-numeric or non-finite metrics are dropped (metrics.json is strict JSON).
-- `commit`: wait for the epoch's figures, then write `best.pt`, the metrics row
-  (metrics.json, TensorBoard), `report.html` and, last, `last.pt`: once `last.pt` is written
-  the epoch is complete, and `--resume` continues after it.
+- `EpochEnd.capture`: the epoch as it ended (model, optimizer, schedule, random states); a
+  copy when its analyses run beside the next epoch's training.
+- `finish` = `analyse` + `commit`, on rank 0:
+  - `analyse`: call each analysis with the epoch's `EpochContext`; a failing one is reported
+    and skipped, its non-numeric or non-finite metrics are dropped (metrics.json is strict
+    JSON). The analyses see the random states the epoch ended with and leave them as they
+    found them, so they never change the training that follows; a stop signal reaches them
+    at their next forward pass through the model.
+  - `commit`: wait for the epoch's figures, then write `best.pt`, the metrics row
+    (metrics.json, TensorBoard), `report.html` and, last, `last.pt`: once `last.pt` is
+    written the epoch is complete, and `--resume` continues after it.
+- `Background`: where `finish` runs: on a thread beside the next epoch's training, or at once.
 """
 
 from __future__ import annotations
 
+import copy
 import gc
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 
+import torch
+from torch import nn
+
+from exigo._modes import evaluation_mode
 from exigo.analysis import Analysis, EpochContext
+from exigo.engine.checkpoint import capture_rng, restore_rng
 from exigo.engine.run_dir import write_metrics
 from exigo.engine.session import Session
 from exigo.engine.signals import RunInterrupted
 from exigo.engine.training import DivergenceError, EvalResult, TrainResult, train_epoch
 
-__all__ = ["analyse", "collect_figures", "commit", "context", "fit"]
+__all__ = [
+    "Background",
+    "EpochEnd",
+    "analyse",
+    "collect_figures",
+    "commit",
+    "context",
+    "finish",
+    "fit",
+    "same_random_state",
+]
 
 
 def fit(session: Session, epoch: int) -> tuple[TrainResult, EvalResult]:
@@ -102,20 +129,23 @@ def _ticker(
     return advance
 
 
-def context(session: Session, epoch: int, evaluation: EvalResult | None) -> EpochContext:
+def context(
+    session: Session, epoch: int, evaluation: EvalResult | None, model: nn.Module | None = None
+) -> EpochContext:
     """The `EpochContext` the analyses of `epoch` receive.
 
     Args:
         session: the run.
         epoch: the epoch (0 before training).
         evaluation: its evaluation pass (None before training).
+        model: the model the analyses explain (the epoch's copy); default the run's model.
 
     Returns:
         A fresh context with empty metrics.
     """
     return EpochContext(
         epoch=epoch,
-        model=session.model,
+        model=session.model if model is None else model,
         eval=evaluation,
         probe=session.probe,
         class_names=session.class_names,
@@ -129,42 +159,104 @@ def context(session: Session, epoch: int, evaluation: EvalResult | None) -> Epoc
     )
 
 
-def analyse(session: Session, ctx: EpochContext, which: Sequence[Analysis]) -> dict[str, float]:
+def analyse(
+    session: Session, ctx: EpochContext, which: Sequence[Analysis], *, overlapped: bool = False
+) -> dict[str, float]:
     """Call each analysis; one that raises is reported and skipped (training goes on).
+
+    The analyses run with the model in eval mode and inside a fork of every random number
+    generator (torch, CUDA, numpy, Python's): they start from the states the epoch ended with
+    and leave them as they found them. A stop signal is checked before each analysis and at
+    every forward pass through `ctx.model`, so a long analysis is cut short within one batch.
 
     Args:
         session: the run.
         ctx: the epoch's context; the analyses' metrics collect in `ctx.metrics`.
         which: the analyses to call, in order.
+        overlapped: they run beside the next epoch's training (the other torchrun processes
+            are training with this one, not waiting for it).
 
     Returns:
         Seconds per analysis name.
 
     Raises:
-        RunInterrupted: a stop signal, checked before each analysis; under torchrun the
-            waiting processes are told first.
+        RunInterrupted: a stop signal; `interrupt.cut_short` names the analysis it stopped.
+            Under torchrun, when not overlapped, the waiting processes are told first.
     """
     seconds: dict[str, float] = {}
-    session.model.eval()
-    try:
+    stop_check = session.stop.check
+    with (
+        evaluation_mode(ctx.model),
+        _forked_random_state(),
+        _stop_at_every_forward(ctx.model, stop_check),
+    ):
         for analysis in which:
-            session.stop.check()
             known = set(ctx.metrics)
             ctx.declared = frozenset(info.name for info in analysis.figures)
             start = time.perf_counter()
             try:
+                stop_check()
                 analysis(ctx)
+            except RunInterrupted as interrupt:
+                interrupt.cut_short = analysis.name
+                if not overlapped:
+                    session.world.tell_stop(interrupt.signal_number)
+                raise
             except Exception as error:  # an analysis never kills training
                 session.report_failure(ctx.epoch, analysis.name, error)
             seconds[analysis.name] = session.timed(f"analysis/{analysis.name}", start) - start
             _keep_numeric_metrics(session, ctx, known, analysis.name)
-    except RunInterrupted as interrupt:
-        session.world.tell_stop(interrupt.signal_number)
-        raise
     # matplotlib figures are reference cycles: free them now, not when the collector
     # happens to run, so memory stays flat from epoch to epoch
     gc.collect()
     return seconds
+
+
+@contextmanager
+def _forked_random_state() -> Iterator[None]:
+    """Every global random state as it was before the block, whatever the block draws."""
+    saved = capture_rng()
+    try:
+        yield
+    finally:
+        restore_rng(saved)
+
+
+@contextmanager
+def _stop_at_every_forward(model: nn.Module, stop_check: Callable[[], None]) -> Iterator[None]:
+    """`stop_check()` before every forward pass of `model` (inside Captum's loops too)."""
+    handle = model.register_forward_pre_hook(lambda _module, _inputs: stop_check())
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def same_random_state(first: dict[str, Any], second: dict[str, Any]) -> bool:
+    """Whether two `capture_rng()` results hold the same global random states.
+
+    Args:
+        first: a `capture_rng()` result.
+        second: another.
+
+    Returns:
+        True when torch's (and CUDA's), numpy's and Python's states are equal.
+    """
+    if not torch.equal(first["torch"], second["torch"]):
+        return False
+    if len(first.get("cuda", [])) != len(second.get("cuda", [])) or not all(
+        torch.equal(a, b)
+        for a, b in zip(first.get("cuda", []), second.get("cuda", []), strict=True)
+    ):
+        return False
+    numpy_first, numpy_second = first["numpy"], second["numpy"]
+    return (
+        torch.equal(numpy_first["keys"], numpy_second["keys"])
+        and numpy_first["position"] == numpy_second["position"]
+        and numpy_first["has_gauss"] == numpy_second["has_gauss"]
+        and numpy_first["cached_gaussian"] == numpy_second["cached_gaussian"]
+        and first["python"] == second["python"]
+    )
 
 
 def _keep_numeric_metrics(session: Session, ctx: EpochContext, known: set[str], name: str) -> None:
@@ -207,32 +299,109 @@ def collect_figures(session: Session) -> None:
     session.timed("figures", started)
 
 
+@dataclass
+class EpochEnd:
+    """An epoch as it ended: what its analyses read and its commit writes.
+
+    When the analyses run beside the next epoch's training, `model` is a copy and the states
+    are copies: the training goes on changing the originals.
+
+    Attributes:
+        epoch: the epoch (1-based).
+        trained: its training result.
+        evaluation: its evaluation pass.
+        started: `time.perf_counter()` when it began.
+        model: the model as the epoch left it (a copy, or the run's model itself).
+        optimizer: the optimizer's `state_dict()` then.
+        scheduler: the schedule's `state_dict()` then.
+        lr: the learning rate then.
+        rng: `capture_rng(generator)` then: what `--resume` restores.
+    """
+
+    epoch: int
+    trained: TrainResult
+    evaluation: EvalResult
+    started: float
+    model: nn.Module
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    lr: float
+    rng: dict[str, Any]
+
+    @classmethod
+    def capture(
+        cls,
+        session: Session,
+        epoch: int,
+        trained: TrainResult,
+        evaluation: EvalResult,
+        started: float,
+        *,
+        copy_state: bool,
+    ) -> EpochEnd:
+        """The epoch's end, copied when training goes on before it is committed.
+
+        Args:
+            session: the run.
+            epoch: the epoch just evaluated.
+            trained: its training result.
+            evaluation: its evaluation.
+            started: when it began.
+            copy_state: copy the model, optimizer and schedule states (the next epoch trains
+                while this one is analysed); False shares them (nothing trains meanwhile).
+
+        Returns:
+            The `EpochEnd`.
+        """
+        keep = copy.deepcopy if copy_state else (lambda value: value)
+        return cls(
+            epoch=epoch,
+            trained=trained,
+            evaluation=evaluation,
+            started=started,
+            model=keep(session.model),
+            optimizer=keep(session.optimizer.state_dict()),
+            scheduler=keep(session.scheduler.state_dict()),
+            lr=session.optimizer.param_groups[0]["lr"],
+            rng=capture_rng(session.generator),
+        )
+
+
+def finish(session: Session, ended: EpochEnd, *, overlapped: bool) -> None:
+    """Analyse the epoch, then commit it (rank 0).
+
+    Args:
+        session: the run.
+        ended: the epoch as it ended.
+        overlapped: this runs beside the next epoch's training.
+    """
+    ctx = context(session, ended.epoch, ended.evaluation, ended.model)
+    seconds = analyse(session, ctx, session.analyses, overlapped=overlapped)
+    commit(session, ended, ctx.metrics, seconds)
+
+
 def commit(
     session: Session,
-    ctx: EpochContext,
-    trained: TrainResult,
-    evaluation: EvalResult,
+    ended: EpochEnd,
+    metrics: dict[str, float],
     analysis_seconds: dict[str, float],
-    started: float,
 ) -> None:
     """Write the epoch's outputs in order; once `models/last.pt` is written it is complete.
 
     Args:
         session: the run (rank 0).
-        ctx: the epoch's context, its metrics filled by the analyses.
-        trained: the epoch's training result.
-        evaluation: its evaluation.
+        ended: the epoch as it ended.
+        metrics: the scalars its analyses added.
         analysis_seconds: seconds per analysis.
-        started: `time.perf_counter()` when the epoch began.
     """
     assert session.events is not None
     collect_figures(session)
-    epoch, state = ctx.epoch, session.state
+    epoch, trained, evaluation, state = ended.epoch, ended.trained, ended.evaluation, session.state
     now = time.perf_counter()
     improved = evaluation.loss < state.best_eval_loss
     if improved:
         state.best_epoch, state.best_eval_loss = epoch, evaluation.loss
-        session.save_best(epoch, evaluation.loss, evaluation.accuracy)
+        session.save_best(ended.model, epoch, evaluation.loss, evaluation.accuracy)
         now = session.timed("checkpoints", now)
     row: dict[str, Any] = {
         "epoch": epoch,
@@ -240,14 +409,14 @@ def commit(
         "train_accuracy": trained.accuracy,
         "eval_loss": evaluation.loss,
         "eval_accuracy": evaluation.accuracy,
-        "lr": session.optimizer.param_groups[0]["lr"],
+        "lr": ended.lr,
         "train_seconds": trained.seconds,
         "eval_seconds": evaluation.seconds,
         "analysis_seconds": analysis_seconds,
         "best": improved,
-        **ctx.metrics,
+        **metrics,
     }
-    row["seconds"] = now - started
+    row["seconds"] = now - ended.started
     state.history.append(row)
     state.epoch = epoch
     write_metrics(session.save_dir, state.history)
@@ -263,8 +432,79 @@ def commit(
     )
     _write_report(session, epoch)
     now = session.timed("report", now)
-    session.save_last()  # last: whatever ran above (analyses, report) may have drawn numbers
+    session.save_last(ended.model, ended.optimizer, ended.scheduler, ended.rng)
     session.timed("checkpoints", now)
+
+
+class Background:
+    """Where each epoch's `finish` runs: on one thread beside the next epoch's training, or at once.
+
+    At most one epoch is in the background: `wait()` before the next `start()` keeps one copy
+    of the model alive and the commits in epoch order. Its errors (a stop signal that cut the
+    analyses short, a full disk during the commit) are raised by `wait()`, in the loop's
+    thread. Leaving the block waits for the epoch in the background too; when the block itself
+    raised, that error wins.
+
+    Args:
+        session: the run; the time its loop waits for the background is its
+            `timings["waiting for analyses"]`.
+        overlap: run in the background; False runs `finish` inside `start`.
+
+    Attributes:
+        overlap: whether `start` runs in the background (may be switched off between epochs).
+    """
+
+    def __init__(self, session: Session, overlap: bool) -> None:
+        self.session = session
+        self.overlap = overlap
+        self._executor: ThreadPoolExecutor | None = None
+        self._running: Future[None] | None = None
+
+    def start(self, ended: EpochEnd) -> None:
+        """Finish `ended` (analyse and commit it), in the background when overlapping.
+
+        Args:
+            ended: the epoch to finish.
+        """
+        self.wait()
+        if not self.overlap:
+            finish(self.session, ended, overlapped=False)
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="exigo-analyses")
+        self._running = self._executor.submit(finish, self.session, ended, overlapped=True)
+
+    def wait(self) -> None:
+        """Wait for the epoch in the background; raise what it raised."""
+        running, self._running = self._running, None
+        if running is not None:
+            started = time.perf_counter()
+            try:
+                running.result()
+            finally:
+                self.session.timed("waiting for analyses", started)
+
+    def __enter__(self) -> Background:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        try:
+            if kind is None:
+                self.wait()
+            else:  # the loop's own error wins; the background still ends before we leave
+                running, self._running = self._running, None
+                background = None if running is None else running.exception()
+                if isinstance(error, RunInterrupted) and isinstance(background, RunInterrupted):
+                    error.cut_short = error.cut_short or background.cut_short
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
 
 
 def _write_report(session: Session, epoch: int) -> None:

@@ -28,6 +28,7 @@ RESUMABLE_CHANGES = frozenset(
         "threads",
         "run_name",
         "dist_timeout",
+        "sequential",
     }
 )
 

@@ -26,7 +26,6 @@ from exigo.analysis import Analysis, Probe, make_probe
 from exigo.data import Normalization, dataset_targets
 from exigo.engine.checkpoint import (
     apply_weights,
-    capture_rng,
     load_checkpoint,
     restore_rng,
     save_checkpoint,
@@ -365,34 +364,50 @@ class Session:
             trace = "".join(traceback.format_exception(type(error), error, error.__traceback__))
             self.console.print(trace, markup=False, highlight=False, soft_wrap=True)
 
-    def save_best(self, epoch: int, eval_loss: float, eval_accuracy: float) -> None:
+    def save_best(
+        self, model: nn.Module, epoch: int, eval_loss: float, eval_accuracy: float
+    ) -> None:
         """Write `models/best.pt`: the model's weights and the epoch's evaluation.
 
         Args:
+            model: the model as the epoch left it.
             epoch: the epoch.
             eval_loss: its evaluation loss.
             eval_accuracy: its held-out accuracy.
         """
         save_checkpoint(
             self.save_dir / BEST_CHECKPOINT,
-            self.model,
+            model,
             epoch=epoch,
             eval_loss=eval_loss,
             eval_accuracy=eval_accuracy,
         )
 
-    def save_last(self) -> None:
-        """Write `models/last.pt`: everything `--resume` needs (after all else of the epoch)."""
+    def save_last(
+        self,
+        model: nn.Module,
+        optimizer: dict[str, Any],
+        scheduler: dict[str, Any],
+        rng: dict[str, Any],
+    ) -> None:
+        """Write `models/last.pt`: everything `--resume` needs (after all else of the epoch).
+
+        Args:
+            model: the model as the epoch left it.
+            optimizer: the optimizer's `state_dict()` then.
+            scheduler: the schedule's `state_dict()` then.
+            rng: `capture_rng(generator)` then.
+        """
         save_checkpoint(
             self.save_dir / LAST_CHECKPOINT,
-            self.model,
+            model,
             **self.state.to_checkpoint(),
             config=self.config.to_dict(),
             train_size=len(self.train_data),
             val_size=len(self.val_data),
-            optimizer=self.optimizer.state_dict(),
-            scheduler=self.scheduler.state_dict(),
-            rng=capture_rng(self.generator),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            rng=rng,
             analyses={
                 analysis.name: state
                 for analysis in self.analyses
@@ -402,17 +417,24 @@ class Session:
         )
 
     def where_things_are(self, what: str) -> str:
-        """One line: in which epoch `what` happened, and where the outputs are.
+        """One line: in which epoch `what` happened, what was kept, and where the outputs are.
 
         Args:
             what: what happened ("interrupted by SIGINT").
 
         Returns:
-            The line.
+            The line: every epoch up to `state.epoch` is committed whole, the later ones
+            (`state.epoch + 1` to `current_epoch`) are dropped whole.
         """
         epoch, state = self.current_epoch, self.state
         where = f"epoch {epoch}/{self.config.epochs}: " if epoch else "before training: "
-        dropped = " (epoch not saved)" if epoch else ""
+        lost = list(range(state.epoch + 1, epoch + 1))
+        if not lost:
+            dropped = f" (epoch {epoch} was saved whole)" if epoch else ""
+        elif len(lost) == 1:
+            dropped = f" (epoch {lost[0]} not saved)"
+        else:
+            dropped = f" (epochs {lost[0]}-{lost[-1]} not saved)"
         if state.best_epoch:
             epochs = "epoch 1" if state.epoch == 1 else f"epochs 1-{state.epoch}"
             kept = (

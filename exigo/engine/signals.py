@@ -25,11 +25,13 @@ class RunInterrupted(KeyboardInterrupt):
     Attributes:
         signal_number: the signal received (`signal.SIGINT` or `signal.SIGTERM`).
         result: the completed epochs (set by the pipeline before the exception leaves `run`).
+        cut_short: the analysis the signal stopped, or None.
     """
 
     def __init__(self, signal_number: int, message: str | None = None) -> None:
         self.signal_number = signal_number
         self.result: RunResult | None = None
+        self.cut_short: str | None = None
         super().__init__(message or f"interrupted by {self.signal_name}")
 
     @property
@@ -46,14 +48,18 @@ class RunInterrupted(KeyboardInterrupt):
 class StopSignals:
     """SIGINT and SIGTERM ask the run to stop at the next safe point; a second one stops it now.
 
-    Safe points (`check()`) are batch boundaries and the gaps between analyses, so a stop never
-    lands in the middle of writing a checkpoint or metrics.json. Handlers can only be installed
-    from the main thread; elsewhere, and for signals the process ignores, the signals keep
-    their usual behaviour. Use as a context manager: the previous handlers come back on exit.
+    Safe points (`check()`) are batch boundaries, the gaps between analyses and every forward
+    pass of an analysis, so a stop never lands in the middle of writing a checkpoint or
+    metrics.json. A second signal raises at once, wherever the run is, unless the stop is
+    already on its way out (`check()` raised): then it is ignored, so the message that says
+    where the run stopped is not replaced by a bare one. Handlers can only be installed from
+    the main thread; elsewhere, and for signals the process ignores, the signals keep their
+    usual behaviour. Use as a context manager: the previous handlers come back on exit.
     """
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self.stopping = False  # a RunInterrupted is on its way out
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
@@ -71,9 +77,11 @@ class StopSignals:
         self._previous.clear()
 
     def _handle(self, number: int, _frame: object) -> None:
-        if self.received is not None:  # asked twice: the user does not want to wait
+        if self.received is None:
+            self.received = number
+        elif not self.stopping:  # asked twice: the user does not want to wait
+            self.stopping = True
             raise RunInterrupted(number)
-        self.received = number
 
     def check(self) -> None:
         """Raise `RunInterrupted` if a stop was requested.
@@ -82,4 +90,5 @@ class StopSignals:
             RunInterrupted: a signal arrived since the run started.
         """
         if self.received is not None:
+            self.stopping = True
             raise RunInterrupted(self.received)
