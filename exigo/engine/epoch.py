@@ -370,13 +370,25 @@ class EpochEnd:
 def finish(session: Session, ended: EpochEnd, *, overlapped: bool) -> None:
     """Analyse the epoch, then commit it (rank 0).
 
+    A stop signal that arrives before the commit starts drops the epoch whole; one that
+    arrives during the commit lets it finish: the epoch is saved whole and the run stops after.
+
     Args:
         session: the run.
         ended: the epoch as it ended.
         overlapped: this runs beside the next epoch's training.
+
+    Raises:
+        RunInterrupted: a stop signal arrived before the commit.
     """
     ctx = context(session, ended.epoch, ended.evaluation, ended.model)
     seconds = analyse(session, ctx, session.analyses, overlapped=overlapped)
+    try:
+        session.stop.check()
+    except RunInterrupted as interrupt:
+        if not overlapped:  # the other torchrun processes wait in `stop_together`
+            session.world.tell_stop(interrupt.signal_number)
+        raise
     commit(session, ended, ctx.metrics, seconds)
 
 
