@@ -1,0 +1,68 @@
+"""Fault drill (issue 20): each fault a careful user can meet, run for real, and what it leaves.
+
+The promise under test, from the README: bad input gets a clear message and loses nothing,
+exit 2 and one sentence; a run that fails before its first epoch is committed leaves the
+previous run as it was; a full disk is one message naming the file and the free space.
+Most faults run `exigo.cli.main` in-process on tiny blobs (`tiny_cli` from test_fail_fast);
+the real-MNIST ones share one real run.
+"""
+
+import os
+import zipfile
+
+import pytest
+import torch
+
+from exigo.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+from conftest import TinyNet
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def flip_bytes_inside(path, member_suffix: str) -> str:
+    """Flip a byte in the middle of the first archive member ending in `member_suffix`."""
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith(member_suffix))
+        with open(path, "rb") as handle:  # the local header: 30 bytes, then name and extra
+            handle.seek(info.header_offset + 26)
+            name_length, extra_length = (int.from_bytes(handle.read(2), "little") for _ in "ne")
+    start = info.header_offset + 30 + name_length + extra_length
+    data = bytearray(path.read_bytes())
+    data[start + info.compress_size // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return info.filename
+
+
+def test_checkpoint_with_damaged_tensor_data_is_refused_naming_the_member(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, TinyNet(), epoch=1)
+    member = flip_bytes_inside(path, "data/0")
+    with pytest.raises(CheckpointError) as raised:
+        load_checkpoint(path, TinyNet())
+    message = str(raised.value)
+    assert str(path) in message and member in message and "damaged" in message
+    assert "\n" not in message
+
+
+class Malicious:
+    """Unpickling this runs a shell command: what a booby-trapped checkpoint holds."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_checkpoint_is_one_sentence_naming_the_global(tmp_path):
+    path = tmp_path / "last.pt"
+    marker = tmp_path / "pwned"
+    torch.save({"format": "exigo-checkpoint", "model": {}, "x": Malicious(marker)}, path)
+    with pytest.raises(CheckpointError) as raised:
+        load_checkpoint(path, TinyNet())
+    message = str(raised.value)
+    assert not marker.exists()
+    assert message.startswith(f"{path} was not loaded: it holds code or objects")
+    assert f"({os.system.__module__}.system)" in message  # posix.system
+    assert "\n" not in message and "weights_only" not in message and "Re-running" not in message
