@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--device",
         default=_DEFAULTS.device,
-        help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps (default: %(default)s)",
+        help="auto (cuda, then mps, then cpu), cpu, or a device this torch can use here "
+        "(cuda, cuda:1, mps, xpu, ...; others are refused with the list) (default: %(default)s)",
     )
     train.add_argument(
         "--dist-timeout",

@@ -12,6 +12,7 @@ import zipfile
 
 import pytest
 import torch
+from test_fail_fast import code_of
 
 from exigo.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
@@ -66,3 +67,29 @@ def test_malicious_checkpoint_is_one_sentence_naming_the_global(tmp_path):
     assert message.startswith(f"{path} was not loaded: it holds code or objects")
     assert f"({os.system.__module__}.system)" in message  # posix.system
     assert "\n" not in message and "weights_only" not in message and "Re-running" not in message
+
+
+# ---------------------------------------------------------------- options
+
+
+UNUSABLE_DEVICES = ["xpu", "hpu", "xla", "vulkan", "ipu", "mtia", "privateuseone", "lazy", "meta"]
+
+
+@pytest.mark.parametrize("device", UNUSABLE_DEVICES)
+def test_devices_this_torch_cannot_use_exit_2_listing_the_usable_ones(device, tmp_path, capsys):
+    from exigo.engine.world import usable_devices
+
+    if device in usable_devices():
+        pytest.skip(f"{device} is usable on this machine")
+    save = tmp_path / "save"
+    assert code_of(["--save-dir", str(save), "--device", device]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"--device '{device}' cannot be used here" in err
+    assert "usable: auto, cpu" in err and "Traceback" not in err
+    assert not save.exists()
+
+
+def test_an_abbreviated_option_is_not_taken_for_a_longer_one(tmp_path, capsys):
+    assert code_of(["--save-dir", str(tmp_path / "save"), "--epoch", "3"]) == 2
+    assert "unrecognized arguments: --epoch 3" in capsys.readouterr().err
+    assert not (tmp_path / "save").exists()

@@ -74,6 +74,7 @@ __all__ = [
     "reduce_train_result",
     "resolve_device",
     "training_indices",
+    "usable_devices",
     "wrap",
 ]
 
@@ -599,38 +600,59 @@ def current() -> Torchrun | None:
     return _WORLD
 
 
+def usable_devices() -> list[str]:
+    """The devices the running torch can train on here, as `--device` takes them.
+
+    The CPU, and the accelerator torch finds on this machine (CUDA, MPS, XPU, MTIA or a
+    registered backend; `torch.accelerator`) with each of its indices.
+
+    Returns:
+        `["cpu"]`, followed by `["cuda", "cuda:0", "cuda:1"]` (say) when there is one.
+    """
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    if accelerator is not None:
+        found = accelerator.current_accelerator(check_available=True)
+        kind, count = (found.type, accelerator.device_count()) if found is not None else ("", 0)
+    elif torch.cuda.is_available():
+        kind, count = "cuda", torch.cuda.device_count()
+    else:
+        mps = getattr(torch.backends, "mps", None)
+        kind, count = ("mps", 1) if mps is not None and mps.is_available() else ("", 0)
+    if not count:
+        return ["cpu"]
+    return ["cpu", kind, *(f"{kind}:{index}" for index in range(count))]
+
+
 def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` picks cuda, then mps, then cpu; any other name is passed to `torch.device`.
+    """`auto` picks cuda, then mps, then cpu; any other name must be in `usable_devices()`.
 
     Args:
         name: `auto`, or a torch device string such as `cpu`, `cuda:1`, `mps`.
 
     Returns:
-        The device, checked to exist on this machine.
+        The device, checked to be one the running torch can train on here.
 
     Raises:
-        ValueError: an unknown device name, or a device this machine does not have.
+        ValueError: an unknown device name, or one this torch cannot use on this machine
+            (`meta`, `xpu` without an XPU, `cuda:3` with two GPUs, ...); the message lists
+            the usable ones.
     """
-    mps = getattr(torch.backends, "mps", None)
-    mps_available = mps is not None and mps.is_available()
+    usable = usable_devices()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if mps_available else "cpu")
+        for kind in ("cuda", "mps"):
+            if kind in usable:
+                return torch.device(kind)
+        return torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
+        device = None
+    if device is None or str(device) not in {*usable, "cpu:0"}:
+        what = "is not a device" if device is None else "cannot be used here"
         raise ValueError(
-            f"--device {name!r} is not a device (auto, cpu, cuda, cuda:1, mps)"
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(
-            f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            f"--device {name!r} {what} (torch {torch.__version__} on this machine); "
+            f"usable: {', '.join(['auto', *usable])}"
         )
-    if device.type == "mps" and not mps_available:
-        raise ValueError(f"--device {name}: MPS is not available on this machine")
     return device
 
 
