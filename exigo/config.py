@@ -40,7 +40,8 @@ class Config:
     """Cross-entropy target smoothing (0 = one-hot targets)."""
 
     seed: int = 0
-    """Seeds model init, shuffling and every analysis' randomness."""
+    """Seeds model init, shuffling and every analysis' randomness; in [0, 2**63) (torch's
+    range; the t-SNE, whose libraries take [0, 2**32), uses it mod 2**32)."""
 
     data_dir: Path = Path("save/data")
     """A torchvision root holding `MNIST/raw/`."""

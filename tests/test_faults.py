@@ -13,8 +13,11 @@ import zipfile
 import pytest
 import torch
 from test_fail_fast import code_of
+from test_reliability import make_blobs_pair as blobs_pair
+from test_reliability import quiet, tiny_config
 
 from exigo.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from exigo.pipeline import run
 
 from conftest import TinyNet
 
@@ -93,3 +96,26 @@ def test_an_abbreviated_option_is_not_taken_for_a_longer_one(tmp_path, capsys):
     assert code_of(["--save-dir", str(tmp_path / "save"), "--epoch", "3"]) == 2
     assert "unrecognized arguments: --epoch 3" in capsys.readouterr().err
     assert not (tmp_path / "save").exists()
+
+
+def test_the_largest_seed_reaches_every_seeded_analysis(tmp_path):
+    from exigo.analyses import default_analyses
+
+    config = tiny_config(tmp_path, epochs=1, seed=2**63 - 1, projection_limit=30)
+    torch.manual_seed(config.seed)
+    result = run(config, TinyNet(), *blobs_pair(), default_analyses(config), console=quiet())
+    assert result.failed_analyses == []
+    assert (tmp_path / "plots" / "tsne_1.png").exists()
+
+
+def test_numpy_seed_keeps_small_seeds_and_folds_large_ones():
+    from exigo.analyses._random import numpy_seed
+
+    assert [numpy_seed(s) for s in (0, 7, 2**32 - 1, 2**32, 2**32 + 7, 2**63 - 1)] == [
+        0,
+        7,
+        2**32 - 1,
+        0,
+        7,
+        2**32 - 1,
+    ]
