@@ -302,7 +302,7 @@ def _run(config: Config, console: Console, err: Console) -> int:
     from exigo.data import DataError, load_mnist
     from exigo.engine.checkpoint import CheckpointError
     from exigo.engine.resume import ResumeError
-    from exigo.engine.run_dir import SaveDirError, prepare_save_dir
+    from exigo.engine.run_dir import SaveDirError, check_replaceable, check_save_dir
     from exigo.engine.signals import RunInterrupted
     from exigo.engine.world import DistributedError, World, join, resolve_device
     from exigo.pipeline import RunDiverged, run
@@ -320,8 +320,10 @@ def _run(config: Config, console: Console, err: Console) -> int:
         world = join(config.device, config.dist_timeout) or World(resolve_device(config.device))
         rank = world.rank
         with world.all_or_none("loading the data"):  # rank 0 first: it may download
-            if rank == 0:
-                prepare_save_dir(config.save_dir)
+            if rank == 0:  # before the data: a wrong --save-dir costs no download
+                check_save_dir(config.save_dir)
+                if not config.resume:
+                    check_replaceable(config.save_dir, config.data_dir)
                 train_data, val_data = load_mnist(config.data_dir, download=config.download)
         if rank != 0:
             train_data, val_data = load_mnist(config.data_dir, download=False)

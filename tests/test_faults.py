@@ -7,15 +7,21 @@ Most faults run `exigo.cli.main` in-process on tiny blobs (`tiny_cli` from test_
 the real-MNIST ones share one real run.
 """
 
+import json
 import os
+import shutil
 import zipfile
+from urllib.error import URLError
 
 import pytest
 import torch
-from test_fail_fast import code_of
+from test_fail_fast import args, code_of, tiny_cli  # noqa: F401 (a fixture)
 from test_reliability import make_blobs_pair as blobs_pair
 from test_reliability import quiet, tiny_config
 
+from exigo.analysis import Analysis
+from exigo.cli import main
+from exigo.data import DataError, load_mnist
 from exigo.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from exigo.pipeline import run
 
@@ -119,3 +125,85 @@ def test_numpy_seed_keeps_small_seeds_and_folds_large_ones():
         7,
         2**32 - 1,
     ]
+
+
+# ---------------------------------------------------------------- smaller ones (item 9)
+
+
+class PartlyMeasured(Analysis):
+    """Records one metric, then fails: the metric must not outlive the failure."""
+
+    name = "partly"
+
+    def __call__(self, ctx):
+        ctx.metrics["partly/first"] = 1.0
+        raise RuntimeError("second half failed")
+
+
+def test_a_failed_analysis_leaves_no_partial_metrics(tmp_path):
+    result = run(tiny_config(tmp_path, epochs=1), TinyNet(), *blobs_pair(), [PartlyMeasured()])
+    assert [name for _, name, _ in result.failed_analyses] == ["partly"]
+    (row,) = json.loads((tmp_path / "metrics.json").read_text())
+    assert "partly/first" not in row and "partly/first" not in result.history[0]
+
+
+def test_images_and_labels_of_different_lengths_name_both_files(mnist_copy):
+    raw = mnist_copy / "MNIST" / "raw"
+    # each file whole and valid, but the images are the held-out split's 2,000
+    shutil.copyfile(raw / "t10k-images-idx3-ubyte", raw / "train-images-idx3-ubyte")
+    with pytest.raises(DataError) as raised:
+        load_mnist(mnist_copy, download=False)
+    message = str(raised.value)
+    assert str(raw / "train-images-idx3-ubyte") in message
+    assert str(raw / "train-labels-idx1-ubyte") in message
+    assert "(2000 images)" in message and "(8000 labels)" in message
+
+
+@pytest.mark.usefixtures("tiny_cli")
+def test_save_dir_that_is_a_file_says_so(tmp_path, capsys):
+    path = tmp_path / "results.csv"
+    path.write_text("a,b\n")
+    assert main(args(path)) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"--save-dir {path} is a file, not a folder" in err
+    assert path.read_text() == "a,b\n"
+    assert main(args(path / "save")) == 2
+    assert f"{path} is a file, not a folder" in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.parametrize("inside_save_dir", [False, True])
+def test_a_failed_download_creates_no_folder(inside_save_dir, tmp_path, monkeypatch, capsys):
+    import torchvision.datasets.mnist
+
+    def offline(url, **_):
+        raise URLError("no network")
+
+    # torchvision itself creates MNIST/raw, then fails to download into it
+    monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", offline)
+    save = tmp_path / "save"
+    data = save / "data" if inside_save_dir else tmp_path / "nonexistent" / "deeper"
+    assert main(["--data-dir", str(data), "--save-dir", str(save)]) == 2
+    assert "downloading it failed" in " ".join(capsys.readouterr().err.split())
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.usefixtures("tiny_cli")
+def test_a_folder_of_someone_elses_files_is_refused_and_left_alone(tmp_path, capsys):
+    (tmp_path / "thesis.docx").write_bytes(b"months of work")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"meow")
+    before = sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*"))
+    assert main(args(tmp_path, "--epochs", "1")) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "holds files exigo did not write (photos, thesis.docx)" in err
+    assert sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.usefixtures("tiny_cli")
+def test_an_exigo_run_folder_keeps_the_users_notes_and_its_data_folder(tmp_path):
+    (tmp_path / "data" / "MNIST").mkdir(parents=True)  # --data-dir inside --save-dir
+    assert main(args(tmp_path, "--epochs", "1", "--data-dir", str(tmp_path / "data"))) == 0
+    (tmp_path / "notes.txt").write_text("lr 0.01 looks good")
+    assert main(args(tmp_path, "--epochs", "1", "--data-dir", str(tmp_path / "data"))) == 0
+    assert (tmp_path / "notes.txt").read_text() == "lr 0.01 looks good"
+    assert (tmp_path / "data" / "MNIST").is_dir()

@@ -155,6 +155,8 @@ def analyse(session: Session, ctx: EpochContext, which: Sequence[Analysis]) -> d
             try:
                 analysis(ctx)
             except Exception as error:  # an analysis never kills training
+                for key in set(ctx.metrics) - known:  # its partial metrics go with it
+                    del ctx.metrics[key]
                 session.report_failure(ctx.epoch, analysis.name, error)
             seconds[analysis.name] = session.timed(f"analysis/{analysis.name}", start) - start
             _keep_numeric_metrics(session, ctx, known, analysis.name)

@@ -12,10 +12,11 @@ A new run replaces the previous run's `RUN_OUTPUTS` (and its own TensorBoard fol
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import shutil
-import time
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -26,11 +27,13 @@ from exigo._system import library_versions
 __all__ = [
     "BASE_METRICS",
     "BEST_CHECKPOINT",
+    "EXIGO_ENTRIES",
     "LAST_CHECKPOINT",
     "RUN_OUTPUTS",
     "BaseMetric",
     "SaveDirError",
     "check_replaceable",
+    "check_save_dir",
     "clear_previous_run",
     "is_exigo_run",
     "lock_save_dir",
@@ -69,12 +72,53 @@ BASE_METRICS: dict[str, BaseMetric] = {
 
 #: Files and folders of one run inside the save directory, replaced by the next run.
 RUN_OUTPUTS = ("plots", "models", "metrics.json", "run.json", "report.html")
+#: What else exigo keeps in a save directory: TensorBoard runs, the lock.
+EXIGO_ENTRIES = ("logs", ".lock", ".lock.holder")
+#: Written by file browsers into any folder they show; not the user's files.
+_SYSTEM_FILES = (".DS_Store", "Thumbs.db", "desktop.ini")
 BEST_CHECKPOINT = "models/best.pt"
 LAST_CHECKPOINT = "models/last.pt"
 
 
 class SaveDirError(Exception):
     """The save directory cannot be created, written or locked, or holds others' files."""
+
+
+def check_save_dir(save_dir: str | Path) -> Path:
+    """Prove that `save_dir` is, or can become, a writable folder; create nothing.
+
+    Runs before the data is loaded (or downloaded), so a wrong `--save-dir` costs no time,
+    and a run that stops there leaves no folder behind.
+
+    Args:
+        save_dir: the folder the run writes into.
+
+    Returns:
+        `save_dir` as a `Path`.
+
+    Raises:
+        SaveDirError: it, or a folder above it, is a file; or it cannot be written or created.
+    """
+    save_dir = Path(save_dir)
+    existing = next(folder for folder in (save_dir, *save_dir.parents) if folder.exists())
+    if existing == save_dir and not existing.is_dir():
+        raise SaveDirError(
+            f"--save-dir {save_dir} is a file, not a folder; choose a folder (it is created "
+            "if missing)"
+        )
+    if not existing.is_dir():
+        raise SaveDirError(
+            f"--save-dir {save_dir} cannot be created: {existing} is a file, not a folder"
+        )
+    try:  # a folder made and removed: proves what creating `save_dir` needs, leaves nothing
+        tempfile.TemporaryDirectory(dir=existing, prefix=".exigo-write-test-").cleanup()
+    except OSError as error:
+        raise SaveDirError(
+            f"cannot write to --save-dir {save_dir}"
+            + ("" if existing == save_dir else f" ({existing} does not let it be created)")
+            + f": {error.strerror or error}"
+        ) from None
+    return save_dir
 
 
 def prepare_save_dir(save_dir: str | Path) -> Path:
@@ -89,12 +133,9 @@ def prepare_save_dir(save_dir: str | Path) -> Path:
     Raises:
         SaveDirError: it cannot be created, is not a folder, or cannot be written.
     """
-    save_dir = Path(save_dir)
+    save_dir = check_save_dir(save_dir)
     try:
         save_dir.mkdir(parents=True, exist_ok=True)
-        probe = save_dir / f".exigo-write-test-{time.monotonic_ns()}"
-        probe.write_bytes(b"")
-        probe.unlink()
     except OSError as error:
         raise SaveDirError(
             f"cannot write to --save-dir {save_dir}: {error.strerror or error}"
@@ -144,27 +185,50 @@ def is_exigo_run(save_dir: Path) -> bool:
     return isinstance(info, dict) and "run_name" in info and "config" in info
 
 
-def check_replaceable(save_dir: Path) -> None:
-    """Refuse to delete a folder's `plots/`, `models/`, ... unless an exigo run wrote them.
+def check_replaceable(save_dir: Path, data_dir: Path | None = None) -> None:
+    """Refuse a folder holding files exigo did not write, unless an exigo run wrote it.
 
-    Guards against a typo such as `--save-dir ~`, which would otherwise remove `~/models`.
+    Guards against a typo such as `--save-dir ~`, which would otherwise remove `~/models`
+    (a new run replaces `RUN_OUTPUTS`) or write plots and models among a user's files. A
+    folder with an exigo `run.json` is exigo's (files a user added beside its outputs stay
+    untouched); any other folder may hold only what exigo writes, and the data folder.
 
     Args:
         save_dir: the run's folder.
+        data_dir: the data's folder (`--data-dir`); allowed inside `save_dir`.
 
     Raises:
-        SaveDirError: it holds run outputs but no exigo `run.json`.
+        SaveDirError: it holds run outputs or other files, but no exigo run.json.
     """
+    if not save_dir.is_dir() or is_exigo_run(save_dir):
+        return
     present = [
         name
         for name in RUN_OUTPUTS
         if (save_dir / name).is_file()
         or ((save_dir / name).is_dir() and any((save_dir / name).iterdir()))
     ]
-    if present and not is_exigo_run(save_dir):
+    if present:
         raise SaveDirError(
             f"--save-dir {save_dir} already holds {', '.join(present)} but no exigo run.json: "
             "a new run would delete them. Choose an empty folder or one an exigo run wrote."
+        )
+    allowed = {*RUN_OUTPUTS, *EXIGO_ENTRIES, *_SYSTEM_FILES}
+    if data_dir is not None:
+        with contextlib.suppress(ValueError):  # ValueError: not inside save_dir
+            inside = Path(data_dir).resolve().relative_to(save_dir.resolve()).parts
+            allowed.update(inside[:1])
+    foreign = sorted(
+        entry.name
+        for entry in save_dir.iterdir()
+        if entry.name not in allowed and not entry.name.startswith(".exigo-write-test-")
+    )
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if foreign[5:] else "")
+        raise SaveDirError(
+            f"--save-dir {save_dir} holds files exigo did not write ({shown}) and no exigo "
+            "run.json: a run would write its plots, models and logs among them. Choose an "
+            "empty folder or one an exigo run wrote."
         )
 
 

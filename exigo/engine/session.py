@@ -259,7 +259,7 @@ class Session:
 
     def start_fresh(self) -> None:
         """Replace the previous run's outputs (the lock is held) and record this run in run.json."""
-        check_replaceable(self.save_dir)
+        check_replaceable(self.save_dir, self.config.data_dir)
         clear_previous_run(self.save_dir, self.state.run_name)
         self.plots_dir.mkdir(parents=True, exist_ok=True)
         (self.save_dir / "models").mkdir(parents=True, exist_ok=True)
