@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import errno
 import gc
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -143,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
         "with the same options",
     )
     files.add_argument(
+        "--force",
+        action="store_true",
+        help="with --resume: continue with another --threads than the run's, although the "
+        "metrics then differ from an uninterrupted run's",
+    )
+    files.add_argument(
         "--run-name",
         type=str,
         default=None,
@@ -186,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=_DEFAULTS.threads,
         help="CPU threads of torch's operators (0: OMP_NUM_THREADS if set, else half the "
-        "CPUs; more threads are faster only on idle cores, and far slower on busy ones) "
+        "CPUs, and on --resume the run's own count; more threads are faster only on idle "
+        "cores, and far slower on busy ones; the count changes results in the last digits) "
         "(default: %(default)s)",
     )
     return parser
@@ -275,26 +281,6 @@ _ENVIRONMENT_ERRNOS = {
 }
 
 
-def _set_threads(threads: int) -> None:
-    """Give torch `threads` intra-op threads; 0: `OMP_NUM_THREADS` if set, else half the CPUs.
-
-    Half the CPUs (at least one) by default: the other half renders the figures
-    (`exigo.figures.pool`) and absorbs other processes. OpenMP threads spin-wait for each other at
-    every operator, so when the cores are oversubscribed an epoch collapses: on 2 cores, two
-    threads train the default CNN 1.6x faster than one when nothing else runs (1.4 s instead
-    of 2.3 s per epoch), but 10-30x slower once other processes share the cores (29 s at load
-    average 2, 76 s at 7; issue 7). torchrun sets `OMP_NUM_THREADS=1` for the same reason.
-    """
-    import torch
-
-    from exigo._system import available_cpus
-
-    if threads:
-        torch.set_num_threads(threads)
-    elif "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, available_cpus() // 2))
-
-
 def _run(config: Config, console: Console, err: Console) -> int:
     import torch
 
@@ -304,7 +290,7 @@ def _run(config: Config, console: Console, err: Console) -> int:
     from exigo.engine.resume import ResumeError
     from exigo.engine.run_dir import SaveDirError, check_replaceable, check_save_dir
     from exigo.engine.signals import RunInterrupted
-    from exigo.engine.world import DistributedError, World, join, resolve_device
+    from exigo.engine.world import DistributedError, World, join, resolve_device, set_threads
     from exigo.pipeline import RunDiverged, run
 
     rank = 0
@@ -315,7 +301,7 @@ def _run(config: Config, console: Console, err: Console) -> int:
         err.print(f"[bold red]error:[/bold red] {where}{message}")
         return code
 
-    _set_threads(config.threads)
+    set_threads(config.threads)  # loading the data is faster with them too
     try:
         world = join(config.device, config.dist_timeout) or World(resolve_device(config.device))
         rank = world.rank

@@ -62,7 +62,7 @@ from exigo.engine.run_dir import SaveDirError, lock_save_dir, prepare_save_dir
 from exigo.engine.session import RunResult, Session
 from exigo.engine.signals import RunInterrupted, StopSignals
 from exigo.engine.training import DivergenceError
-from exigo.engine.world import World, open_world
+from exigo.engine.world import World, open_world, torch_threads
 from exigo.figures.pool import FigurePool
 from exigo.models import embedding_module
 
@@ -156,6 +156,7 @@ def run(
         # the worker's imports overlap ours (torch._dynamo with the optimiser)
         figures = stack.enter_context(_figure_pool(analyses, world, console))
         stop = stack.enter_context(StopSignals())
+        stack.enter_context(torch_threads(config.threads))  # as runner.py; restored after
         with world.all_or_none("starting the run"):
             session = Session.open(
                 config,

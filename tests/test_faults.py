@@ -7,6 +7,7 @@ Most faults run `exigo.cli.main` in-process on tiny blobs (`tiny_cli` from test_
 the real-MNIST ones share one real run.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,14 +17,14 @@ from urllib.error import URLError
 import pytest
 import torch
 from test_fail_fast import args, code_of, tiny_cli  # noqa: F401 (a fixture)
+from test_reliability import SignalAfterEpoch, quiet, tiny_config
 from test_reliability import make_blobs_pair as blobs_pair
-from test_reliability import quiet, tiny_config
 
 from exigo.analysis import Analysis
 from exigo.cli import main
 from exigo.data import DataError, load_mnist
 from exigo.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from exigo.pipeline import run
+from exigo.pipeline import ResumeError, RunInterrupted, run
 
 from conftest import TinyNet
 
@@ -207,3 +208,60 @@ def test_an_exigo_run_folder_keeps_the_users_notes_and_its_data_folder(tmp_path)
     assert main(args(tmp_path, "--epochs", "1", "--data-dir", str(tmp_path / "data"))) == 0
     assert (tmp_path / "notes.txt").read_text() == "lr 0.01 looks good"
     assert (tmp_path / "data" / "MNIST").is_dir()
+
+
+# ---------------------------------------------------------------- threads (item 7)
+
+
+class Threads(Analysis):
+    """Records torch's CPU thread count at every epoch."""
+
+    name = "threads"
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, ctx):
+        self.seen.append(torch.get_num_threads())
+
+
+@pytest.fixture
+def keep_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("keep_threads")
+def test_run_applies_config_threads_and_gives_the_old_count_back(tmp_path):
+    torch.set_num_threads(2)
+    watcher = Threads()
+    run(tiny_config(tmp_path, epochs=1, threads=1), TinyNet(), *blobs_pair(), [watcher])
+    assert watcher.seen == [1] and torch.get_num_threads() == 2
+
+
+@pytest.mark.usefixtures("keep_threads")
+def test_resume_holds_to_the_runs_thread_count_unless_forced(tmp_path):
+    def attempt(threads, *, resume=False, force=False, stop_at=None):
+        """The thread counts each epoch's analyses saw; stopped during epoch `stop_at`."""
+        torch.manual_seed(0)
+        watcher = Threads()
+        config = tiny_config(tmp_path, run_name="r", threads=threads, resume=resume, force=force)
+        analyses = [watcher, SignalAfterEpoch(stop_at)]
+        with contextlib.suppress(RunInterrupted):
+            run(config, TinyNet(), *blobs_pair(), analyses, console=quiet())
+        return watcher.seen
+
+    assert attempt(1, stop_at=2) == [1, 1]  # epoch 1 committed with one thread
+    assert load_checkpoint(tmp_path / "models" / "last.pt")["threads"] == 1
+    assert json.loads((tmp_path / "run.json").read_text())["threads"] == 1
+    before = (tmp_path / "metrics.json").read_bytes()
+    with pytest.raises(ResumeError) as raised:
+        attempt(2, resume=True)
+    message = str(raised.value)
+    assert "trained with 1 CPU threads and --threads 2" in message and "--force" in message
+    assert (tmp_path / "metrics.json").read_bytes() == before
+    torch.set_num_threads(2)
+    assert attempt(0, resume=True, stop_at=3) == [1, 1]  # left out: the run's own count
+    assert attempt(2, resume=True, force=True) == [2]
+    assert load_checkpoint(tmp_path / "models" / "last.pt")["threads"] == 2

@@ -252,6 +252,7 @@ def run_info(
     config: Mapping[str, Any],
     seed: int,
     device: str,
+    threads: int,
     distributed: Mapping[str, Any] | None,
     model: str,
     train_size: int,
@@ -266,6 +267,7 @@ def run_info(
         config: `Config.to_dict()`.
         seed: the run's seed.
         device: where it trains.
+        threads: torch's CPU threads (they change the results in the last digits).
         distributed: the torchrun processes (`World.describe()`), or None.
         model: the model's class name.
         train_size: training images.
@@ -282,6 +284,7 @@ def run_info(
         "config": dict(config),
         "seed": seed,
         "device": device,
+        "threads": threads,
         "distributed": None if distributed is None else dict(distributed),
         "versions": library_versions(),
         "model": model,

@@ -31,7 +31,7 @@ from exigo.engine.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from exigo.engine.resume import ResumeError, RunState, check_resumable
+from exigo.engine.resume import ResumeError, RunState, check_resumable, resumed_threads
 from exigo.engine.run_dir import (
     BEST_CHECKPOINT,
     LAST_CHECKPOINT,
@@ -40,6 +40,7 @@ from exigo.engine.run_dir import (
     record_resume,
     run_info,
 )
+from exigo.engine.world import set_threads
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -276,6 +277,7 @@ class Session:
             config=self.config.to_dict(),
             seed=self.config.seed,
             device=str(self.world.device),
+            threads=torch.get_num_threads(),
             distributed=self.world.describe(),
             model=type(self.model).__name__,
             train_size=len(self.train_data),
@@ -327,6 +329,19 @@ class Session:
         self.resumed = payload
 
     def _restore(self, payload: dict[str, Any]) -> None:
+        threads = resumed_threads(payload, self.config.threads, force=self.config.force)
+        if threads is not None and threads != torch.get_num_threads():
+            self.console.print(
+                f"--resume: {threads} CPU threads, as the run trained with (--threads), so "
+                "its metrics go on as an uninterrupted run's would"
+            )
+            set_threads(threads)
+        elif self.config.force and payload.get("threads") not in (None, self.config.threads):
+            self.console.print(
+                f"[yellow]--force: {self.config.threads} CPU threads instead of the run's "
+                f"{payload['threads']}; its metrics will differ from an uninterrupted run's"
+                "[/yellow]"
+            )
         apply_weights(payload, self.model, LAST_CHECKPOINT)
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
@@ -399,6 +414,7 @@ class Session:
                 if (state := analysis.state_dict())
             },
             world_size=self.world.world_size,
+            threads=torch.get_num_threads(),  # it changes the results: --resume holds to it
         )
 
     def where_things_are(self, what: str) -> str:

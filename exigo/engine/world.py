@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, DistributedSampler
 
+from exigo import _system
 from exigo.engine.signals import RunInterrupted, StopSignals
 from exigo.engine.training import DivergenceError, EvalResult, TrainResult, evaluate
 
@@ -73,6 +74,9 @@ __all__ = [
     "process_group",
     "reduce_train_result",
     "resolve_device",
+    "set_threads",
+    "threads_for",
+    "torch_threads",
     "training_indices",
     "usable_devices",
     "wrap",
@@ -654,6 +658,67 @@ def resolve_device(name: str = "auto") -> torch.device:
             f"usable: {', '.join(['auto', *usable])}"
         )
     return device
+
+
+def threads_for(threads: int) -> int:
+    """The number of CPU threads `--threads` means on this machine.
+
+    0 means `OMP_NUM_THREADS` when set, else half the CPUs (at least one): the other half
+    renders the figures (`exigo.figures.pool`) and absorbs other processes. OpenMP threads
+    spin-wait for each other at every operator, so when the cores are oversubscribed an
+    epoch collapses: on 2 cores, two threads train the default CNN 1.6x faster than one when
+    nothing else runs (1.4 s instead of 2.3 s per epoch), but 10-30x slower once other
+    processes share the cores (29 s at load average 2, 76 s at 7; issue 7). torchrun sets
+    `OMP_NUM_THREADS=1` for the same reason.
+
+    Args:
+        threads: `Config.threads`: a count, or 0 for the rule above.
+
+    Returns:
+        The count, at least 1.
+    """
+    if threads:
+        return threads
+    with suppress(ValueError):  # "4,2" (nested levels): the outer level is torch's
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "").split(",")[0]))
+    return max(1, _system.available_cpus() // 2)
+
+
+def set_threads(threads: int) -> int:
+    """Give torch's CPU operators `threads_for(threads)` intra-op threads.
+
+    The one place the thread rule is applied: `runner.py` before it loads the data, and
+    `exigo.pipeline.run` for the run (`torch_threads`). The count changes results in the
+    last bits (operators split their sums by thread), so `models/last.pt` records it and
+    `--resume` continues with it.
+
+    Args:
+        threads: `Config.threads`: a count, or 0 (`threads_for`).
+
+    Returns:
+        The count now in use.
+    """
+    count = threads_for(threads)
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+    return count
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[int]:
+    """`set_threads(threads)` for the block; torch's previous count afterwards.
+
+    Args:
+        threads: `Config.threads`: a count, or 0 (`threads_for`).
+
+    Yields:
+        The count in use.
+    """
+    previous = torch.get_num_threads()
+    try:
+        yield set_threads(threads)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _device_and_backend(device_name: str, local_rank: int) -> tuple[torch.device, str]:
