@@ -4,8 +4,10 @@ Exit codes:
 
 - 0: success.
 - 1: the run finished but an analysis failed, or a write failed (disk full, read-only).
-- 2: bad options, data, save directory (unwritable, or in use by another run) or `--resume`
-  (nothing to resume, different options): checked before training, nothing was trained.
+- 2: bad options (one training step on copies fails with them), data, save directory
+  (unwritable, a file, in use by another run, or holding others' files) or `--resume`
+  (nothing to resume, different options, damaged checkpoint): checked before training,
+  nothing was trained, the previous run is untouched.
 - 3: the loss became NaN or infinite; the best checkpoint of earlier epochs is kept.
 - 4: under torchrun, another process failed or stopped answering (its own message, named
   in torchrun's summary, is the cause).
@@ -276,6 +278,7 @@ _ENVIRONMENT_ERRNOS = {
     errno.EDQUOT,
     errno.EROFS,
     errno.EIO,
+    errno.EFBIG,
     errno.EACCES,
     errno.EPERM,
 }
@@ -287,6 +290,7 @@ def _run(config: Config, console: Console, err: Console) -> int:
     from exigo.analyses import default_analyses
     from exigo.data import DataError, load_mnist
     from exigo.engine.checkpoint import CheckpointError
+    from exigo.engine.preflight import PreflightError
     from exigo.engine.resume import ResumeError
     from exigo.engine.run_dir import SaveDirError, check_replaceable, check_save_dir
     from exigo.engine.signals import RunInterrupted
@@ -326,7 +330,7 @@ def _run(config: Config, console: Console, err: Console) -> int:
     model = default_model(len(train_data.classes), world.device)
     try:
         result = run(config, model, train_data, val_data, default_analyses(config), console=console)
-    except (SaveDirError, ResumeError, CheckpointError) as error:
+    except (SaveDirError, ResumeError, CheckpointError, PreflightError) as error:
         return fail(error, 2)
     except RunInterrupted as interrupt:
         if rank == 0:  # every process stops; one says so
@@ -339,12 +343,7 @@ def _run(config: Config, console: Console, err: Console) -> int:
     except OSError as error:
         if error.errno not in _ENVIRONMENT_ERRNOS:
             raise
-        resumable = (config.save_dir / "models" / "last.pt").exists()
-        return fail(
-            f"{error}. Files written before are intact; fix the cause, then "
-            + ("continue with --resume" if resumable else "run again"),
-            1,
-        )
+        return fail(_write_failure(error, config), 1)
 
     if result.history:
         best = result.history[result.best_epoch - 1]
@@ -358,6 +357,20 @@ def _run(config: Config, console: Console, err: Console) -> int:
     if result.failed_analyses:
         return fail(_failure_summary(result.failed_analyses), 1)
     return 0
+
+
+def _write_failure(error: OSError, config: Config) -> str:
+    """One sentence: the file, the reason, the free space, and what is kept."""
+    from exigo._io import describe_write_error
+
+    notes = getattr(error, "__notes__", [])  # the previous run, put back (run_dir)
+    if notes:
+        kept = "; ".join(notes)
+    elif (config.save_dir / "models" / "last.pt").exists():
+        kept = "files written before are whole; fix the cause, then continue with --resume"
+    else:
+        kept = "files written before are whole; fix the cause, then run again"
+    return f"{describe_write_error(error, config.save_dir)}; {kept}"
 
 
 def default_model(num_classes: int, device: torch.device) -> nn.Module:

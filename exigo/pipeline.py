@@ -133,6 +133,7 @@ def run(
             files exigo did not write. Nothing was changed.
         ResumeError: `config.resume` but nothing to resume, or different settings.
         CheckpointError: `models/last.pt` cannot be loaded into `model`.
+        PreflightError: one training step with these options fails; nothing was changed.
         RunInterrupted: SIGINT or SIGTERM arrived; completed epochs are saved.
         RunDiverged: the loss became NaN or infinite; completed epochs are saved.
         DistributedError: under torchrun, another process failed or stopped answering.
@@ -172,6 +173,8 @@ def run(
                 figures=figures,
                 save_dir=Path(save_dir),
             )
+        if session.previous_run is not None:  # put back unless an epoch is committed
+            stack.enter_context(session.previous_run)
         session.join()
         session.timed("setup", started)
         if session.state.epoch >= config.epochs:

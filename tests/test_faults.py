@@ -8,25 +8,31 @@ the real-MNIST ones share one real run.
 """
 
 import contextlib
+import errno
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import zipfile
 from urllib.error import URLError
 
 import pytest
 import torch
 from test_fail_fast import args, code_of, tiny_cli  # noqa: F401 (a fixture)
-from test_reliability import SignalAfterEpoch, quiet, tiny_config
+from test_reliability import PoisonedNet, SignalAfterEpoch, SignalAt, quiet, tiny_config
 from test_reliability import make_blobs_pair as blobs_pair
 
+import exigo.engine.run_dir
 from exigo.analysis import Analysis
 from exigo.cli import main
 from exigo.data import DataError, load_mnist
 from exigo.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from exigo.engine.preflight import PreflightError
 from exigo.pipeline import ResumeError, RunInterrupted, run
 
-from conftest import TinyNet
+from conftest import REPO, TinyNet, make_blobs
 
 # ---------------------------------------------------------------- checkpoints
 
@@ -105,14 +111,21 @@ def test_an_abbreviated_option_is_not_taken_for_a_longer_one(tmp_path, capsys):
     assert not (tmp_path / "save").exists()
 
 
-def test_the_largest_seed_reaches_every_seeded_analysis(tmp_path):
-    from exigo.analyses import default_analyses
+def test_the_largest_seed_reaches_the_t_sne_and_every_torch_seed(tmp_path):
+    from exigo.analyses._random import seeded
+    from exigo.analyses.projection import ProjectionAnalysis
+    from exigo.analyses.sanity import _SEED_OFFSET
 
-    config = tiny_config(tmp_path, epochs=1, seed=2**63 - 1, projection_limit=30)
+    seed = 2**63 - 1
+    config = tiny_config(tmp_path, epochs=1, seed=seed)
     torch.manual_seed(config.seed)
-    result = run(config, TinyNet(), *blobs_pair(), default_analyses(config), console=quiet())
+    projection = ProjectionAnalysis(limit=30, seed=seed)  # as default_analyses builds it
+    result = run(config, TinyNet(), *blobs_pair(), [projection], console=quiet())
     assert result.failed_analyses == []
     assert (tmp_path / "plots" / "tsne_1.png").exists()
+    torch.Generator().manual_seed(seed)  # shuffling, class models' jitter
+    with seeded(_SEED_OFFSET + seed, torch.device("cpu")):  # the attribution checks' seed
+        torch.rand(1)
 
 
 def test_numpy_seed_keeps_small_seeds_and_folds_large_ones():
@@ -265,3 +278,415 @@ def test_resume_holds_to_the_runs_thread_count_unless_forced(tmp_path):
     assert attempt(0, resume=True, stop_at=3) == [1, 1]  # left out: the run's own count
     assert attempt(2, resume=True, force=True) == [2]
     assert load_checkpoint(tmp_path / "models" / "last.pt")["threads"] == 2
+
+
+# ---------------------------------------------------------------- the previous run (item 1)
+
+
+def listing(folder):
+    """Every file and folder under `folder` (relative), with each file's bytes' hash."""
+    import hashlib
+
+    return {
+        str(path.relative_to(folder)): (
+            hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "folder"
+        )
+        for path in sorted(folder.rglob("*"))
+        if path.name != ".lock.holder"
+    }
+
+
+@pytest.mark.usefixtures("tiny_cli")
+@pytest.mark.parametrize(
+    "option",
+    [["--lr", "1e39"], ["--lr", "1e38"], ["--device", "meta"]],
+)
+def test_an_option_that_cannot_work_is_exit_2_and_keeps_the_previous_run(option, tmp_path, capsys):
+    assert main(args(tmp_path, "--epochs", "1", "--run-name", "r")) == 0
+    before = listing(tmp_path)
+    capsys.readouterr()
+    code = main([*args(tmp_path, "--epochs", "1", "--run-name", "r"), *option])
+    err = " ".join(capsys.readouterr().err.split())
+    assert listing(tmp_path) == before
+    assert code == 2 and "Traceback" not in err
+    assert err.count("error:") == 1 and option[0] in err
+
+
+def test_the_trial_step_catches_what_passes_every_check_before_it(tmp_path, monkeypatch):
+    import exigo.engine.world
+
+    monkeypatch.setattr(exigo.engine.world, "usable_devices", lambda: ["cpu", "meta"])
+    torch.manual_seed(0)
+    run(tiny_config(tmp_path, epochs=1), TinyNet(), *blobs_pair(), console=quiet())
+    before = listing(tmp_path)
+    with pytest.raises(PreflightError) as raised:
+        run(tiny_config(tmp_path, epochs=1, device="meta"), TinyNet(), *blobs_pair())
+    assert "fails on meta" in str(raised.value) and "meta tensors" in str(raised.value)
+    assert listing(tmp_path) == before
+
+
+def failing_in_epoch_1(fault, tiny_cli, monkeypatch):  # noqa: F811 (the fixture)
+    """Make the next `main` run fail in its first epoch with `fault`; its exit code."""
+    if fault == "SIGTERM":
+        tiny_cli.train = SignalAt(make_blobs(96, seed=0), 40, signal.SIGTERM)
+        return 143
+    if fault == "diverged":
+        tiny_cli.model = lambda classes: PoisonedNet(at=3)  # the trial step takes one
+        return 3
+    if fault == "disk full":
+        real = exigo.engine.run_dir.atomic_write_json
+
+        def full(path, value):
+            if path.name == "metrics.json":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(path, value)
+
+        monkeypatch.setattr(exigo.engine.run_dir, "atomic_write_json", full)
+        return 1
+    raise AssertionError(fault)
+
+
+@pytest.mark.parametrize("fault", ["SIGTERM", "diverged", "disk full"])
+def test_a_run_failing_before_its_first_commit_puts_the_previous_run_back(
+    fault,
+    tmp_path,
+    tiny_cli,  # noqa: F811 (the fixture)
+    monkeypatch,
+    capsys,
+):
+    assert main(args(tmp_path, "--epochs", "2", "--run-name", "r")) == 0
+    before = listing(tmp_path)
+    metrics = (tmp_path / "metrics.json").read_bytes()
+    capsys.readouterr()
+    code = failing_in_epoch_1(fault, tiny_cli, monkeypatch)
+    assert main(args(tmp_path, "--epochs", "1", "--run-name", "r")) == code
+    err = " ".join(capsys.readouterr().err.split())
+    assert listing(tmp_path) == before
+    assert (tmp_path / "metrics.json").read_bytes() == metrics
+    assert f"--save-dir {tmp_path} is back as it was" in err and "Traceback" not in err
+    assert "--resume" not in err  # nothing of this run to resume
+
+
+@pytest.mark.usefixtures("tiny_cli")
+def test_the_previous_run_goes_once_the_first_epoch_is_committed(tmp_path, monkeypatch):
+    assert main(args(tmp_path, "--epochs", "1", "--run-name", "old")) == 0
+    real = exigo.engine.run_dir.atomic_write_json
+    rows = []
+
+    def full_at_epoch_2(path, value):
+        if path.name == "metrics.json" and len(value) == 2:
+            rows.append(value)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, value)
+
+    monkeypatch.setattr(exigo.engine.run_dir, "atomic_write_json", full_at_epoch_2)
+    assert main(args(tmp_path, "--epochs", "2", "--run-name", "new")) == 1
+    assert rows and not (tmp_path / ".previous-run").exists()
+    assert json.loads((tmp_path / "run.json").read_text())["run_name"] == "new"
+    assert load_checkpoint(tmp_path / "models" / "last.pt")["epoch"] == 1
+
+
+# ---------------------------------------------------------------- a full disk (item 5)
+
+
+class FakeDisk:
+    """A disk that holds `capacity` bytes of exigo's writes, then fails with ENOSPC.
+
+    It counts what goes through `exigo._io.atomic_write` (checkpoints, metrics.json, figures,
+    the report, the projector's files) and the TensorBoard event files' writes: every write
+    exigo makes in the save dir.
+    """
+
+    def __init__(self, monkeypatch, capacity: float):
+        import exigo._io
+        import exigo.engine.events
+
+        self.capacity, self.used = capacity, 0
+        real_atomic_write = exigo._io.atomic_write
+
+        def atomic_write(path, write):
+            return real_atomic_write(path, lambda handle: write(self._Counted(handle, self)))
+
+        class Os:  # the events module's `os`, with a write that fills the disk
+            def __getattr__(_, name):
+                return getattr(os, name)
+
+            def write(_, fd, data):
+                self.take(len(data))
+                return os.write(fd, data)
+
+        monkeypatch.setattr(exigo._io, "atomic_write", atomic_write)
+        monkeypatch.setattr(exigo.engine.events, "os", Os())
+
+    def take(self, size: int) -> None:
+        if self.used + size > self.capacity:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.used += size
+
+    class _Counted:
+        def __init__(self, handle, disk):
+            self._handle, self._disk = handle, disk
+
+        def write(self, data):
+            self._disk.take(len(data))
+            return self._handle.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self._handle, name)
+
+
+def event_records_are_whole(path) -> bool:
+    """Whether the event file is a sequence of whole TensorBoard records, nothing cut."""
+    import struct
+
+    data, offset = path.read_bytes(), 0
+    while offset < len(data):
+        if offset + 12 > len(data):
+            return False
+        (length,) = struct.unpack("<Q", data[offset : offset + 8])
+        offset += 12 + length + 4
+    return offset == len(data)
+
+
+def assert_every_file_whole_or_absent(save):
+    from PIL import Image
+
+    assert not [path for path in save.rglob("*") if path.name.endswith(".tmp")]
+    for path in save.rglob("*"):
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".pt":
+            load_checkpoint(path)  # CRC-checked
+        elif path.suffix == ".png":
+            with Image.open(path) as image:
+                image.load()
+        elif path.name == "tensors.tsv":
+            rows = path.read_text().splitlines()
+            metadata = (path.parent / "metadata.tsv").read_text().splitlines()
+            assert len(rows) == len(metadata) - 1
+            assert {len(row.split("\t")) for row in rows} == {8}  # TinyNet's embedding
+        elif path.name.startswith("events.out.tfevents"):
+            assert event_records_are_whole(path), path
+
+
+FULL_RUN_WRITES: dict[str, int] = {}  # bytes a whole run writes, measured once
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.4, 0.7, 0.99])
+def test_a_disk_filling_up_mid_run_is_one_message_and_whole_files(
+    fraction,
+    tmp_path,
+    tiny_cli,  # noqa: F811 (the fixture)
+    monkeypatch,
+    capsys,
+):
+    from test_reliability import Plotter
+
+    from exigo.analyses.projection import ProjectionAnalysis
+
+    disk = FakeDisk(monkeypatch, capacity=float("inf"))
+    if "total" not in FULL_RUN_WRITES:
+        tiny_cli.analyses = [Plotter(), ProjectionAnalysis(limit=30)]
+        assert main(args(tmp_path / "measure", "--epochs", "2", "--run-name", "r")) == 0
+        FULL_RUN_WRITES["total"] = disk.used
+    disk.capacity, disk.used = fraction * FULL_RUN_WRITES["total"], 0
+    tiny_cli.analyses = [Plotter(), ProjectionAnalysis(limit=30)]
+    capsys.readouterr()
+    save = tmp_path / "save"
+    assert main(args(save, "--epochs", "2", "--run-name", "r")) == 1
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err and "Exception in thread" not in out + err
+    (line,) = [line for line in " ".join(err.split()).split("error: ")[1:]]
+    assert f"cannot write {save}" in line and "No space left on device" in line
+    assert "free there" in line and ".tmp" not in line
+    assert_every_file_whole_or_absent(save)
+
+
+TMPFS_RUNS = """
+import contextlib, io, json, subprocess, sys
+tests, *mounts = sys.argv[1:]
+sys.path[:0] = [tests, tests.rsplit("/", 1)[0]]
+import exigo.analyses, exigo.data, exigo.models
+from conftest import REPO, TinyNet, make_blobs
+from test_reliability import Plotter
+from test_faults import assert_every_file_whole_or_absent
+from exigo.analyses.projection import ProjectionAnalysis
+from exigo.cli import main
+exigo.data.load_mnist = lambda root, download: (make_blobs(96, seed=0), make_blobs(30, seed=1))
+exigo.models.MnistCNN = lambda num_classes: TinyNet(num_classes)
+exigo.analyses.default_analyses = lambda config: [Plotter(), ProjectionAnalysis(limit=30)]
+for mount in mounts:
+    folder, size = mount.rsplit(":", 1)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", folder], check=True)
+    save, out, err = f"{folder}/save", io.StringIO(), io.StringIO()
+    argv = ["--save-dir", save, "--batch-size", "16", "--lr", "0.01", "--run-name", "r"]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    try:
+        assert_every_file_whole_or_absent(__import__("pathlib").Path(save))
+        whole = "yes"
+    except AssertionError as error:
+        whole = repr(error)
+    print(json.dumps({"code": code, "out": out.getvalue(), "err": err.getvalue(), "whole": whole}))
+"""
+
+
+def can_mount_tmpfs() -> bool:
+    if shutil.which("unshare") is None or shutil.which("mount") is None:
+        return False
+    probe = subprocess.run(
+        ["unshare", "-rm", "mount", "-t", "tmpfs", "tmpfs", "/tmp"], capture_output=True
+    )
+    return probe.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="no tmpfs in a user namespace here")
+def test_a_real_small_tmpfs_at_several_sizes(tmp_path):
+    sizes = ["96k", "256k", "400k"]  # a whole run takes about 500 kB
+    mounts = []
+    for size in sizes:
+        (tmp_path / size).mkdir()
+        mounts.append(f"{tmp_path / size}:{size}")
+    process = subprocess.run(
+        ["unshare", "-rm", sys.executable, "-c", TMPFS_RUNS, str(REPO / "tests"), *mounts],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert process.returncode == 0, process.stderr
+    runs = [json.loads(line) for line in process.stdout.splitlines() if line.startswith("{")]
+    assert len(runs) == len(sizes), process.stdout + process.stderr
+    for size, outcome in zip(sizes, runs, strict=True):
+        everything = outcome["out"] + outcome["err"]
+        assert outcome["code"] == 1, (size, everything)
+        assert "Traceback" not in everything and "Exception in thread" not in everything
+        (line,) = " ".join(outcome["err"].split()).split("error: ")[1:]
+        assert f"cannot write {tmp_path / size}/save/" in line, line
+        assert "No space left on device" in line and "free there" in line
+        assert ".tmp" not in line
+        assert outcome["whole"] == "yes", (size, outcome["whole"])
+
+
+# ---------------------------------------------------------------- kill -9 while replacing
+
+
+def previous_and_attempt(save):
+    """A finished tiny run in `save`; its listing, and a PreviousRun set aside by a new one."""
+    from exigo.engine.run_dir import PreviousRun
+
+    torch.manual_seed(0)
+    run(tiny_config(save, epochs=1, run_name="r"), TinyNet(), *blobs_pair(), console=quiet())
+    (save / "logs" / "other").mkdir()  # another TensorBoard run: never touched
+    return listing(save), PreviousRun
+
+
+@pytest.mark.parametrize("killed_after_moves", [0, 1, 3])
+def test_killed_while_setting_aside_then_recovered(killed_after_moves, tmp_path, monkeypatch):
+    from exigo.engine.run_dir import recover_previous_run
+
+    before, previous_run = previous_and_attempt(tmp_path)
+    real, moves = os.replace, []
+
+    def dies(source, target):
+        if "/.previous-run/outputs/" in str(target):  # an output set aside
+            if len(moves) == killed_after_moves:
+                raise KeyboardInterrupt  # the process ends here, as with kill -9
+            moves.append(source)
+        return real(source, target)
+
+    monkeypatch.setattr(os, "replace", dies)
+    with pytest.raises(KeyboardInterrupt):
+        previous_run.set_aside(tmp_path, "r")
+    monkeypatch.undo()
+    assert "put back" in recover_previous_run(tmp_path)
+    assert listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("killed_after_moves", [None, 0, 2])
+def test_killed_before_the_first_commit_or_while_restoring_then_recovered(
+    killed_after_moves, tmp_path, monkeypatch
+):
+    from exigo.engine.run_dir import recover_previous_run
+
+    before, previous_run = previous_and_attempt(tmp_path)
+    aside = previous_run.set_aside(tmp_path, "new")
+    for name in ("plots/x_1.png", "run.json", "logs/new/events.out.tfevents.1", "report.html"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("the attempt's")
+    if killed_after_moves is not None:
+        real, moves = os.replace, []
+
+        def dies(source, target):
+            if len(moves) == killed_after_moves:
+                raise KeyboardInterrupt
+            moves.append(source)
+            return real(source, target)
+
+        monkeypatch.setattr(os, "replace", dies)
+        with pytest.raises(KeyboardInterrupt):
+            aside.restore()
+        monkeypatch.undo()
+    assert "put back" in recover_previous_run(tmp_path)
+    assert listing(tmp_path) == before
+
+
+def test_killed_after_the_first_commit_keeps_the_new_run(tmp_path):
+    from exigo.engine.run_dir import recover_previous_run
+
+    _, previous_run = previous_and_attempt(tmp_path)
+    previous_run.set_aside(tmp_path, "new")
+    save_checkpoint(tmp_path / "models" / "last.pt", TinyNet(), epoch=1)  # committed
+    assert recover_previous_run(tmp_path) is None
+    assert not (tmp_path / ".previous-run").exists()
+    assert load_checkpoint(tmp_path / "models" / "last.pt")["epoch"] == 1
+
+
+STUCK_IN_EPOCH_1 = """
+import sys, time
+sys.path[:0] = [sys.argv[1], sys.argv[1].rsplit("/", 1)[0]]
+import exigo.analyses, exigo.data, exigo.models
+from conftest import TinyNet, make_blobs
+from exigo.cli import main
+
+class Stuck:
+    def __init__(self, data):
+        self.data, self.classes, self.reads = data, data.classes, 0
+    def __len__(self):
+        return len(self.data)
+    def __getitem__(self, index):
+        self.reads += 1
+        if self.reads == 40:  # in epoch 1, after the trial step's batch
+            print("stuck", flush=True)
+            time.sleep(600)
+        return self.data[index]
+
+train, held_out = Stuck(make_blobs(96, seed=0)), make_blobs(30, seed=1)
+exigo.data.load_mnist = lambda root, download: (train, held_out)
+exigo.models.MnistCNN = lambda num_classes: TinyNet(num_classes)
+exigo.analyses.default_analyses = lambda config: []
+main(["--save-dir", sys.argv[2], "--batch-size", "16", "--lr", "0.01", "--epochs", "1"])
+"""
+
+
+@pytest.mark.usefixtures("tiny_cli")
+def test_kill_9_in_the_first_epoch_then_the_next_run_puts_the_previous_one_back(tmp_path, capsys):
+    assert main(args(tmp_path, "--epochs", "1", "--run-name", "r")) == 0
+    before = listing(tmp_path)
+    process = subprocess.Popen(
+        [sys.executable, "-c", STUCK_IN_EPOCH_1, str(REPO / "tests"), str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout.readline().strip() == "stuck"
+        assert (tmp_path / ".previous-run").is_dir()
+    finally:
+        process.kill()  # SIGKILL: no handler, no cleanup
+        process.wait()
+    capsys.readouterr()
+    # the next run puts it back first, whatever it does next (here: an --lr that cannot work)
+    assert main(args(tmp_path, "--epochs", "1", "--run-name", "r", "--lr", "1e39")) == 2
+    assert "put back the outputs of the run before" in " ".join(capsys.readouterr().out.split())
+    assert listing(tmp_path) == before

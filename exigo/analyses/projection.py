@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from exigo._io import atomic_write_bytes
+from exigo._io import atomic_write, atomic_write_bytes
 from exigo._system import available_cpus
 from exigo.analyses._random import numpy_seed
 from exigo.analysis import Analysis, EpochContext, FigureInfo
@@ -340,8 +340,9 @@ def write_sprite(log_dir: Path, sprites: Tensor, tag: str = PROJECTOR_TAG) -> st
     from PIL import Image
 
     name = f"{tag}_sprite.png"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(sprite_sheet(sprites)).save(log_dir / name)
+    atomic_write(
+        log_dir / name, lambda handle: Image.fromarray(sprite_sheet(sprites)).save(handle, "png")
+    )
     return name
 
 
@@ -376,11 +377,14 @@ def write_projector(
     from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
 
     folder = f"{step:05d}/{tag}"
-    (log_dir / folder).mkdir(parents=True, exist_ok=True)
     values = embeddings.detach().float().cpu().numpy()
-    np.savetxt(log_dir / folder / "tensors.tsv", values, fmt="%.9g", delimiter="\t")
+    # atomically: a full disk leaves the previous file or none, never rows cut short
+    atomic_write(
+        log_dir / folder / "tensors.tsv",
+        lambda handle: np.savetxt(handle, values, fmt="%.9g", delimiter="\t"),
+    )
     table = ["label\tpredicted\tcorrect", *("\t".join(row) for row in metadata)]
-    (log_dir / folder / "metadata.tsv").write_text("\n".join(table) + "\n")
+    atomic_write_bytes(log_dir / folder / "metadata.tsv", ("\n".join(table) + "\n").encode())
 
     config = ProjectorConfig()
     on_disk = log_dir / "projector_config.pbtxt"

@@ -266,6 +266,7 @@ def commit(
     _write_report(session, epoch)
     now = session.timed("report", now)
     session.save_last()  # last: whatever ran above (analyses, report) may have drawn numbers
+    session.drop_previous_run()  # committed: the previous run's outputs set aside can go
     session.timed("checkpoints", now)
 
 
@@ -276,6 +277,7 @@ def _write_report(session: Session, epoch: int) -> None:
 
         write_report(session.save_dir)
     except Exception as error:
+        session.stop_on_storage_error(error)  # a full disk stops the run, with one message
         session.failures.append((epoch, "report", f"{type(error).__name__}: {error}"))
         session.console.print(
             f"[red]report failed at epoch {epoch}:[/red] {type(error).__name__}: {error}"
