@@ -690,3 +690,62 @@ def test_kill_9_in_the_first_epoch_then_the_next_run_puts_the_previous_one_back(
     assert main(args(tmp_path, "--epochs", "1", "--run-name", "r", "--lr", "1e39")) == 2
     assert "put back the outputs of the run before" in " ".join(capsys.readouterr().out.split())
     assert listing(tmp_path) == before
+
+
+# ---------------------------------------------------------------- on one real MNIST run
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    """One real run of runner.py's pipeline on the offline MNIST (1 epoch, lighter analyses)."""
+    from conftest import SHARED_MNIST
+
+    if not (SHARED_MNIST / "MNIST" / "raw" / "train-images-idx3-ubyte").exists():
+        pytest.skip(f"offline MNIST not found at {SHARED_MNIST}")
+    save = tmp_path_factory.mktemp("real") / "save"
+    options = [
+        "--data-dir",
+        str(SHARED_MNIST),
+        "--epochs",
+        "1",
+        "--run-name",
+        "real",
+        "--projection-limit",
+        "200",
+        "--no-attribution-checks",
+    ]
+    assert main(["--save-dir", str(save), *options]) == 0
+    return save, options
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("fault", "expected"),
+    [
+        (["--lr", "1e39"], "beyond the float range"),
+        (["--device", "xpu"], "cannot be used here"),
+        (["--resume", "--threads", "7"], "--threads 7 would change its results"),
+        (["--resume"], "damaged"),
+        (["--resume"], "not plain tensors (posix.system)"),
+    ],
+)
+def test_faults_on_a_real_run_are_exit_2_and_lose_nothing(
+    fault, expected, real_run, tmp_path, capsys
+):
+    source, options = real_run
+    save = tmp_path / "save"
+    shutil.copytree(source, save)
+    if expected == "damaged":
+        member = flip_bytes_inside(save / "models" / "last.pt", "data/0")
+        expected = f"member {member}"
+    elif "posix" in expected:
+        if os.system.__module__ != "posix":
+            pytest.skip("os.system lives in nt here")
+        torch.save({"x": Malicious(tmp_path / "pwned")}, save / "models" / "last.pt")
+    before = listing(save)
+    capsys.readouterr()
+    assert main(["--save-dir", str(save), *options, *fault]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.count("error:") == 1 and expected in err and "Traceback" not in err
+    assert listing(save) == before
+    assert not (tmp_path / "pwned").exists()
