@@ -4,8 +4,10 @@ Exit codes:
 
 - 0: success.
 - 1: the run finished but an analysis failed, or a write failed (disk full, read-only).
-- 2: bad options, data, save directory (unwritable, or in use by another run) or `--resume`
-  (nothing to resume, different options): checked before training, nothing was trained.
+- 2: bad options (one training step on copies fails with them), data, save directory
+  (unwritable, a file, in use by another run, or holding others' files) or `--resume`
+  (nothing to resume, different options, damaged checkpoint): checked before training,
+  nothing was trained, the previous run is untouched.
 - 3: the loss became NaN or infinite; the best checkpoint of earlier epochs is kept.
 - 4: under torchrun, another process failed or stopped answering (its own message, named
   in torchrun's summary, is the cause).
@@ -22,7 +24,6 @@ from __future__ import annotations
 import argparse
 import errno
 import gc
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -104,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--device",
         default=_DEFAULTS.device,
-        help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps (default: %(default)s)",
+        help="auto (cuda, then mps, then cpu), cpu, or a device this torch can use here "
+        "(cuda, cuda:1, mps, xpu, ...; others are refused with the list) (default: %(default)s)",
     )
     train.add_argument(
         "--dist-timeout",
@@ -140,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the run in --save-dir from its last completed epoch (models/last.pt), "
         "with the same options",
+    )
+    files.add_argument(
+        "--force",
+        action="store_true",
+        help="with --resume: continue with another --threads than the run's, although the "
+        "metrics then differ from an uninterrupted run's",
     )
     files.add_argument(
         "--run-name",
@@ -191,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=_DEFAULTS.threads,
         help="CPU threads of torch's operators (0: OMP_NUM_THREADS if set, else half the "
-        "CPUs; more threads are faster only on idle cores, and far slower on busy ones) "
+        "CPUs, and on --resume the run's own count; more threads are faster only on idle "
+        "cores, and far slower on busy ones; the count changes results in the last digits) "
         "(default: %(default)s)",
     )
     return parser
@@ -275,29 +284,10 @@ _ENVIRONMENT_ERRNOS = {
     errno.EDQUOT,
     errno.EROFS,
     errno.EIO,
+    errno.EFBIG,
     errno.EACCES,
     errno.EPERM,
 }
-
-
-def _set_threads(threads: int) -> None:
-    """Give torch `threads` intra-op threads; 0: `OMP_NUM_THREADS` if set, else half the CPUs.
-
-    Half the CPUs (at least one) by default: the other half renders the figures
-    (`exigo.figures.pool`) and absorbs other processes. OpenMP threads spin-wait for each other at
-    every operator, so when the cores are oversubscribed an epoch collapses: on 2 cores, two
-    threads train the default CNN 1.6x faster than one when nothing else runs (1.4 s instead
-    of 2.3 s per epoch), but 10-30x slower once other processes share the cores (29 s at load
-    average 2, 76 s at 7; issue 7). torchrun sets `OMP_NUM_THREADS=1` for the same reason.
-    """
-    import torch
-
-    from exigo._system import available_cpus
-
-    if threads:
-        torch.set_num_threads(threads)
-    elif "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, available_cpus() // 2))
 
 
 def _run(config: Config, console: Console, err: Console) -> int:
@@ -306,10 +296,11 @@ def _run(config: Config, console: Console, err: Console) -> int:
     from exigo.analyses import default_analyses
     from exigo.data import DataError, load_mnist
     from exigo.engine.checkpoint import CheckpointError
+    from exigo.engine.preflight import PreflightError
     from exigo.engine.resume import ResumeError
-    from exigo.engine.run_dir import SaveDirError, prepare_save_dir
+    from exigo.engine.run_dir import SaveDirError, check_replaceable, check_save_dir
     from exigo.engine.signals import RunInterrupted
-    from exigo.engine.world import DistributedError, World, join, resolve_device
+    from exigo.engine.world import DistributedError, World, join, resolve_device, set_threads
     from exigo.pipeline import RunDiverged, run
 
     rank = 0
@@ -320,13 +311,15 @@ def _run(config: Config, console: Console, err: Console) -> int:
         err.print(f"[bold red]error:[/bold red] {where}{message}")
         return code
 
-    _set_threads(config.threads)
+    set_threads(config.threads)  # loading the data is faster with them too
     try:
         world = join(config.device, config.dist_timeout) or World(resolve_device(config.device))
         rank = world.rank
         with world.all_or_none("loading the data"):  # rank 0 first: it may download
-            if rank == 0:
-                prepare_save_dir(config.save_dir)
+            if rank == 0:  # before the data: a wrong --save-dir costs no download
+                check_save_dir(config.save_dir)
+                if not config.resume:
+                    check_replaceable(config.save_dir, config.data_dir)
                 train_data, val_data = load_mnist(config.data_dir, download=config.download)
         if rank != 0:
             train_data, val_data = load_mnist(config.data_dir, download=False)
@@ -343,7 +336,7 @@ def _run(config: Config, console: Console, err: Console) -> int:
     model = default_model(len(train_data.classes), world.device)
     try:
         result = run(config, model, train_data, val_data, default_analyses(config), console=console)
-    except (SaveDirError, ResumeError, CheckpointError) as error:
+    except (SaveDirError, ResumeError, CheckpointError, PreflightError) as error:
         return fail(error, 2)
     except RunInterrupted as interrupt:
         if rank == 0:  # every process stops; one says so
@@ -356,12 +349,7 @@ def _run(config: Config, console: Console, err: Console) -> int:
     except OSError as error:
         if error.errno not in _ENVIRONMENT_ERRNOS:
             raise
-        resumable = (config.save_dir / "models" / "last.pt").exists()
-        return fail(
-            f"{error}. Files written before are intact; fix the cause, then "
-            + ("continue with --resume" if resumable else "run again"),
-            1,
-        )
+        return fail(_write_failure(error, config), 1)
 
     if result.history:
         best = result.history[result.best_epoch - 1]
@@ -375,6 +363,20 @@ def _run(config: Config, console: Console, err: Console) -> int:
     if result.failed_analyses:
         return fail(_failure_summary(result.failed_analyses), 1)
     return 0
+
+
+def _write_failure(error: OSError, config: Config) -> str:
+    """One sentence: the file, the reason, the free space, and what is kept."""
+    from exigo._io import describe_write_error
+
+    notes = getattr(error, "__notes__", [])  # the previous run, put back (run_dir)
+    if notes:
+        kept = "; ".join(notes)
+    elif (config.save_dir / "models" / "last.pt").exists():
+        kept = "files written before are whole; fix the cause, then continue with --resume"
+    else:
+        kept = "files written before are whole; fix the cause, then run again"
+    return f"{describe_write_error(error, config.save_dir)}; {kept}"
 
 
 def default_model(num_classes: int, device: torch.device) -> nn.Module:

@@ -40,7 +40,8 @@ class Config:
     """Cross-entropy target smoothing (0 = one-hot targets)."""
 
     seed: int = 0
-    """Seeds model init, shuffling and every analysis' randomness."""
+    """Seeds model init, shuffling and every analysis' randomness; in [0, 2**63) (torch's
+    range; the t-SNE, whose libraries take [0, 2**32), uses it mod 2**32)."""
 
     data_dir: Path = Path("save/data")
     """A torchvision root holding `MNIST/raw/`."""
@@ -58,7 +59,8 @@ class Config:
     """Images per forward pass during evaluation."""
 
     threads: int = 0
-    """CPU threads of torch's operators; 0: `OMP_NUM_THREADS` if set, else half the CPUs."""
+    """CPU threads of torch's operators; 0: `OMP_NUM_THREADS` if set, else half the CPUs
+    (on `resume`: the run's own count, recorded in `models/last.pt`)."""
 
     probe_size: int = 10
     """Fixed validation images for saliency/attributions, one per class."""
@@ -87,6 +89,10 @@ class Config:
 
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form, recorded in run.json."""
+
+    force: bool = False
+    """With `resume`: continue with a `threads` other than the run's, although the metrics
+    then differ from an uninterrupted run's."""
 
     def __post_init__(self) -> None:
         """Reject values that cannot describe a run, naming the field and its option.

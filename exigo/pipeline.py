@@ -63,7 +63,7 @@ from exigo.engine.run_dir import SaveDirError, lock_save_dir, prepare_save_dir
 from exigo.engine.session import RunResult, Session
 from exigo.engine.signals import RunInterrupted, StopSignals
 from exigo.engine.training import DivergenceError
-from exigo.engine.world import World, open_world
+from exigo.engine.world import World, open_world, torch_threads
 from exigo.figures.pool import FigurePool
 from exigo.models import embedding_module
 
@@ -134,6 +134,7 @@ def run(
             files exigo did not write. Nothing was changed.
         ResumeError: `config.resume` but nothing to resume, or different settings.
         CheckpointError: `models/last.pt` cannot be loaded into `model`.
+        PreflightError: one training step with these options fails; nothing was changed.
         RunInterrupted: SIGINT or SIGTERM arrived; completed epochs are saved.
         RunDiverged: the loss became NaN or infinite; completed epochs are saved.
         DistributedError: under torchrun, another process failed or stopped answering.
@@ -157,6 +158,7 @@ def run(
         # the worker's imports overlap ours (torch._dynamo with the optimiser)
         figures = stack.enter_context(_figure_pool(analyses, world, console))
         stop = stack.enter_context(StopSignals())
+        stack.enter_context(torch_threads(config.threads))  # as runner.py; restored after
         with world.all_or_none("starting the run"):
             session = Session.open(
                 config,
@@ -172,6 +174,8 @@ def run(
                 figures=figures,
                 save_dir=Path(save_dir),
             )
+        if session.previous_run is not None:  # put back unless an epoch is committed
+            stack.enter_context(session.previous_run)
         session.join()
         session.timed("setup", started)
         if session.state.epoch >= config.epochs:

@@ -203,6 +203,8 @@ def analyse(
                     session.world.tell_stop(interrupt.signal_number)
                 raise
             except Exception as error:  # an analysis never kills training
+                for key in set(ctx.metrics) - known:  # its partial metrics go with it
+                    del ctx.metrics[key]
                 session.report_failure(ctx.epoch, analysis.name, error)
             seconds[analysis.name] = session.timed(f"analysis/{analysis.name}", start) - start
             _keep_numeric_metrics(session, ctx, known, analysis.name)
@@ -445,6 +447,7 @@ def commit(
     _write_report(session, epoch)
     now = session.timed("report", now)
     session.save_last(ended.model, ended.optimizer, ended.scheduler, ended.rng)
+    session.drop_previous_run()  # committed: the previous run's outputs set aside can go
     session.timed("checkpoints", now)
 
 
@@ -526,6 +529,7 @@ def _write_report(session: Session, epoch: int) -> None:
 
         write_report(session.save_dir)
     except Exception as error:
+        session.stop_on_storage_error(error)  # a full disk stops the run, with one message
         session.failures.append((epoch, "report", f"{type(error).__name__}: {error}"))
         session.console.print(
             f"[red]report failed at epoch {epoch}:[/red] {type(error).__name__}: {error}"
