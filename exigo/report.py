@@ -69,7 +69,9 @@ __all__ = [
     "discover_figures",
     "embed_frames",
     "embedding_plan",
+    "format_metric",
     "line_chart",
+    "metric_label",
     "read_run",
     "render_page",
     "run_flags",
@@ -560,6 +562,18 @@ def _label(part: str) -> str:
     return _LABELS.get(part, part.replace("_", " "))
 
 
+def metric_label(name: str) -> str:
+    """A scalar's name for people, e.g. "faithfulness · deletion AUC · Grad-CAM".
+
+    Args:
+        name: the metrics.json key.
+
+    Returns:
+        Its parts, spelled out, joined by " · ".
+    """
+    return " · ".join(_label(part) for part in name.split("/"))
+
+
 def scalar_groups(
     rows: Sequence[Mapping[str, Any]], class_names: Sequence[str] = ()
 ) -> list[ScalarGroup]:
@@ -727,6 +741,7 @@ def embedding_plan(
     best: int | None,
     small_cost: Callable[[int], int] | None = None,
     *,
+    also: Sequence[int] = (),
     full_budget: int = FULL_BUDGET,
     small_budget: int = SMALL_BUDGET,
     spaced_full: int = SPACED_FULL,
@@ -745,6 +760,7 @@ def embedding_plan(
         best: the best epoch, or None.
         small_cost: step -> characters of its half-size copies (made when asked), or None
             for no half-size copies.
+        also: more steps to keep right after the best (a second run's best epoch).
         full_budget: characters of full-size figures at most.
         small_budget: characters of half-size copies at most.
         spaced_full: evenly spaced epochs offered full size.
@@ -757,6 +773,7 @@ def embedding_plan(
     first_choices = [
         epochs[-1] if epochs else None,
         best,
+        *also,
         BEFORE_TRAINING,
         epochs[0] if epochs else None,
     ]
@@ -909,7 +926,16 @@ def size_text(characters: int) -> str:
 # the page
 
 
-def _format_metric(key: str, value: Any) -> str:
+def format_metric(key: str, value: Any) -> str:
+    """A metric as the report's tables write it.
+
+    Args:
+        key: the metric's name (accuracies become percentages, losses get 4 decimals).
+        value: its value (None and non-numbers are written as they are).
+
+    Returns:
+        The text.
+    """
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return "" if value is None else str(value)
     if "accuracy" in key:
@@ -969,7 +995,7 @@ def _environment() -> Any:
                 trim_blocks=True,
                 lstrip_blocks=True,
             )
-            _JINJA["env"].globals.update(format_metric=_format_metric)
+            _JINJA["env"].globals.update(format_metric=format_metric)
         return _JINJA["env"]
 
 
@@ -1008,7 +1034,7 @@ def build_report(save_dir: str | Path) -> str:
         {
             "epoch": int(row["epoch"]),
             "best": int(row["epoch"]) == best,
-            "cells": [_format_metric(key, row.get(key)) for key in columns],
+            "cells": [format_metric(key, row.get(key)) for key in columns],
         }
         for row in rows
     ]
@@ -1031,7 +1057,7 @@ def build_report(save_dir: str | Path) -> str:
     ]
     # all analysis scalars: one row per scalar, one column per epoch (their names are long)
     scalars = [
-        {"name": _breakable(name), "cells": [_format_metric(name, row.get(name)) for row in rows]}
+        {"name": _breakable(name), "cells": [format_metric(name, row.get(name)) for row in rows]}
         for name in _analysis_scalars(rows)
     ]
     charts = [
