@@ -351,16 +351,7 @@ def _run(config: Config, console: Console, err: Console) -> int:
             raise
         return fail(_write_failure(error, config), 1)
 
-    if result.history:
-        best = result.history[result.best_epoch - 1]
-        console.print(
-            f"best epoch {result.best_epoch}: eval accuracy {best['eval_accuracy']:.2%}, "
-            f"model in {result.save_dir / 'models' / 'best.pt'}; "
-            f"tensorboard --logdir {result.save_dir / 'logs'}",
-            highlight=False,
-            soft_wrap=True,
-        )
-    if result.failed_analyses:
+    if result.failed_analyses:  # run() printed the closing line
         return fail(_failure_summary(result.failed_analyses), 1)
     return 0
 

@@ -106,6 +106,7 @@ def run(
     class_names: Sequence[str] | None = None,
     normalization: Normalization | None = None,
     console: Console | None = None,
+    verbose: bool = True,
 ) -> RunResult:
     """Train `model` for `config.epochs` epochs and analyse it after each one.
 
@@ -124,6 +125,9 @@ def run(
         normalization: how images were made from pixels (for display and blank baselines);
             default `val_data.normalization` when present.
         console: a rich Console for progress and messages (default: stdout).
+        verbose: print the closing line when the run ends (`RunResult.closing_line`: the
+            report, the best model, the TensorBoard command); `console=Console(quiet=True)`
+            silences everything.
 
     Returns:
         The `RunResult`.
@@ -190,6 +194,8 @@ def run(
         interrupt.args = (session.where_things_are(f"interrupted by {interrupt.signal_name}"),)
         interrupt.result = result
         raise interrupt
+    if verbose:
+        console.print(result.closing_line, highlight=False, soft_wrap=True)
     return result
 
 

@@ -81,6 +81,13 @@ class RunResult:
     log_dir: Path
     timings: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def closing_line(self) -> str:
+        """The line `run()` prints when it ends: report.html, the best model, TensorBoard."""
+        from exigo.engine.console import closing_line
+
+        return closing_line(self.history, self.best_epoch, self.save_dir)
+
 
 @dataclass
 class Session:
