@@ -246,9 +246,9 @@ def end_to_end(
 
     Variants: `default` (`runner.py`: each epoch's analyses beside the next one's training),
     `no_attribution_checks`, `sequential` (`--sequential`: analyses after each epoch) and
-    `training_only` (`bench/training_only.py`: no analyses). With `compare_with` (another checkout), its
-    `runner.py` runs too, keyed `compare:<variant>`. Each repeat runs every variant once, in
-    reverse order every other repeat, so that all see the same load.
+    `training_only` (`bench/training_only.py`: no analyses). With `compare_with` (another
+    checkout), its `runner.py` runs too, keyed `compare:<variant>`. Each repeat runs every
+    variant once, in reverse order every other repeat, so that all see the same load.
     """
     runner = REPO / "runner.py"
     variants: dict[str, tuple[Path, Path, list[str]]] = {
