@@ -194,7 +194,7 @@ def _epochs(session: Session) -> RunResult:
                 session.current_epoch = epoch
                 trained, evaluation = fit(session, epoch)
                 if world.is_main:  # rank 0 analyses and writes while the others wait
-                    ctx = context(session, epoch, evaluation)
+                    ctx = context(session, epoch, evaluation, trained)
                     seconds = analyse(session, ctx, session.analyses)
                 world.stop_together(session.stop)
                 if world.is_main:

@@ -65,6 +65,7 @@ def fit(session: Session, epoch: int) -> tuple[TrainResult, EvalResult]:
                 device=world.device,
                 label_smoothing=config.label_smoothing,
                 on_batch=on_batch,
+                record_examples=any(analysis.training_dynamics for analysis in session.analyses),
             )
 
         started = time.perf_counter()
@@ -102,13 +103,19 @@ def _ticker(
     return advance
 
 
-def context(session: Session, epoch: int, evaluation: EvalResult | None) -> EpochContext:
+def context(
+    session: Session,
+    epoch: int,
+    evaluation: EvalResult | None,
+    trained: TrainResult | None = None,
+) -> EpochContext:
     """The `EpochContext` the analyses of `epoch` receive.
 
     Args:
         session: the run.
         epoch: the epoch (0 before training).
         evaluation: its evaluation pass (None before training).
+        trained: its training pass (None before training).
 
     Returns:
         A fresh context with empty metrics.
@@ -124,8 +131,11 @@ def context(session: Session, epoch: int, evaluation: EvalResult | None) -> Epoc
         device=session.world.device,
         log_dir=session.log_dir,
         plots_dir=session.plots_dir,
+        save_dir=session.save_dir,
         figures=session.figures,
         log=session.console.print,
+        train=trained,
+        train_data=session.train_data,
     )
 
 

@@ -135,7 +135,11 @@ class TrainingDynamics:
         return torch.where(self.margins > 0, self.labels, self.runner_up)
 
     def cpu(self) -> TrainingDynamics:
-        """The same record on the CPU."""
+        """The same record on the CPU.
+
+        Returns:
+            A copy on the CPU (this record itself when it is there).
+        """
         return TrainingDynamics(*(tensor.cpu() for tensor in dataclasses.astuple(self)))
 
 
