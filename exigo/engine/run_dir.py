@@ -2,6 +2,7 @@
 
 ```
 <save-dir>/  plots/  models/best.pt  models/last.pt  metrics.json  run.json  report.html
+             examples.csv  label_issues.csv   (exigo.analyses.examples)
              logs/<run-name>/   (TensorBoard; runs accumulate side by side)
              .lock  .lock.holder
 ```
@@ -68,7 +69,15 @@ BASE_METRICS: dict[str, BaseMetric] = {
 }
 
 #: Files and folders of one run inside the save directory, replaced by the next run.
-RUN_OUTPUTS = ("plots", "models", "metrics.json", "run.json", "report.html")
+RUN_OUTPUTS = (
+    "plots",
+    "models",
+    "metrics.json",
+    "run.json",
+    "report.html",
+    "examples.csv",  # exigo.analyses.examples
+    "label_issues.csv",
+)
 BEST_CHECKPOINT = "models/best.pt"
 LAST_CHECKPOINT = "models/last.pt"
 
