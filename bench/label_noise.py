@@ -127,7 +127,7 @@ def figure_cost(train: Any, repeats: int = 3) -> dict[str, float]:
             started = time.process_time()
             if name == "data_map":
                 figure = plot_data_map(
-                    values[0], values[1] / 2, values[2], values[3] < 0.05, title="data map"
+                    values[0], values[1] / 2, values[2], values[3] < 0.05, title="map", epochs=2
                 )
             else:
                 figure = plot_suspects(

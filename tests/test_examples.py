@@ -373,7 +373,9 @@ def test_planted_label_errors_dominate_the_top_of_the_ranking_on_mnist(mnist_roo
     k = flipped.numel()  # 400
     top = {int(row["index"]) for row in rows if int(row["rank"]) <= k}
     precision = len(top & set(flipped.tolist())) / k
-    # measured: 0.9475 (379 of the 400 planted errors in the top 400)
-    assert precision >= 0.92, precision
+    # measured here: 0.9675 (387 of the 400 planted errors in the top 400; 0.965 in
+    # bench/label_noise.py, one torch thread); the margin allows for other CPUs' rounding
+    assert precision >= 0.94, precision
     issues = [row for row in read_csv(tmp_path / "label_issues.csv") if row["split"] == "train"]
+    # measured: the first 100 suspects are all planted errors
     assert sum(int(row["index"]) in set(flipped.tolist()) for row in issues[:100]) >= 97
