@@ -29,7 +29,7 @@ from exigo.analyses.examples import (
 from exigo.cli import default_model
 from exigo.config import Config
 from exigo.data import TensorImageDataset, load_mnist
-from exigo.engine.run_dir import RUN_OUTPUTS, clear_previous_run
+from exigo.engine.run_dir import RUN_OUTPUTS, PreviousRun
 from exigo.engine.training import (
     EvalResult,
     TrainingDynamics,
@@ -245,9 +245,11 @@ def test_registered_by_default_and_its_files_are_replaced_by_the_next_run(tmp_pa
     assert {"examples.csv", "label_issues.csv"} <= set(RUN_OUTPUTS)
     for name in ("examples.csv", "label_issues.csv"):
         (tmp_path / name).write_text("old\n")
-    clear_previous_run(tmp_path, "r")
+    previous = PreviousRun.set_aside(tmp_path, "r")  # what a new run does before it trains
     assert not (tmp_path / "examples.csv").exists()
     assert not (tmp_path / "label_issues.csv").exists()
+    previous.discard()  # its first epoch committed
+    assert not (tmp_path / ".previous-run").exists()
 
 
 # ---------------------------------------------------------------- resume and torchrun
