@@ -473,6 +473,9 @@ def build_report(save_dir: str | Path) -> str:
         for key in ("run_name", "model", "seed", "device", "started", "train_size", "val_size")
         if key in run_info
     }
+    data = run_info.get("data")
+    if isinstance(data, dict) and data.get("source"):  # where the images came from
+        environment["data"] = data["source"]
 
     jinja = jinja2.Environment(
         autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True

@@ -68,7 +68,8 @@ def test_cifar100_fine_labels_and_names(tmp_path, monkeypatch):
 def test_svhn_mat_files_map_ten_to_zero(tmp_path, monkeypatch):
     checksums = write_svhn(tmp_path, train=20, test=10)
     split_list = {
-        split: [url, file, checksums[file]] for split, (url, file, _) in SVHN.split_list.items()
+        split: [url, file, checksums[file]]
+        for split, (url, file, _) in SVHN.split_list.items()
         if file in checksums
     }
     monkeypatch.setattr(SVHN, "split_list", split_list)

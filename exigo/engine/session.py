@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from exigo._io import atomic_write_json
 from exigo.analysis import Analysis, Probe, make_probe
-from exigo.data import Normalization, dataset_targets
+from exigo.data import Normalization, data_source, dataset_targets
 from exigo.engine.checkpoint import (
     apply_weights,
     load_checkpoint,
@@ -39,6 +39,7 @@ from exigo.engine.run_dir import (
     record_resume,
     run_info,
 )
+from exigo.models import unwrapped
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -276,10 +277,17 @@ class Session:
             seed=self.config.seed,
             device=str(self.world.device),
             distributed=self.world.describe(),
-            model=type(self.model).__name__,
+            model=type(unwrapped(self.model)).__name__,
             train_size=len(self.train_data),
             val_size=len(self.val_data),
             class_names=self.class_names,
+            data={
+                "source": data_source(self.val_data),
+                "image_shape": list(self.probe.images.shape[1:]),
+                "normalization": None
+                if self.normalization is None
+                else {"mean": list(self.normalization.mean), "std": list(self.normalization.std)},
+            },
             figures={
                 info.name: {"title": info.title, "caption": info.caption}
                 for analysis in self.analyses
@@ -307,7 +315,7 @@ class Session:
             path,
             config=self.config.to_dict(),
             run_name=self.config.run_name,
-            model_class=type(self.model).__name__,
+            model_class=type(unwrapped(self.model)).__name__,
             train_size=len(self.train_data),
             val_size=len(self.val_data),
             world_size=self.world.world_size,
@@ -326,7 +334,7 @@ class Session:
         self.resumed = payload
 
     def _restore(self, payload: dict[str, Any]) -> None:
-        apply_weights(payload, self.model, LAST_CHECKPOINT)
+        apply_weights(payload, unwrapped(self.model), LAST_CHECKPOINT)
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         self.state = RunState.from_checkpoint(payload)
@@ -377,7 +385,7 @@ class Session:
         """
         save_checkpoint(
             self.save_dir / BEST_CHECKPOINT,
-            model,
+            unwrapped(model),  # the user's own state_dict: no "model." prefix
             epoch=epoch,
             eval_loss=eval_loss,
             eval_accuracy=eval_accuracy,
@@ -400,7 +408,7 @@ class Session:
         """
         save_checkpoint(
             self.save_dir / LAST_CHECKPOINT,
-            model,
+            unwrapped(model),
             **self.state.to_checkpoint(),
             config=self.config.to_dict(),
             train_size=len(self.train_data),
