@@ -52,9 +52,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from exigo._system import available_cpus
-from exigo.analysis import Analysis
+from exigo.analysis import Analysis, CostShape
 from exigo.config import Config
 from exigo.data import Normalization, class_names_of, gather
+from exigo.engine.budget import plan_budget
 from exigo.engine.checkpoint import capture_rng
 from exigo.engine.epoch import Background, EpochEnd, analyse, context, fit, same_random_state
 from exigo.engine.events import EventLog
@@ -193,6 +194,7 @@ def run(
                 save_dir=Path(save_dir),
             )
         session.join()
+        _plan_budget(session)
         session.timed("setup", started)
         if session.state.epoch >= config.epochs:
             console.print(
@@ -245,6 +247,20 @@ def _epochs(session: Session) -> RunResult:
         message = session.where_things_are(f"{error}; --lr is {config.lr:g}")
         raise RunDiverged(message, session.result()) from None
     return session.result()
+
+
+def _plan_budget(session: Session) -> None:
+    """Fit the analyses' passes to `--analysis-budget` (`exigo.engine.budget`); say so once."""
+    probe = session.probe.images
+    shape = CostShape(
+        probe_images=probe.shape[0],
+        num_classes=len(session.class_names),
+        image_shape=tuple(probe.shape[1:]),  # type: ignore[arg-type]
+    )
+    training_passes = session.world.samples_per_epoch(len(session.train_data))
+    line = plan_budget(session.analyses, shape, training_passes, session.config.analysis_budget)
+    if line is not None:
+        session.console.print(line, highlight=False, soft_wrap=True)
 
 
 def _overlap(session: Session) -> bool:

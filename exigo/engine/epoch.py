@@ -376,7 +376,8 @@ def finish(session: Session, ended: EpochEnd, *, overlapped: bool) -> None:
         overlapped: this runs beside the next epoch's training.
     """
     ctx = context(session, ended.epoch, ended.evaluation, ended.model)
-    seconds = analyse(session, ctx, session.analyses, overlapped=overlapped)
+    due = [a for a in session.analyses if a.due(ended.epoch, session.config.epochs)]
+    seconds = analyse(session, ctx, due, overlapped=overlapped)
     commit(session, ended, ctx.metrics, seconds)
 
 
