@@ -11,10 +11,11 @@ r"""Default models per input shape, torchvision's architectures, and how exigo r
   convolution and its classifier adapted to the data's channels and classes.
 - `default_model`: which of these fits an input shape.
 
-Any classifier works with the pipeline, whatever its forward returns: `AsClassifier` wraps
-it once, at `exigo.pipeline.run`'s door, so that training, evaluation and every analysis see
-a plain `[N, C, H, W] -> [N, K]` logits tensor (`logits_of`), and `check_model` proves that
-on two validation images before anything is written. The embedding the projection and the
+Any classifier works with the pipeline, whatever its forward returns: `check_model` proves,
+at `exigo.pipeline.run`'s door and before anything is written, that two validation images
+give [2, K] logits, and wraps a model whose output is not that tensor once in
+`AsClassifier`, so that training, evaluation and every analysis see a plain
+`[N, C, H, W] -> [N, K]` classifier (`logits_of`). The embedding the projection and the
 evaluation read is the input of the model's `classifier` attribute or else of its last
 `nn.Linear` (`embedding_module`), or of any module named with `embedding_layer`.
 """
@@ -368,10 +369,11 @@ def _describe(value: Any, depth: int = 0) -> str:
 class AsClassifier(nn.Module):
     """A user's model seen as a plain classifier: images [N, C, H, W] -> logits [N, K].
 
-    `exigo.pipeline.run` wraps every model in one, so training, evaluation and the analyses
-    never meet tuples or dicts. Checkpoints hold the wrapped model's own `state_dict()`
-    (`exigo.engine.session` saves `unwrapped(model)`), so they load into the user's model
-    without a prefix.
+    `exigo.pipeline.run` wraps a model in one when its output is not the logits tensor
+    itself, or when `output_fn` or `embedding_layer` is given (`check_model`), so training,
+    evaluation and the analyses never meet tuples or dicts. Checkpoints hold the wrapped
+    model's own `state_dict()` (`exigo.engine.session` saves `unwrapped(model)`), so they load
+    into the user's model without a prefix.
 
     Args:
         model: the user's model.
@@ -482,8 +484,8 @@ def check_model(
     *,
     output_fn: OutputFn | None = None,
     embedding_layer: str | None = None,
-) -> AsClassifier:
-    """Wrap `model` and prove, on two images, that it maps them to [2, num_classes] logits.
+) -> nn.Module:
+    """Prove, on two images, that `model` maps them to [2, num_classes] logits; wrap if needed.
 
     Called by `exigo.pipeline.run` before anything is written: a model that does not fit
     the data stops the run with one sentence saying what to change.
@@ -496,7 +498,10 @@ def check_model(
         embedding_layer: name of the module whose input is the embedding; None: default.
 
     Returns:
-        The `AsClassifier` that training, evaluation and the analyses use.
+        What training, evaluation and the analyses use: `model` itself when it returns the
+        logits tensor and neither `output_fn` nor `embedding_layer` is given (so a plain
+        classifier reaches the analyses as it is, its attributes included), else an
+        `AsClassifier` around it.
 
     Raises:
         ModelError: the first convolution takes another number of channels than the images
@@ -541,4 +546,5 @@ def check_model(
             f"build it with {num_classes} outputs, or pass run(..., output_fn=...) that returns "
             "the [N, num_classes] logits"
         )
-    return classifier
+    plain = isinstance(output, Tensor) and output_fn is None and embedding_layer is None
+    return model if plain else classifier

@@ -114,11 +114,11 @@ def run(
 
     Works for any classifier of [N, C, H, W] images whose forward returns the [N, K] logits,
     a tuple or list starting with them, or a mapping with a `logits` entry (`output_fn` for
-    anything else): the model is wrapped once in `exigo.models.AsClassifier`, and one forward
-    pass of two validation images checks it before anything is written. The embedding is the
-    input of its `classifier` attribute, or of its last `nn.Linear`, or of the module named
-    `embedding_layer`. With `config.resume`, the run in `config.save_dir` continues after its
-    last completed epoch (`models/last.pt`).
+    anything else): one forward pass of two validation images checks it before anything is
+    written, and any model but a plain one is wrapped once in `exigo.models.AsClassifier`.
+    The embedding is the input of its `classifier` attribute, or of its last `nn.Linear`, or
+    of the module named `embedding_layer`. With `config.resume`, the run in `config.save_dir`
+    continues after its last completed epoch (`models/last.pt`).
 
     Args:
         config: the run's settings (epochs, batch size, learning rate, seed, folders, device).

@@ -203,3 +203,12 @@ def test_pretrained_weights_that_cannot_be_downloaded(tmp_path, monkeypatch):
     assert message.startswith("--pretrained: torchvision's weights for resnet18")
     assert "could not be downloaded" in message and "drop --pretrained" in message
     assert str(tmp_path / "torch" / "hub" / "checkpoints") in message
+
+
+def test_only_models_that_need_it_are_wrapped():
+    images = make_blobs(4, size=8).images[:2]
+    plain = TensorNet()
+    assert check_model(plain, images, 3) is plain  # analyses see its own attributes
+    assert isinstance(check_model(TupleNet(), images, 3), AsClassifier)
+    named = check_model(plain, images, 3, embedding_layer="head.0")
+    assert isinstance(named, AsClassifier) and embedding_module(named) is plain.head[0]
