@@ -83,9 +83,9 @@ def test_declared_costs_by_hand():
     assert class_models.steps == 15
 
     attributions = AttributionAnalysis()
-    # per image: maps m = 3 + 16 + 16 + 64 / 3 (8 x 8 occlusion patches), the top-layer
-    # randomisation m again, curves 2 * 7 * 9 forward passes / 3
-    per_image = 2 * (3 + 16 + 16 + 64 / 3) + 2 * 7 * 9 / 3
+    # per image: maps m = 3 + 16 + 16 + 64 / 3 (8 x 8 occlusion patches), m again for each of
+    # the two randomisation stages, curves 2 * 7 * 9 forward passes / 3
+    per_image = 3 * (3 + 16 + 16 + 64 / 3) + 2 * 7 * 9 / 3
     assert attributions.cost(MNIST_SHAPE) == pytest.approx(10 * per_image)
     large = CostShape(probe_images=10, num_classes=4, image_shape=(3, 224, 224))
     settings = attributions.settings_for(large.image_shape)
@@ -97,7 +97,7 @@ def test_declared_costs_by_hand():
     assert (lowered.ig_steps, lowered.smoothgrad_samples, lowered.deletion_steps) == (4, 4, 5)
     assert lowered.occlusion_stride == 6 and lowered.randomisation_stages == 1  # 4 x 4 patches
     assert attributions.cost(MNIST_SHAPE) == pytest.approx(
-        10 * ((3 + 4 + 4 + 16 / 3) + 2 * 7 * 4 / 3)
+        10 * (2 * (3 + 4 + 4 + 16 / 3) + 2 * 7 * 4 / 3)
     )
 
 

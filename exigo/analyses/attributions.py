@@ -676,13 +676,15 @@ class AttributionAnalysis(Analysis):
         )
 
     def cost(self, shape: CostShape) -> float:
-        """Passes per epoch (after the first, whose fully randomised model is not cached yet).
+        """Passes per epoch in which it runs.
 
         Per probe image, with $m$ the passes of all maps (1 each for Saliency, Input x
         Gradient and Grad-CAM, the steps of Integrated Gradients, the samples of SmoothGrad,
-        a third per occlusion patch): $m$ for the maps, $m$ for each randomisation stage but
-        the cached last, and a third per image of the $2 (M + 1) (k - 1)$ deletion and
-        insertion forward passes.
+        a third per occlusion patch): $m$ for the maps, $m$ for each randomisation stage, and
+        a third per image of the $2 (M + 1) (k - 1)$ deletion and insertion forward passes.
+        (The fully randomised model is the same every epoch, so from its second call on its
+        maps come from a cache: $m$ per image less than declared. The first call, often the
+        only one when the budget makes it run every k epochs, pays it.)
 
         Args:
             shape: probe size, classes and image shape.
@@ -698,7 +700,7 @@ class AttributionAnalysis(Analysis):
         )
         maps = 3 + settings.ig_steps + settings.smoothgrad_samples + patches / 3
         curves = 2 * 7 * (settings.deletion_steps - 1) / 3  # M + 1 = 7 orders
-        sanity = (settings.randomisation_stages - 1) * maps
+        sanity = settings.randomisation_stages * maps
         return shape.probe_images * (maps + sanity + curves)
 
     def state_dict(self) -> dict[str, Any]:
