@@ -4,12 +4,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from dataset_files import write_image_folder
 
 from exigo.cli import build_parser, config_from_args, main
 from exigo.config import DATASETS
 
 from conftest import REPO
+from dataset_files import write_image_folder
 
 
 @pytest.mark.parametrize(

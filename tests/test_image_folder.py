@@ -47,7 +47,7 @@ def test_grey_images_stay_one_channel_and_odd_sizes_are_fitted(tmp_path):
     write_image_folder(tmp_path, CLASSES, per_class=4, size=16, mode="L")
     Image.new("L", (20, 12), 255).save(tmp_path / "square" / "wide.png")
     lines = []
-    train, held_out = load_image_folder(tmp_path, val_fraction=0.25, log=lines.append)
+    train, _ = load_image_folder(tmp_path, val_fraction=0.25, log=lines.append)
     assert train.images.shape[1:] == (1, 16, 16)
     assert "1 images of other sizes scaled and centre-cropped" in lines[0]
 
