@@ -112,8 +112,8 @@ def settings_sweep(model: torch.nn.Module, data_dir: Path, repeats: int) -> None
     from exigo.analyses import attributions as A
     from exigo.analyses.faithfulness import deletion_insertion
     from exigo.analyses.sanity import cascading_randomisation, spearman
-    from exigo.data import MNIST_NORMALIZATION, load_mnist
     from exigo.analysis import select_probe
+    from exigo.data import MNIST_NORMALIZATION, load_mnist
 
     _, held_out = load_mnist(data_dir, download=False)
     index = select_probe(held_out.targets, 10, 10)

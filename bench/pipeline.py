@@ -244,15 +244,17 @@ def end_to_end(
 ) -> dict[str, dict[str, Any]]:
     """Wall and CPU seconds and peak RSS of whole runs, each a subprocess, start to exit.
 
-    Variants: `default` (`runner.py`), `no_attribution_checks` and `training_only`
-    (`bench/training_only.py`: no analyses). With `compare_with` (another checkout), its
-    `runner.py` runs too, keyed `compare:<variant>`. Each repeat runs every variant once, in
-    reverse order every other repeat, so that all see the same load.
+    Variants: `default` (`runner.py`: each epoch's analyses beside the next one's training),
+    `no_attribution_checks`, `sequential` (`--sequential`: analyses after each epoch) and
+    `training_only` (`bench/training_only.py`: no analyses). With `compare_with` (another
+    checkout), its `runner.py` runs too, keyed `compare:<variant>`. Each repeat runs every
+    variant once, in reverse order every other repeat, so that all see the same load.
     """
     runner = REPO / "runner.py"
     variants: dict[str, tuple[Path, Path, list[str]]] = {
         "default": (REPO, runner, []),
         "no_attribution_checks": (REPO, runner, ["--no-attribution-checks"]),
+        "sequential": (REPO, runner, ["--sequential"]),  # analyses after each epoch (issue 22)
         "training_only": (REPO, TRAINING_ONLY, []),
     }
     if compare_with is not None:
@@ -305,7 +307,7 @@ def end_to_end(
         result["max_peak_rss_mb"] = max(result["peak_rss_mb"])
     if repeats:
         baseline = results["training_only"]["median_seconds"]
-        for name in ("default", "no_attribution_checks"):
+        for name in ("default", "no_attribution_checks", "sequential"):
             results[name]["ratio_to_training_only"] = results[name]["median_seconds"] / baseline
     return results
 
@@ -336,6 +338,7 @@ def table(report: dict[str, Any]) -> str:
         labels = {
             "default": "`python runner.py`, start to exit (attribution checks on)",
             "no_attribution_checks": "`python runner.py --no-attribution-checks`",
+            "sequential": "`python runner.py --sequential` (analyses after each epoch)",
             "training_only": "`python bench/training_only.py` (no analyses: training, "
             "evaluation, checkpoints)",
             "compare:default": f"  the same, {compared}",
@@ -363,10 +366,10 @@ def table(report: dict[str, Any]) -> str:
                 e2e[name]["median_seconds"] / baseline["median_seconds"],
                 e2e[name]["median_cpu_seconds"] / baseline["median_cpu_seconds"],
             )
-            for name in ("default", "no_attribution_checks")
+            for name in ("default", "no_attribution_checks", "sequential")
         ]
         add(
-            "whole run / training only (attribution checks on; off)",
+            "whole run / training only (checks on; off; sequential)",
             "; ".join(f"{wall:.2f}x" for wall, _ in ratios),
             "; ".join(f"{cpu:.2f}x" for _, cpu in ratios),
         )

@@ -12,8 +12,10 @@ may stay behind and mean nothing on their own.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import Callable
@@ -22,12 +24,68 @@ from types import TracebackType
 from typing import IO, Any
 
 __all__ = [
+    "STORAGE_ERRNOS",
     "FolderLock",
     "FolderLockedError",
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_json",
+    "describe_write_error",
+    "is_storage_error",
 ]
+
+#: A write failed because of the machine, not of exigo: the disk or quota is full, the file
+#: system is read-only or failing, a file size limit is reached.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG})
+
+
+def is_storage_error(error: BaseException, folder: str | Path) -> bool:
+    """Whether `error` means the run's files cannot be written (so the run must stop).
+
+    Args:
+        error: any exception.
+        folder: the run's folder: a permission error on a file inside it counts too (the
+            folder was made read-only during the run).
+
+    Returns:
+        True for a `STORAGE_ERRNOS` OSError anywhere, or EACCES/EPERM on a file in `folder`.
+    """
+    if not isinstance(error, OSError):
+        return False
+    if error.errno in STORAGE_ERRNOS:
+        return True
+    if error.errno in (errno.EACCES, errno.EPERM) and error.filename:
+        written = Path(os.path.abspath(os.fsdecode(error.filename)))
+        return written.is_relative_to(os.path.abspath(folder))
+    return False
+
+
+def describe_write_error(error: OSError, folder: str | Path) -> str:
+    """The message a full disk's own lacks: `cannot write FILE: REASON (N MB free there)`.
+
+    Args:
+        error: the failed write (`atomic_write` names the file, not its temporary name).
+        folder: where to measure the free space when the error names no file.
+
+    Returns:
+        One clause, without a final full stop.
+    """
+    target = Path(os.fsdecode(error.filename)) if error.filename else Path(folder)
+    what = f"cannot write {target}" if error.filename else f"cannot write in {target}"
+    existing = next((p for p in (target, *target.parents) if p.exists()), None)
+    try:
+        free = f" ({_size(shutil.disk_usage(existing).free)} free there)" if existing else ""
+    except OSError:
+        free = ""
+    return f"{what}: {error.strerror or error}{free}"
+
+
+def _size(count: int) -> str:
+    """Bytes as people read them: 0 bytes, 812.3 kB, 1.3 GB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} bytes"
 
 
 def _current_umask() -> int:
@@ -62,8 +120,10 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
         os.replace(handle.name, path)
     except BaseException as error:
         Path(handle.name).unlink(missing_ok=True)
-        if isinstance(error, OSError) and error.filename is None:
-            error.filename = str(path)  # "No space left on device" alone does not say where
+        if isinstance(error, OSError) and error.filename in (None, handle.name):
+            # "No space left on device" alone does not say where; the temporary name is
+            # not the file the user knows
+            error.filename, error.filename2 = str(path), None
         raise
     _fsync_folder(path.parent)
     return path

@@ -4,10 +4,11 @@ Exit codes:
 
 - 0: success.
 - 1: the run finished but an analysis failed, or a write failed (disk full, read-only).
-- 2: bad options, data, model (unknown `--model`, `--pretrained` weights that cannot be
-  downloaded, a model that does not fit the data), save directory (unwritable, or in use by
-  another run) or `--resume` (nothing to resume, different options): checked before
-  training, nothing was trained.
+- 2: bad options (one training step on copies fails with them), data, model (unknown
+  `--model`, `--pretrained` weights that cannot be downloaded, a model that does not fit the
+  data), save directory (unwritable, a file, in use by another run, or holding others'
+  files) or `--resume` (nothing to resume, different options, damaged checkpoint): checked
+  before training, nothing was trained, the previous run is untouched.
 - 3: the loss became NaN or infinite; the best checkpoint of earlier epochs is kept.
 - 4: under torchrun, another process failed or stopped answering (its own message, named
   in torchrun's summary, is the cause).
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import errno
 import gc
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--device",
         default=_DEFAULTS.device,
-        help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps (default: %(default)s)",
+        help="auto (cuda, then mps, then cpu), cpu, or a device this torch can use here "
+        "(cuda, cuda:1, mps, xpu, ...; others are refused with the list) (default: %(default)s)",
     )
     train.add_argument(
         "--model",
@@ -174,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
         "with the same options",
     )
     files.add_argument(
+        "--force",
+        action="store_true",
+        help="with --resume: continue with another --threads than the run's, although the "
+        "metrics then differ from an uninterrupted run's",
+    )
+    files.add_argument(
         "--run-name",
         type=str,
         default=None,
@@ -239,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=_DEFAULTS.threads,
         help="CPU threads of torch's operators (0: OMP_NUM_THREADS if set, else half the "
-        "CPUs; more threads are faster only on idle cores, and far slower on busy ones) "
+        "CPUs, and on --resume the run's own count; more threads are faster only on idle "
+        "cores, and far slower on busy ones; the count changes results in the last digits) "
         "(default: %(default)s)",
     )
     return parser
@@ -324,29 +332,10 @@ _ENVIRONMENT_ERRNOS = {
     errno.EDQUOT,
     errno.EROFS,
     errno.EIO,
+    errno.EFBIG,
     errno.EACCES,
     errno.EPERM,
 }
-
-
-def _set_threads(threads: int) -> None:
-    """Give torch `threads` intra-op threads; 0: `OMP_NUM_THREADS` if set, else half the CPUs.
-
-    Half the CPUs (at least one) by default: the other half renders the figures
-    (`exigo.figures.pool`) and absorbs other processes. OpenMP threads spin-wait for each other at
-    every operator, so when the cores are oversubscribed an epoch collapses: on 2 cores, two
-    threads train the default CNN 1.6x faster than one when nothing else runs (1.4 s instead
-    of 2.3 s per epoch), but 10-30x slower once other processes share the cores (29 s at load
-    average 2, 76 s at 7; issue 7). torchrun sets `OMP_NUM_THREADS=1` for the same reason.
-    """
-    import torch
-
-    from exigo._system import available_cpus
-
-    if threads:
-        torch.set_num_threads(threads)
-    elif "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, available_cpus() // 2))
 
 
 def _run(config: Config, console: Console, err: Console) -> int:
@@ -355,10 +344,11 @@ def _run(config: Config, console: Console, err: Console) -> int:
     from exigo.analyses import default_analyses
     from exigo.data import DataError, load_dataset
     from exigo.engine.checkpoint import CheckpointError
+    from exigo.engine.preflight import PreflightError
     from exigo.engine.resume import ResumeError
-    from exigo.engine.run_dir import SaveDirError, prepare_save_dir
+    from exigo.engine.run_dir import SaveDirError, check_replaceable, check_save_dir
     from exigo.engine.signals import RunInterrupted
-    from exigo.engine.world import DistributedError, World, join, resolve_device
+    from exigo.engine.world import DistributedError, World, join, resolve_device, set_threads
     from exigo.models import ModelError, check_model_name, torchvision_model
     from exigo.pipeline import RunDiverged, run
 
@@ -370,7 +360,7 @@ def _run(config: Config, console: Console, err: Console) -> int:
         err.print(f"[bold red]error:[/bold red] {where}{message}")
         return code
 
-    _set_threads(config.threads)
+    set_threads(config.threads)  # loading the data is faster with them too
     try:
         world = join(config.device, config.dist_timeout) or World(resolve_device(config.device))
         rank = world.rank
@@ -388,8 +378,10 @@ def _run(config: Config, console: Console, err: Console) -> int:
             )
 
         with world.all_or_none("loading the data"):  # rank 0 first: it may download
-            if rank == 0:
-                prepare_save_dir(config.save_dir)
+            if rank == 0:  # before the data: a wrong --save-dir costs no download
+                check_save_dir(config.save_dir)
+                if not config.resume:
+                    check_replaceable(config.save_dir, config.data_dir)
                 train_data, val_data = load(config.download)
         if rank != 0:
             train_data, val_data = load(False)
@@ -415,7 +407,7 @@ def _run(config: Config, console: Console, err: Console) -> int:
 
     try:
         result = run(config, model, train_data, val_data, default_analyses(config), console=console)
-    except (SaveDirError, ResumeError, CheckpointError, ModelError) as error:
+    except (SaveDirError, ResumeError, CheckpointError, PreflightError, ModelError) as error:
         return fail(error, 2)
     except RunInterrupted as interrupt:
         if rank == 0:  # every process stops; one says so
@@ -428,25 +420,25 @@ def _run(config: Config, console: Console, err: Console) -> int:
     except OSError as error:
         if error.errno not in _ENVIRONMENT_ERRNOS:
             raise
-        resumable = (config.save_dir / "models" / "last.pt").exists()
-        return fail(
-            f"{error}. Files written before are intact; fix the cause, then "
-            + ("continue with --resume" if resumable else "run again"),
-            1,
-        )
+        return fail(_write_failure(error, config), 1)
 
-    if result.history:
-        best = result.history[result.best_epoch - 1]
-        console.print(
-            f"best epoch {result.best_epoch}: eval accuracy {best['eval_accuracy']:.2%}, "
-            f"model in {result.save_dir / 'models' / 'best.pt'}; "
-            f"tensorboard --logdir {result.save_dir / 'logs'}",
-            highlight=False,
-            soft_wrap=True,
-        )
-    if result.failed_analyses:
+    if result.failed_analyses:  # run() printed the closing line
         return fail(_failure_summary(result.failed_analyses), 1)
     return 0
+
+
+def _write_failure(error: OSError, config: Config) -> str:
+    """One sentence: the file, the reason, the free space, and what is kept."""
+    from exigo._io import describe_write_error
+
+    notes = getattr(error, "__notes__", [])  # the previous run, put back (run_dir)
+    if notes:
+        kept = "; ".join(notes)
+    elif (config.save_dir / "models" / "last.pt").exists():
+        kept = "files written before are whole; fix the cause, then continue with --resume"
+    else:
+        kept = "files written before are whole; fix the cause, then run again"
+    return f"{describe_write_error(error, config.save_dir)}; {kept}"
 
 
 def default_model(

@@ -44,7 +44,8 @@ class Config:
     """Cross-entropy target smoothing (0 = one-hot targets)."""
 
     seed: int = 0
-    """Seeds model init, shuffling and every analysis' randomness."""
+    """Seeds model init, shuffling and every analysis' randomness; in [0, 2**63) (torch's
+    range; the t-SNE, whose libraries take [0, 2**32), uses it mod 2**32)."""
 
     data_dir: Path = Path("save/data")
     """A torchvision root holding the dataset's files (`MNIST/raw/`, `cifar-10-batches-py/`,
@@ -63,7 +64,8 @@ class Config:
     """Images per forward pass during evaluation."""
 
     threads: int = 0
-    """CPU threads of torch's operators; 0: `OMP_NUM_THREADS` if set, else half the CPUs."""
+    """CPU threads of torch's operators; 0: `OMP_NUM_THREADS` if set, else half the CPUs
+    (on `resume`: the run's own count, recorded in `models/last.pt`)."""
 
     probe_size: int = 10
     """Fixed validation images for saliency/attributions, one per class."""
@@ -92,6 +94,10 @@ class Config:
 
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form, recorded in run.json."""
+
+    force: bool = False
+    """With `resume`: continue with a `threads` other than the run's, although the metrics
+    then differ from an uninterrupted run's."""
 
     dataset: str = "mnist"
     """One of `DATASETS`; `imagefolder` reads `data_dir` as a folder of class sub-folders."""

@@ -64,7 +64,7 @@ from exigo.engine.run_dir import SaveDirError, lock_save_dir, prepare_save_dir
 from exigo.engine.session import RunResult, Session
 from exigo.engine.signals import RunInterrupted, StopSignals
 from exigo.engine.training import DivergenceError
-from exigo.engine.world import World, open_world
+from exigo.engine.world import World, open_world, torch_threads
 from exigo.figures.pool import FigurePool
 from exigo.models import OutputFn, check_model
 
@@ -109,6 +109,7 @@ def run(
     output_fn: OutputFn | None = None,
     embedding_layer: str | None = None,
     console: Console | None = None,
+    verbose: bool = True,
 ) -> RunResult:
     """Train `model` for `config.epochs` epochs and analyse it after each one.
 
@@ -135,6 +136,9 @@ def run(
         embedding_layer: name of the module whose input is the embedding (`"head.3"`);
             default `config.embedding_layer`, else the classifier's input.
         console: a rich Console for progress and messages (default: stdout).
+        verbose: print the closing line when the run ends (`RunResult.closing_line`: the
+            report, the best model, the TensorBoard command); `console=Console(quiet=True)`
+            silences everything.
 
     Returns:
         The `RunResult`.
@@ -147,6 +151,7 @@ def run(
             files exigo did not write. Nothing was changed.
         ResumeError: `config.resume` but nothing to resume, or different settings.
         CheckpointError: `models/last.pt` cannot be loaded into `model`.
+        PreflightError: one training step with these options fails; nothing was changed.
         RunInterrupted: SIGINT or SIGTERM arrived; completed epochs are saved.
         RunDiverged: the loss became NaN or infinite; completed epochs are saved.
         DistributedError: under torchrun, another process failed or stopped answering.
@@ -178,6 +183,7 @@ def run(
         # the worker's imports overlap ours (torch._dynamo with the optimiser)
         figures = stack.enter_context(_figure_pool(analyses, world, console))
         stop = stack.enter_context(StopSignals())
+        stack.enter_context(torch_threads(config.threads))  # as runner.py; restored after
         with world.all_or_none("starting the run"):
             session = Session.open(
                 config,
@@ -193,6 +199,8 @@ def run(
                 figures=figures,
                 save_dir=Path(save_dir),
             )
+        if session.previous_run is not None:  # put back unless an epoch is committed
+            stack.enter_context(session.previous_run)
         session.join()
         _plan_budget(session)
         session.timed("setup", started)
@@ -208,6 +216,8 @@ def run(
         interrupt.args = (session.where_things_are(f"interrupted by {interrupt.signal_name}"),)
         interrupt.result = result
         raise interrupt
+    if verbose:
+        console.print(result.closing_line, highlight=False, soft_wrap=True)
     return result
 
 

@@ -12,6 +12,8 @@ from exigo.analysis import EpochContext
 from exigo.data import TensorImageDataset
 from exigo.figures.pool import FigurePool
 
+from browser import browser, chromium  # noqa: F401  (fixtures for the page tests)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "mnist"
 

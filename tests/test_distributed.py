@@ -278,7 +278,8 @@ PIPELINE_WORKER = textwrap.dedent(
         "whole": attempt("whole", train),
         "stop_rank1": attempt("stopped", Trap(train, rank_=1, at=48 + 15)),  # epoch 2
         "resumed": attempt("stopped", train, resume=True),
-        "stop_analysis": attempt("analysis", train, [SignalOnMain()]),
+        "stop_analysis": attempt("analysis", train, [SignalOnMain()], sequential=True),
+        "stop_beside": attempt("beside", train, [SignalOnMain()]),
         "nan_rank1": attempt("nan", Trap(train, rank_=1, at=48 + 45, what="nan")),  # epoch 2
     }
     json.dump(outcomes, open(f"{out}/outcomes{rank}.json", "w"))
@@ -307,6 +308,7 @@ def test_two_processes_stop_resume_and_diverge_together(tmp_path):
     for outcomes in (rank0, rank1):
         assert outcomes["stop_rank1"] == {"outcome": "interrupted", "signal": 15}
         assert outcomes["stop_analysis"] == {"outcome": "interrupted", "signal": 15}
+        assert outcomes["stop_beside"] == {"outcome": "interrupted", "signal": 15}
         assert outcomes["nan_rank1"]["outcome"] == "diverged"
     assert rank0["resumed"] == {"outcome": "done", "epochs": 3}
     keys = ["epoch", "train_loss", "eval_loss", "eval_accuracy", "lr"]
@@ -315,6 +317,10 @@ def test_two_processes_stop_resume_and_diverge_together(tmp_path):
     ]
     # SIGTERM on rank 0 during its analyses of epoch 1: that epoch is dropped on both
     assert not (tmp_path / "analysis" / "metrics.json").exists()
+    # ... the same beside epoch 2's training: the signal reaches rank 0's main thread when it
+    # can, so epoch 1 is dropped or saved whole, and epoch 2 is dropped on both
+    beside = tmp_path / "beside" / "metrics.json"
+    assert not beside.exists() or [row["epoch"] for row in json.loads(beside.read_text())] == [1]
     # NaN on rank 1's images in epoch 2: both stop; rank 0 keeps epoch 1 and says why
     assert [row["epoch"] for row in metrics["nan"]] == [1]
     assert "training loss became nan" in rank1["nan_rank1"]["message"]

@@ -3,6 +3,7 @@ import torch
 
 import exigo._system
 from exigo import cli
+from exigo.engine.world import set_threads
 
 
 @pytest.fixture
@@ -20,7 +21,9 @@ def restore_threads():
         (0, None, 1, 1),  # at least one
         (3, None, 8, 3),  # --threads wins
         (3, "2", 8, 3),
-        (0, "2", 8, None),  # OMP_NUM_THREADS set: torch's own choice stays
+        (0, "2", 8, 2),  # OMP_NUM_THREADS set: its count
+        (0, "3,1", 8, 3),  # nested levels: the outer one
+        (0, "many", 8, 4),  # not a count: the rule without it
     ],
 )
 def test_threads(monkeypatch, restore_threads, option, environment, cpus, expected):
@@ -30,8 +33,8 @@ def test_threads(monkeypatch, restore_threads, option, environment, cpus, expect
         monkeypatch.setenv("OMP_NUM_THREADS", environment)
     monkeypatch.setattr(exigo._system, "available_cpus", lambda: cpus)
     torch.set_num_threads(5)
-    cli._set_threads(option)
-    assert torch.get_num_threads() == (5 if expected is None else expected)
+    assert set_threads(option) == expected
+    assert torch.get_num_threads() == expected
 
 
 def test_threads_option_reaches_config():

@@ -229,11 +229,18 @@ def test_an_ignored_signal_stays_ignored(tmp_path):
 VAL = make_blobs(30, seed=1)
 
 
-def test_second_signal_stops_at_once(tmp_path):
+@pytest.mark.parametrize("sequential", [True, False])
+def test_second_signal_stops_at_once(tmp_path, sequential):
     sender = SignalAfterEpoch(1, signal.SIGINT, times=2)
-    with pytest.raises(RunInterrupted):
-        run(tiny_config(tmp_path), TinyNet(), *make_blobs_pair(), [sender], console=quiet())
-    assert sender.finished == []  # the second signal interrupted the analysis itself
+    config = tiny_config(tmp_path, sequential=sequential)
+    with pytest.raises(RunInterrupted) as raised:
+        run(config, TinyNet(), *make_blobs_pair(), [sender], console=quiet())
+    if sequential:
+        assert sender.finished == []  # the second signal interrupted the analysis itself
+    # beside the next epoch, the second signal stops the training at once; either way the
+    # epoch whose analyses saw the signals is dropped whole, and the message says where
+    assert not (tmp_path / "metrics.json").exists()
+    assert "--resume" not in str(raised.value) and "not saved" in str(raised.value)
 
 
 def make_blobs_pair():

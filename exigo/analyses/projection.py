@@ -44,8 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from exigo._io import atomic_write_bytes
+from exigo._io import atomic_write, atomic_write_bytes
 from exigo._system import available_cpus
+from exigo.analyses._random import numpy_seed
 from exigo.analysis import Analysis, EpochContext, FigureInfo
 from exigo.data import display_pixels, gather
 from exigo.figures.pool import Drawn
@@ -180,7 +181,9 @@ def tsne_layout(
         embeddings: float tensor [K, D], K >= `MIN_TSNE_POINTS`. Not modified.
         initialization: float tensor [K, 2] to start from, or None for a PCA start.
         perplexity: wanted perplexity (effective number of neighbours).
-        seed: seeds the PCA jitter, the random start and the approximate neighbour search.
+        seed: seeds the PCA jitter, the random start and the approximate neighbour search;
+            any seed the run takes (`exigo.analyses._random.numpy_seed` folds it into
+            numpy's range).
         n_iter: iterations after the exaggeration phase; None: 150.
         early_exaggeration_iter: iterations of the exaggeration phase; None: 100 without
             `initialization`, 0 with it.
@@ -201,6 +204,7 @@ def tsne_layout(
 
     if embeddings.ndim != 2:
         raise ValueError(f"embeddings must be [K, D], got shape {tuple(embeddings.shape)}")
+    seed = numpy_seed(seed)  # scikit-learn's PCA and openTSNE take [0, 2**32)
     num_points = embeddings.shape[0]
     used_perplexity = effective_perplexity(num_points, perplexity)
     data = embeddings.detach().to("cpu", torch.float64).numpy()
@@ -336,8 +340,9 @@ def write_sprite(log_dir: Path, sprites: Tensor, tag: str = PROJECTOR_TAG) -> st
     from PIL import Image
 
     name = f"{tag}_sprite.png"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(sprite_sheet(sprites)).save(log_dir / name)
+    atomic_write(
+        log_dir / name, lambda handle: Image.fromarray(sprite_sheet(sprites)).save(handle, "png")
+    )
     return name
 
 
@@ -372,11 +377,14 @@ def write_projector(
     from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
 
     folder = f"{step:05d}/{tag}"
-    (log_dir / folder).mkdir(parents=True, exist_ok=True)
     values = embeddings.detach().float().cpu().numpy()
-    np.savetxt(log_dir / folder / "tensors.tsv", values, fmt="%.9g", delimiter="\t")
+    # atomically: a full disk leaves the previous file or none, never rows cut short
+    atomic_write(
+        log_dir / folder / "tensors.tsv",
+        lambda handle: np.savetxt(handle, values, fmt="%.9g", delimiter="\t"),
+    )
     table = ["label\tpredicted\tcorrect", *("\t".join(row) for row in metadata)]
-    (log_dir / folder / "metadata.tsv").write_text("\n".join(table) + "\n")
+    atomic_write_bytes(log_dir / folder / "metadata.tsv", ("\n".join(table) + "\n").encode())
 
     config = ProjectorConfig()
     on_disk = log_dir / "projector_config.pbtxt"

@@ -9,6 +9,7 @@ the files when they are absent.
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,21 +41,43 @@ def _read_mnist_split(root: Path, train: bool, download: bool) -> tuple[Tensor, 
         images = read_image_file(str(root / names[0]))  # (N, 28, 28) uint8
         labels = read_label_file(str(root / names[1]))  # (N,) int64
     else:
+        created = _first_missing(root / "MNIST" / "raw")  # torchvision creates it to download
         try:
             dataset = MNIST(root=str(root), train=train, download=download)
         except RuntimeError as error:  # torchvision's "not found" and download failures
             _check_idx_files(root, names)  # or a downloaded file it could not decode
+            _remove(created)
             raise _missing_error(root, download, error) from None
         except OSError as error:
+            _remove(created)
             raise DataError(f"cannot read MNIST under --data-dir {root}: {error}") from None
         images, labels = dataset.data, dataset.targets
-    if images.shape[0] != labels.shape[0]:
-        raise _corrupt_error(
-            root / names[1], f"{labels.shape[0]} labels for {images.shape[0]} images"
+    if images.shape[0] != labels.shape[0]:  # each file whole, but not a pair
+        raise DataError(
+            f"MNIST files {root / names[0]} ({images.shape[0]} images) and {root / names[1]} "
+            f"({labels.shape[0]} labels) do not belong together: one of them is from another "
+            "split or another copy. Replace them with the pair of one intact copy, or point "
+            "--data-dir at another MNIST root."
         )
     if labels.numel() and (labels.min() < 0 or labels.max() > 9):
         raise _corrupt_error(root / names[1], "labels outside 0-9")
     return images, labels
+
+
+def _first_missing(folder: Path) -> Path | None:
+    """The outermost folder of `folder`'s path that does not exist yet (None: it exists)."""
+    missing = None
+    for path in (folder, *folder.parents):
+        if path.exists():
+            return missing
+        missing = path
+    return missing
+
+
+def _remove(created: Path | None) -> None:
+    """Remove a folder tree this process created for a download that failed."""
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
 
 
 def _missing_error(root: Path, download: bool, cause: object) -> DataError:

@@ -18,6 +18,7 @@ tuples, lists and dicts, which that loader accepts.
 from __future__ import annotations
 
 import io
+import pickle
 import random
 import re
 import zipfile
@@ -91,8 +92,33 @@ def load_checkpoint(
             the message names the file.
     """
     path = Path(path)
-    if path.is_file() and not zipfile.is_zipfile(path):  # torch.save writes a zip archive
-        size = path.stat().st_size
+    if path.is_file():
+        _check_archive(path)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file") from None
+    except Exception as error:
+        raise CheckpointError(_why(path, error)) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an exigo checkpoint")
+    if model is not None:
+        apply_weights(payload, model, path)
+    return payload
+
+
+def _check_archive(path: Path) -> None:
+    """Refuse a file that is not a whole zip archive: every member's CRC-32 must match.
+
+    `torch.save` writes a zip archive whose members carry CRC-32 checksums, which
+    `torch.load` does not verify: flipped bytes inside a tensor's member would load as
+    different weights (or optimizer state) without a word. Reading every member costs about
+    a second per gigabyte.
+    """
+    size = path.stat().st_size
+    if not zipfile.is_zipfile(path):
         raise CheckpointError(
             f"{path} is not a loadable exigo checkpoint: "
             + (
@@ -103,32 +129,38 @@ def load_checkpoint(
             )
         )
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such checkpoint") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"{path} is a folder, not a checkpoint file") from None
-    except Exception as error:
-        raise CheckpointError(f"{path} is not a loadable exigo checkpoint: {_why(error)}") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an exigo checkpoint")
-    if model is not None:
-        apply_weights(payload, model, path)
-    return payload
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+        raise CheckpointError(
+            f"{path} is damaged and was not loaded: its zip archive cannot be read ({error})"
+        ) from None
+    if damaged is not None:
+        raise CheckpointError(
+            f"{path} is damaged and was not loaded: the bytes of its member {damaged} do not "
+            "match their CRC-32 checksum (a disk or copy error); use an intact copy"
+        )
 
 
-def _why(error: Exception) -> str:
-    """A short reason from torch.load's error (its refusals run to a dozen lines)."""
+#: How `torch.load(weights_only=True)` names what it refused to rebuild: "Unsupported global:
+#: GLOBAL x.y ...", "Trying to load unsupported GLOBAL posix.system whose module ...",
+#: "Trying to call reduce for unrecognized function ...".
+_REFUSED = re.compile(r"GLOBAL ([\w.]+)|unrecognized function (\S+)")
+
+
+def _why(path: Path, error: Exception) -> str:
+    """One sentence from torch.load's error (its refusals run to a dozen lines of advice)."""
     text = str(error)
-    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-    if refused:
+    refused = _REFUSED.search(text)
+    if refused or isinstance(error, pickle.UnpicklingError):
+        culprit = f" ({refused.group(1) or refused.group(2)})" if refused else ""
         return (
-            f"it holds a Python object ({refused.group(1)}) that only running code from the "
-            "file could rebuild, and exigo loads tensors and plain values only"
+            f"{path} was not loaded: it holds code or objects that are not plain "
+            f"tensors{culprit}, and exigo loads only tensors and plain values (never code)"
         )
     lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines()]
     first = next((line for line in lines if line), "")
-    return f"{type(error).__name__}: {first[:200]}"
+    return f"{path} is not a loadable exigo checkpoint: {type(error).__name__}: {first[:200]}"
 
 
 def apply_weights(payload: dict[str, Any], model: nn.Module, path: str | Path) -> None:

@@ -203,6 +203,8 @@ def analyse(
                     session.world.tell_stop(interrupt.signal_number)
                 raise
             except Exception as error:  # an analysis never kills training
+                for key in set(ctx.metrics) - known:  # its partial metrics go with it
+                    del ctx.metrics[key]
                 session.report_failure(ctx.epoch, analysis.name, error)
             seconds[analysis.name] = session.timed(f"analysis/{analysis.name}", start) - start
             _keep_numeric_metrics(session, ctx, known, analysis.name)
@@ -370,14 +372,26 @@ class EpochEnd:
 def finish(session: Session, ended: EpochEnd, *, overlapped: bool) -> None:
     """Analyse the epoch, then commit it (rank 0).
 
+    A stop signal that arrives before the commit starts drops the epoch whole; one that
+    arrives during the commit lets it finish: the epoch is saved whole and the run stops after.
+
     Args:
         session: the run.
         ended: the epoch as it ended.
         overlapped: this runs beside the next epoch's training.
+
+    Raises:
+        RunInterrupted: a stop signal arrived before the commit.
     """
     ctx = context(session, ended.epoch, ended.evaluation, ended.model)
     due = [a for a in session.analyses if a.due(ended.epoch, session.config.epochs)]
     seconds = analyse(session, ctx, due, overlapped=overlapped)
+    try:
+        session.stop.check()
+    except RunInterrupted as interrupt:
+        if not overlapped:  # the other torchrun processes wait in `stop_together`
+            session.world.tell_stop(interrupt.signal_number)
+        raise
     commit(session, ended, ctx.metrics, seconds)
 
 
@@ -434,6 +448,7 @@ def commit(
     _write_report(session, epoch)
     now = session.timed("report", now)
     session.save_last(ended.model, ended.optimizer, ended.scheduler, ended.rng)
+    session.drop_previous_run()  # committed: the previous run's outputs set aside can go
     session.timed("checkpoints", now)
 
 
@@ -515,6 +530,7 @@ def _write_report(session: Session, epoch: int) -> None:
 
         write_report(session.save_dir)
     except Exception as error:
+        session.stop_on_storage_error(error)  # a full disk stops the run, with one message
         session.failures.append((epoch, "report", f"{type(error).__name__}: {error}"))
         session.console.print(
             f"[red]report failed at epoch {epoch}:[/red] {type(error).__name__}: {error}"

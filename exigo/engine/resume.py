@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RESUMABLE_CHANGES", "ResumeError", "RunState", "check_resumable"]
+__all__ = [
+    "RESUMABLE_CHANGES",
+    "ResumeError",
+    "RunState",
+    "check_resumable",
+    "resumed_threads",
+]
 
 #: Settings that may differ between a run and its `--resume`: they say where files are or how
 #: fast it runs, not what is trained. Every other field must match.
@@ -29,6 +35,7 @@ RESUMABLE_CHANGES = frozenset(
         "run_name",
         "dist_timeout",
         "sequential",
+        "force",
     }
 )
 
@@ -131,3 +138,35 @@ def check_resumable(
             + "; ".join(differences)
             + "). Resume with the same options, or start a new run without --resume."
         )
+
+
+def resumed_threads(payload: Mapping[str, Any], threads: int, *, force: bool) -> int | None:
+    """The CPU thread count a resumed run continues with: the run's own, unless forced.
+
+    The count splits every operator's sums differently, so another count changes the
+    metrics from the first resumed epoch on (40 values of a 2-epoch MNIST run differ).
+
+    Args:
+        payload: the loaded `models/last.pt`; its `threads` is the count the run trained with
+            (absent in checkpoints of older versions: nothing to hold to).
+        threads: this run's `--threads` (0: not given).
+        force: `--force`: continue with `threads` anyway.
+
+    Returns:
+        The count to use, or None to keep this run's own (`threads`, or the rule for 0).
+
+    Raises:
+        ResumeError: `threads` is given, differs from the run's, and `force` is not.
+    """
+    recorded = payload.get("threads")
+    if not isinstance(recorded, int) or threads == recorded:
+        return None
+    if not threads:
+        return recorded
+    if force:
+        return None
+    raise ResumeError(
+        f"--resume: the run trained with {recorded} CPU threads and --threads {threads} would "
+        "change its results; leave --threads out (the run's own count is used), pass "
+        f"--threads {recorded}, or add --force to continue with {threads} anyway"
+    )

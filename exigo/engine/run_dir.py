@@ -3,19 +3,23 @@
 ```
 <save-dir>/  plots/  models/best.pt  models/last.pt  metrics.json  run.json  report.html
              logs/<run-name>/   (TensorBoard; runs accumulate side by side)
-             .lock  .lock.holder
+             .lock  .lock.holder  .previous-run/ (until the first epoch is committed)
 ```
 
 A new run replaces the previous run's `RUN_OUTPUTS` (and its own TensorBoard folder) only when
-`run.json` shows that exigo wrote them: `--save-dir ~` by mistake never deletes `~/models`.
+`run.json` shows that exigo wrote them: `--save-dir ~` by mistake never deletes `~/models`,
+and a folder of other files is refused. Even then they are only set aside (`PreviousRun`)
+until the new run's first epoch is committed, and put back if it fails or stops before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
+import os
 import shutil
-import time
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -26,16 +30,20 @@ from exigo._system import library_versions
 __all__ = [
     "BASE_METRICS",
     "BEST_CHECKPOINT",
+    "EXIGO_ENTRIES",
     "LAST_CHECKPOINT",
+    "PREVIOUS_RUN",
     "RUN_OUTPUTS",
     "BaseMetric",
+    "PreviousRun",
     "SaveDirError",
     "check_replaceable",
-    "clear_previous_run",
+    "check_save_dir",
     "is_exigo_run",
     "lock_save_dir",
     "prepare_save_dir",
     "record_resume",
+    "recover_previous_run",
     "write_metrics",
 ]
 
@@ -69,12 +77,56 @@ BASE_METRICS: dict[str, BaseMetric] = {
 
 #: Files and folders of one run inside the save directory, replaced by the next run.
 RUN_OUTPUTS = ("plots", "models", "metrics.json", "run.json", "report.html")
+#: Where a new run keeps the previous run's outputs until its first epoch is committed.
+PREVIOUS_RUN = ".previous-run"
+_MANIFEST = "manifest.json"
+#: What else exigo keeps in a save directory: TensorBoard runs, the lock, the previous run.
+EXIGO_ENTRIES = ("logs", ".lock", ".lock.holder", PREVIOUS_RUN)
+#: Written by file browsers into any folder they show; not the user's files.
+_SYSTEM_FILES = (".DS_Store", "Thumbs.db", "desktop.ini")
 BEST_CHECKPOINT = "models/best.pt"
 LAST_CHECKPOINT = "models/last.pt"
 
 
 class SaveDirError(Exception):
     """The save directory cannot be created, written or locked, or holds others' files."""
+
+
+def check_save_dir(save_dir: str | Path) -> Path:
+    """Prove that `save_dir` is, or can become, a writable folder; create nothing.
+
+    Runs before the data is loaded (or downloaded), so a wrong `--save-dir` costs no time,
+    and a run that stops there leaves no folder behind.
+
+    Args:
+        save_dir: the folder the run writes into.
+
+    Returns:
+        `save_dir` as a `Path`.
+
+    Raises:
+        SaveDirError: it, or a folder above it, is a file; or it cannot be written or created.
+    """
+    save_dir = Path(save_dir)
+    existing = next(folder for folder in (save_dir, *save_dir.parents) if folder.exists())
+    if existing == save_dir and not existing.is_dir():
+        raise SaveDirError(
+            f"--save-dir {save_dir} is a file, not a folder; choose a folder (it is created "
+            "if missing)"
+        )
+    if not existing.is_dir():
+        raise SaveDirError(
+            f"--save-dir {save_dir} cannot be created: {existing} is a file, not a folder"
+        )
+    try:  # a folder made and removed: proves what creating `save_dir` needs, leaves nothing
+        tempfile.TemporaryDirectory(dir=existing, prefix=".exigo-write-test-").cleanup()
+    except OSError as error:
+        raise SaveDirError(
+            f"cannot write to --save-dir {save_dir}"
+            + ("" if existing == save_dir else f" ({existing} does not let it be created)")
+            + f": {error.strerror or error}"
+        ) from None
+    return save_dir
 
 
 def prepare_save_dir(save_dir: str | Path) -> Path:
@@ -89,12 +141,9 @@ def prepare_save_dir(save_dir: str | Path) -> Path:
     Raises:
         SaveDirError: it cannot be created, is not a folder, or cannot be written.
     """
-    save_dir = Path(save_dir)
+    save_dir = check_save_dir(save_dir)
     try:
         save_dir.mkdir(parents=True, exist_ok=True)
-        probe = save_dir / f".exigo-write-test-{time.monotonic_ns()}"
-        probe.write_bytes(b"")
-        probe.unlink()
     except OSError as error:
         raise SaveDirError(
             f"cannot write to --save-dir {save_dir}: {error.strerror or error}"
@@ -144,42 +193,208 @@ def is_exigo_run(save_dir: Path) -> bool:
     return isinstance(info, dict) and "run_name" in info and "config" in info
 
 
-def check_replaceable(save_dir: Path) -> None:
-    """Refuse to delete a folder's `plots/`, `models/`, ... unless an exigo run wrote them.
+def check_replaceable(save_dir: Path, data_dir: Path | None = None) -> None:
+    """Refuse a folder holding files exigo did not write, unless an exigo run wrote it.
 
-    Guards against a typo such as `--save-dir ~`, which would otherwise remove `~/models`.
+    Guards against a typo such as `--save-dir ~`, which would otherwise remove `~/models`
+    (a new run replaces `RUN_OUTPUTS`) or write plots and models among a user's files. A
+    folder with an exigo `run.json` is exigo's (files a user added beside its outputs stay
+    untouched); any other folder may hold only what exigo writes, and the data folder.
 
     Args:
         save_dir: the run's folder.
+        data_dir: the data's folder (`--data-dir`); allowed inside `save_dir`.
 
     Raises:
-        SaveDirError: it holds run outputs but no exigo `run.json`.
+        SaveDirError: it holds run outputs or other files, but no exigo run.json.
     """
+    if not save_dir.is_dir() or is_exigo_run(save_dir):
+        return
     present = [
         name
         for name in RUN_OUTPUTS
         if (save_dir / name).is_file()
         or ((save_dir / name).is_dir() and any((save_dir / name).iterdir()))
     ]
-    if present and not is_exigo_run(save_dir):
+    if present:
         raise SaveDirError(
             f"--save-dir {save_dir} already holds {', '.join(present)} but no exigo run.json: "
             "a new run would delete them. Choose an empty folder or one an exigo run wrote."
         )
+    allowed = {*RUN_OUTPUTS, *EXIGO_ENTRIES, *_SYSTEM_FILES}
+    if data_dir is not None:
+        with contextlib.suppress(ValueError):  # ValueError: not inside save_dir
+            inside = Path(data_dir).resolve().relative_to(save_dir.resolve()).parts
+            allowed.update(inside[:1])
+    foreign = sorted(
+        entry.name
+        for entry in save_dir.iterdir()
+        if entry.name not in allowed and not entry.name.startswith(".exigo-write-test-")
+    )
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if foreign[5:] else "")
+        raise SaveDirError(
+            f"--save-dir {save_dir} holds files exigo did not write ({shown}) and no exigo "
+            "run.json: a run would write its plots, models and logs among them. Choose an "
+            "empty folder or one an exigo run wrote."
+        )
 
 
-def clear_previous_run(save_dir: Path, run_name: str) -> None:
-    """Remove the previous run's outputs and the TensorBoard folder of the same run name.
+class PreviousRun:
+    """The previous run's outputs, set aside until the new run commits its first epoch.
+
+    `set_aside` moves the previous run's `RUN_OUTPUTS` (and its TensorBoard folder when the
+    new run has the same name) into `<save-dir>/.previous-run/` with renames, after every
+    check before training has passed. Once the new run's first epoch is committed
+    (`models/last.pt` written) `discard` deletes them; if the run fails or stops before that,
+    `restore` (or leaving the `with` block) deletes what the run wrote and puts them back
+    exactly as they were. A manifest, rewritten atomically at each stage ("moving", "aside",
+    "restoring"), lets `recover_previous_run` finish the job after a `kill -9` or a power
+    cut: the next run on the folder puts the previous run back before anything else.
 
     Args:
-        save_dir: the run's folder (`check_replaceable` passed).
-        run_name: this run's TensorBoard folder name: its old events are replaced, not mixed.
+        save_dir: the run's folder (its lock held).
+        attempt: the new run's name (its TensorBoard folder).
+        entries: the previous run's outputs set aside, as paths relative to `save_dir`.
+        created_logs: whether `logs/` did not exist before the new run.
     """
-    for path in [*(save_dir / name for name in RUN_OUTPUTS), save_dir / "logs" / run_name]:
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+
+    def __init__(
+        self, save_dir: Path, attempt: str, entries: Sequence[str], created_logs: bool
+    ) -> None:
+        self.save_dir = save_dir
+        self.attempt = attempt
+        self.entries = list(entries)
+        self.created_logs = created_logs
+        self.active = True  # set aside, neither restored nor discarded yet
+
+    @property
+    def folder(self) -> Path:
+        """`<save-dir>/.previous-run`."""
+        return self.save_dir / PREVIOUS_RUN
+
+    @classmethod
+    def set_aside(cls, save_dir: Path, run_name: str) -> PreviousRun:
+        """Move the previous run's outputs into `<save-dir>/.previous-run/`.
+
+        Args:
+            save_dir: the run's folder (`check_replaceable` passed, the lock held, and
+                `recover_previous_run` called).
+            run_name: the new run's TensorBoard folder name: a folder of that name from
+                before is set aside too, so events are replaced, not mixed.
+
+        Returns:
+            The set-aside outputs; `discard` or `restore` them.
+        """
+        names = [*RUN_OUTPUTS, f"logs/{run_name}"]
+        entries = [name for name in names if os.path.lexists(save_dir / name)]
+        previous = cls(save_dir, run_name, entries, not (save_dir / "logs").exists())
+        previous.folder.mkdir()
+        previous._write_manifest("moving")
+        for name in entries:
+            target = previous.folder / "outputs" / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(save_dir / name, target)
+        previous._write_manifest("aside")
+        return previous
+
+    def discard(self) -> None:
+        """Delete the set-aside outputs: the new run has committed an epoch.
+
+        A failure to delete is left for the next run's `recover_previous_run`.
+        """
+        self.active = False
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def restore(self) -> None:
+        """Delete the new run's outputs and put the previous run's back where they were."""
+        self.active = False
+        self._write_manifest("restoring")
+        for name in dict.fromkeys([*RUN_OUTPUTS, f"logs/{self.attempt}", *self.entries]):
+            aside, live = self.folder / "outputs" / name, self.save_dir / name
+            if name in self.entries and not os.path.lexists(aside):
+                continue  # put back already (an interrupted restore, continued)
+            _remove(live)
+            if os.path.lexists(aside):
+                os.replace(aside, live)
+        logs = self.save_dir / "logs"
+        if self.created_logs and logs.is_dir() and not any(logs.iterdir()):
+            logs.rmdir()
+        shutil.rmtree(self.folder)
+
+    def __enter__(self) -> PreviousRun:
+        return self
+
+    def __exit__(self, kind: object, error: BaseException | None, traceback: object) -> None:
+        """Restore the previous run unless an epoch was committed; say so on the exception."""
+        if self.active:
+            self.restore()
+            if error is not None:
+                error.add_note(
+                    f"--save-dir {self.save_dir} is back as it was before this run "
+                    "(no epoch was completed)"
+                )
+
+    def _write_manifest(self, state: str) -> None:
+        atomic_write_json(
+            self.folder / _MANIFEST,
+            {
+                "state": state,
+                "attempt": self.attempt,
+                "entries": self.entries,
+                "created_logs": self.created_logs,
+            },
+        )
+
+
+def recover_previous_run(save_dir: Path) -> str | None:
+    """Finish what a run killed between `PreviousRun.set_aside` and its first commit left.
+
+    Call with the lock held, before anything else looks at the folder's outputs.
+
+    Args:
+        save_dir: the run's folder.
+
+    Returns:
+        One line saying what was put back, or None when there was nothing to do.
+    """
+    folder = save_dir / PREVIOUS_RUN
+    if not folder.is_dir():
+        return None
+    try:
+        manifest = json.loads((folder / _MANIFEST).read_text())
+        previous = PreviousRun(
+            save_dir, manifest["attempt"], manifest["entries"], manifest["created_logs"]
+        )
+        state = manifest["state"]
+    except (OSError, ValueError, KeyError, TypeError):  # stopped before the first move
+        shutil.rmtree(folder)
+        return None
+    if state == "moving":  # stopped while setting aside: the new run wrote nothing yet
+        for name in previous.entries:
+            aside = folder / "outputs" / name
+            if os.path.lexists(aside):
+                os.replace(aside, save_dir / name)
+        shutil.rmtree(folder)
+        return (
+            f"put back the outputs of the run before in {save_dir}: a run stopped while "
+            "setting them aside"
+        )
+    if state == "aside" and (save_dir / LAST_CHECKPOINT).exists():
+        shutil.rmtree(folder)  # the new run committed an epoch, then stopped deleting these
+        return None
+    previous.restore()
+    return (
+        f"put back the outputs of the run before in {save_dir}: the run that was to replace "
+        "them stopped before its first epoch was complete"
+    )
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
 
 
 def run_info(
@@ -188,6 +403,7 @@ def run_info(
     config: Mapping[str, Any],
     seed: int,
     device: str,
+    threads: int,
     distributed: Mapping[str, Any] | None,
     model: str,
     train_size: int,
@@ -203,6 +419,7 @@ def run_info(
         config: `Config.to_dict()`.
         seed: the run's seed.
         device: where it trains.
+        threads: torch's CPU threads (they change the results in the last digits).
         distributed: the torchrun processes (`World.describe()`), or None.
         model: the model's class name.
         train_size: training images.
@@ -222,6 +439,7 @@ def run_info(
         "config": dict(config),
         "seed": seed,
         "device": device,
+        "threads": threads,
         "distributed": None if distributed is None else dict(distributed),
         "versions": library_versions(),
         "model": model,

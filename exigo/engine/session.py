@@ -9,6 +9,7 @@ steps it calls are in `exigo.engine.epoch`.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import time
 import traceback
 from collections import defaultdict
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from exigo._io import atomic_write_json
+from exigo._io import atomic_write_json, is_storage_error
 from exigo.analysis import Analysis, Probe, make_probe
 from exigo.data import Normalization, data_source, dataset_targets
 from exigo.engine.checkpoint import (
@@ -30,15 +31,18 @@ from exigo.engine.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from exigo.engine.resume import ResumeError, RunState, check_resumable
+from exigo.engine.preflight import trial_step
+from exigo.engine.resume import ResumeError, RunState, check_resumable, resumed_threads
 from exigo.engine.run_dir import (
     BEST_CHECKPOINT,
     LAST_CHECKPOINT,
+    PreviousRun,
     check_replaceable,
-    clear_previous_run,
     record_resume,
+    recover_previous_run,
     run_info,
 )
+from exigo.engine.world import set_threads
 from exigo.models import unwrapped
 
 if TYPE_CHECKING:
@@ -78,6 +82,13 @@ class RunResult:
     log_dir: Path
     timings: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def closing_line(self) -> str:
+        """The line `run()` prints when it ends: report.html, the best model, TensorBoard."""
+        from exigo.engine.console import closing_line
+
+        return closing_line(self.history, self.best_epoch, self.save_dir)
+
 
 @dataclass
 class Session:
@@ -106,7 +117,10 @@ class Session:
         failures: `(epoch, name, message)` of everything that failed and was skipped.
         current_epoch: the epoch being trained (for messages).
         timings: wall seconds per phase (see `RunResult.timings`).
+        threads: torch's CPU threads for this run (recorded: they change the results).
         resumed: rank 0's `models/last.pt`, until `join` has given it to the others.
+        previous_run: the previous run's outputs, set aside until this run's first epoch is
+            committed (rank 0 of a new run).
     """
 
     config: Config
@@ -131,7 +145,9 @@ class Session:
     failures: list[tuple[int, str, str]] = field(default_factory=list)
     current_epoch: int = 0  # the epoch being trained (for messages)
     timings: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    threads: int = field(default_factory=torch.get_num_threads)  # this run's, set before open
     resumed: dict[str, Any] | None = None  # rank 0's models/last.pt, until the others have it
+    previous_run: PreviousRun | None = None  # set aside until this run's first commit
 
     @classmethod
     def open(
@@ -182,13 +198,7 @@ class Session:
             )
         ]
         normalization = normalization or getattr(val_data, "normalization", None)
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=config.lr, weight_decay=config.weight_decay
-        )
-        steps_per_epoch = -(-world.samples_per_epoch(len(train_data)) // config.batch_size)
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch
-        )
+        optimizer, scheduler = _training_parts(model, config, world, len(train_data))
         run_name = config.run_name or _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
         session = cls(
             config=config,
@@ -214,6 +224,19 @@ class Session:
         if world.is_main:  # the others receive rank 0's resumed state in `join`
             session.start_resumed() if config.resume else session.start_fresh()
         return session
+
+    def training_parts(
+        self, model: nn.Module
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        """A new optimizer and schedule like the run's, over `model`'s parameters.
+
+        Args:
+            model: the model (or a copy of it: `exigo.engine.preflight.trial_step`).
+
+        Returns:
+            `(optimizer, scheduler)` in their initial state.
+        """
+        return _training_parts(model, self.config, self.world, len(self.train_data))
 
     @property
     def log_dir(self) -> Path:
@@ -258,12 +281,43 @@ class Session:
     # ---------------------------------------------------------------- starting a run
 
     def start_fresh(self) -> None:
-        """Replace the previous run's outputs (the lock is held) and record this run in run.json."""
-        check_replaceable(self.save_dir)
-        clear_previous_run(self.save_dir, self.state.run_name)
-        self.plots_dir.mkdir(parents=True, exist_ok=True)
-        (self.save_dir / "models").mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.save_dir / "run.json", self.run_info())
+        """Check all that can be checked, then set the previous run's outputs aside.
+
+        With the lock held: the folder's own checks, run.json's content and a trial step
+        (`exigo.engine.preflight.trial_step`) come first; only then are the previous run's
+        outputs moved into `.previous-run/` (`PreviousRun`), to be deleted when this run's
+        first epoch is committed, or put back if it fails before.
+
+        Raises:
+            SaveDirError: the folder holds files exigo did not write.
+            PreflightError: the options fail at the first training step.
+        """
+        self._recover()
+        check_replaceable(self.save_dir, self.config.data_dir)
+        info = self.run_info()
+        json.dumps(info, allow_nan=False)  # Config.extra that is no JSON fails here, not later
+        trial_step(self)
+        self.previous_run = PreviousRun.set_aside(self.save_dir, self.state.run_name)
+        try:
+            self.plots_dir.mkdir(parents=True, exist_ok=True)
+            (self.save_dir / "models").mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.save_dir / "run.json", info)
+        except BaseException:
+            self.previous_run.restore()
+            self.previous_run = None
+            raise
+
+    def drop_previous_run(self) -> None:
+        """The first epoch is committed: the previous run's outputs set aside are deleted."""
+        if self.previous_run is not None:
+            self.previous_run.discard()
+            self.previous_run = None
+
+    def _recover(self) -> None:
+        """Put back a previous run that a run killed before its first commit had set aside."""
+        done = recover_previous_run(self.save_dir)
+        if done is not None:
+            self.console.print(f"[yellow]{done}[/yellow]", highlight=False, soft_wrap=True)
 
     def run_info(self) -> dict[str, Any]:
         """run.json's content for this run.
@@ -276,6 +330,7 @@ class Session:
             config=self.config.to_dict(),
             seed=self.config.seed,
             device=str(self.world.device),
+            threads=self.threads,
             distributed=self.world.describe(),
             model=type(unwrapped(self.model)).__name__,
             train_size=len(self.train_data),
@@ -302,6 +357,7 @@ class Session:
             ResumeError: no `models/last.pt`, or options that differ from the run's.
             CheckpointError: `models/last.pt` is not a loadable exigo checkpoint of this model.
         """
+        self._recover()
         path = self.save_dir / LAST_CHECKPOINT
         if not path.exists():
             raise ResumeError(
@@ -329,11 +385,27 @@ class Session:
                     analysis.load_state_dict(saved)
                 except Exception as error:  # a lost colour scale must not stop the run
                     self.report_failure(self.state.epoch, analysis.name, error)
+        if self.state.epoch < self.config.epochs:
+            trial_step(self)  # on copies: the restored state stays as it is
         record_resume(self.save_dir, self.state.epoch, str(self.world.device), self.run_info())
         restore_rng(payload["rng"], self.generator)  # last: nothing after this draws numbers
         self.resumed = payload
 
     def _restore(self, payload: dict[str, Any]) -> None:
+        threads = resumed_threads(payload, self.config.threads, force=self.config.force)
+        if threads is not None and threads != torch.get_num_threads():
+            self.console.print(
+                f"--resume: {threads} CPU threads, as the run trained with (--threads), so "
+                "its metrics go on as an uninterrupted run's would"
+            )
+            set_threads(threads)
+            self.threads = threads
+        elif self.config.force and payload.get("threads") not in (None, self.config.threads):
+            self.console.print(
+                f"[yellow]--force: {self.config.threads} CPU threads instead of the run's "
+                f"{payload['threads']}; its metrics will differ from an uninterrupted run's"
+                "[/yellow]"
+            )
         apply_weights(payload, unwrapped(self.model), LAST_CHECKPOINT)
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
@@ -360,7 +432,12 @@ class Session:
             epoch: when it failed.
             name: what failed.
             error: the exception.
+
+        Raises:
+            OSError: `error` itself when the run's files cannot be written (a full disk,
+                a read-only folder): that stops the run, with one message.
         """
+        self.stop_on_storage_error(error)
         first_time = all(failed != name for _, failed, _ in self.failures)
         self.failures.append((epoch, name, f"{type(error).__name__}: {error}"))
         self.console.print(
@@ -371,6 +448,21 @@ class Session:
         if first_time:
             trace = "".join(traceback.format_exception(type(error), error, error.__traceback__))
             self.console.print(trace, markup=False, highlight=False, soft_wrap=True)
+
+    def stop_on_storage_error(self, error: BaseException) -> None:
+        """Raise `error` if it means the run's files cannot be written (`is_storage_error`).
+
+        A full disk is no failed analysis: every later write would fail too, so the run
+        stops with one message naming the file instead of one traceback per figure.
+
+        Args:
+            error: what an analysis, a figure or the report raised.
+
+        Raises:
+            OSError: `error`, when it is a storage error.
+        """
+        if is_storage_error(error, self.save_dir):
+            raise error
 
     def save_best(
         self, model: nn.Module, epoch: int, eval_loss: float, eval_accuracy: float
@@ -422,6 +514,7 @@ class Session:
                 if (state := analysis.state_dict())
             },
             world_size=self.world.world_size,
+            threads=self.threads,  # it changes the results: --resume holds to it
         )
 
     def where_things_are(self, what: str) -> str:
@@ -452,4 +545,21 @@ class Session:
         else:
             kept = "no epoch completed, no checkpoint saved"
         resume = f"; --resume continues after epoch {state.epoch}" if state.epoch else ""
-        return f"{where}{what}{dropped}; {kept}; TensorBoard: {self.log_dir}{resume}"
+        tensorboard = f"; TensorBoard: {self.log_dir}"
+        if self.previous_run is not None:  # put back as this run ends (reliability)
+            kept, tensorboard = f"{kept}; --save-dir {self.save_dir} is back as it was", ""
+        return f"{where}{what}{dropped}; {kept}{tensorboard}{resume}"
+
+
+def _training_parts(
+    model: nn.Module, config: Config, world: World, train_size: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW over `model`'s parameters and its one-cycle schedule over all epochs' steps."""
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    steps_per_epoch = -(-world.samples_per_epoch(train_size) // config.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch
+    )
+    return optimizer, scheduler

@@ -1,0 +1,48 @@
+"""The run's closing line: it names report.html, the best model and TensorBoard, on one line."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from exigo.config import Config
+from exigo.engine.console import closing_line
+from exigo.pipeline import run
+
+from conftest import TinyNet, make_blobs
+
+
+def test_closing_line_names_the_report_the_best_model_and_tensorboard():
+    history = [{"epoch": 1, "eval_accuracy": 0.5}, {"epoch": 2, "eval_accuracy": 0.975}]
+    line = closing_line(history, 2, Path("save"))
+    assert line == (
+        "best epoch 2 (eval accuracy 97.50%): open save/report.html; "
+        "model save/models/best.pt; tensorboard --logdir save/logs"
+    )
+    assert closing_line([], 0, Path("save")) == (
+        "no epoch completed: no model saved; open save/report.html; tensorboard --logdir save/logs"
+    )
+
+
+def _run(save: Path, console: Console, **options: bool):
+    torch.manual_seed(0)
+    config = Config(epochs=1, batch_size=16, lr=1e-2, save_dir=save, probe_size=3)
+    train, held_out = make_blobs(48, seed=0), make_blobs(12, seed=1)
+    return run(config, TinyNet(), train, held_out, console=console, **options)
+
+
+def test_run_prints_the_closing_line_last_unbroken_at_80_columns(tmp_path):
+    screen = io.StringIO()
+    console = Console(file=screen, width=80, force_terminal=False, color_system=None)
+    result = _run(tmp_path / "save", console)
+    lines = screen.getvalue().splitlines()
+    assert lines[-1] == result.closing_line  # one line, however long: the terminal wraps it
+    assert str(tmp_path / "save" / "report.html") in lines[-1]
+    assert "models/best.pt" in lines[-1] and "tensorboard --logdir" in lines[-1]
+
+    quiet = io.StringIO()
+    result = _run(tmp_path / "quiet", Console(file=quiet, width=80), verbose=False)
+    assert result.closing_line not in quiet.getvalue() and "report.html" not in quiet.getvalue()
