@@ -60,7 +60,7 @@ from exigo.data import Normalization, display_pixels, gather
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from exigo.engine.training import EvalResult
+    from exigo.engine.training import EvalResult, TrainResult
     from exigo.figures.pool import Drawn
 
 __all__ = [
@@ -140,6 +140,9 @@ class Analysis:
             model, `ctx.eval` None).
         worker_imports: modules the figure worker imports as soon as it starts, while the first
             epoch trains (those its draw functions need, when slow to import: `("openTSNE",)`).
+        training_dynamics: ask the training pass to record every example's given-label
+            probability and margin (`ctx.train.dynamics`); it records them only when an
+            analysis asks (a few element-wise operations per batch, 24 bytes per example).
 
     Attributes set by the pipeline (defaults: full settings, every epoch):
         scale: share of its default cost the analysis may spend, in (0, 1]; `cost` and
@@ -151,6 +154,7 @@ class Analysis:
     figures: ClassVar[tuple[FigureInfo, ...]] = ()
     before_training: ClassVar[bool] = False
     worker_imports: ClassVar[tuple[str, ...]] = ()
+    training_dynamics: ClassVar[bool] = False
     scale: float = 1.0
     every: int = 1
 
@@ -269,11 +273,20 @@ class EpochContext:
         log_dir: the run's TensorBoard folder (for TensorBoard plugins' own files, such as the
             projector's).
         plots_dir: where figures are written (`draw_figure` chooses the file names).
+        save_dir: the run's folder, for an analysis' own files (write them atomically with
+            `exigo._io.atomic_write_bytes`, and name them in `exigo.engine.run_dir.RUN_OUTPUTS`
+            so that a new run replaces them).
         figures: the pipeline's figure pool.
         metrics: scalars the analyses add (name -> float); they land in metrics.json,
             TensorBoard and the report.
         log: prints one line in the run's console.
         declared: figure names the analysis being called may draw (set by the pipeline).
+        train: this epoch's training pass; when an analysis sets `training_dynamics`, its
+            `dynamics` hold every training example's given-label probability and margin from
+            that pass (whole on rank 0 under torchrun), by position in `train_data`. None
+            before training.
+        train_data: the training dataset, as given to `run()` (the positions of
+            `train.dynamics`); None where the caller has none.
     """
 
     epoch: int
@@ -286,10 +299,13 @@ class EpochContext:
     device: torch.device
     log_dir: Path
     plots_dir: Path
+    save_dir: Path
     figures: FigureSink
     metrics: dict[str, float] = field(default_factory=dict)
     log: Callable[[str], None] = print
     declared: frozenset[str] = frozenset()
+    train: TrainResult | None = None
+    train_data: Dataset | None = None
 
     @property
     def tag(self) -> str:

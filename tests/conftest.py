@@ -119,6 +119,7 @@ def epoch_context(tmp_path: Path, analysis: object, **fields: object) -> EpochCo
         "device": torch.device("cpu"),
         "log_dir": tmp_path / "logs",
         "plots_dir": plots,
+        "save_dir": tmp_path,
         "figures": FigurePool(workers=0),
         "declared": frozenset(info.name for info in analysis.figures),
         **fields,

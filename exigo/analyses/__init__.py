@@ -11,6 +11,7 @@ from exigo.analyses import (
     class_models,
     confusion,
     errors,
+    examples,
     faithfulness,
     projection,
     saliency,
@@ -20,6 +21,7 @@ from exigo.analyses.attributions import AttributionAnalysis
 from exigo.analyses.class_models import ClassModelAnalysis
 from exigo.analyses.confusion import ConfusionAnalysis
 from exigo.analyses.errors import ErrorAnalysis
+from exigo.analyses.examples import ExampleAnalysis
 from exigo.analyses.projection import ProjectionAnalysis
 from exigo.analyses.saliency import SaliencyAnalysis
 from exigo.analysis import Analysis
@@ -31,6 +33,7 @@ __all__ = [
     "confusion",
     "default_analyses",
     "errors",
+    "examples",
     "faithfulness",
     "projection",
     "saliency",
@@ -42,13 +45,15 @@ def default_analyses(config: Config) -> list[Analysis]:
     """The per-epoch analyses for `config`, in call order.
 
     Args:
-        config: the run's settings; `confusion_normalize`, `seed`, `attribution_checks` and
-            `projection_limit` (0 leaves the projection out) choose and configure the analyses.
+        config: the run's settings; `confusion_normalize`, `seed`, `attribution_checks`,
+            `projection_limit` (0 leaves the projection out) and `epochs` choose and configure
+            the analyses.
 
     Returns:
         The t-SNE projection (when enabled) first: its t-SNE runs in the figure helper
         process while the others compute. Then the confusion matrix, saliency maps, class
-        models, explained errors and the attributions (when enabled).
+        models, explained errors, the examples' training dynamics and suspected label errors,
+        and the attributions (when enabled).
     """
     analyses: list[Analysis] = []
     if config.projection_limit > 0:
@@ -57,6 +62,7 @@ def default_analyses(config: Config) -> list[Analysis]:
     analyses.append(SaliencyAnalysis())
     analyses.append(ClassModelAnalysis(seed=config.seed))
     analyses.append(ErrorAnalysis())
+    analyses.append(ExampleAnalysis(final_epoch=config.epochs, seed=config.seed))
     if config.attribution_checks:
         analyses.append(AttributionAnalysis(seed=config.seed))
     return analyses

@@ -92,6 +92,7 @@ def fit(session: Session, epoch: int) -> tuple[TrainResult, EvalResult]:
                 device=world.device,
                 label_smoothing=config.label_smoothing,
                 on_batch=on_batch,
+                record_examples=any(analysis.training_dynamics for analysis in session.analyses),
             )
 
         started = time.perf_counter()
@@ -130,7 +131,11 @@ def _ticker(
 
 
 def context(
-    session: Session, epoch: int, evaluation: EvalResult | None, model: nn.Module | None = None
+    session: Session,
+    epoch: int,
+    evaluation: EvalResult | None,
+    trained: TrainResult | None = None,
+    model: nn.Module | None = None,
 ) -> EpochContext:
     """The `EpochContext` the analyses of `epoch` receive.
 
@@ -138,6 +143,7 @@ def context(
         session: the run.
         epoch: the epoch (0 before training).
         evaluation: its evaluation pass (None before training).
+        trained: its training pass (None before training).
         model: the model the analyses explain (the epoch's copy); default the run's model.
 
     Returns:
@@ -154,8 +160,11 @@ def context(
         device=session.world.device,
         log_dir=session.log_dir,
         plots_dir=session.plots_dir,
+        save_dir=session.save_dir,
         figures=session.figures,
         log=session.console.print,
+        train=trained,
+        train_data=session.train_data,
     )
 
 
@@ -383,7 +392,7 @@ def finish(session: Session, ended: EpochEnd, *, overlapped: bool) -> None:
     Raises:
         RunInterrupted: a stop signal arrived before the commit.
     """
-    ctx = context(session, ended.epoch, ended.evaluation, ended.model)
+    ctx = context(session, ended.epoch, ended.evaluation, ended.trained, ended.model)
     due = [a for a in session.analyses if a.due(ended.epoch, session.config.epochs)]
     seconds = analyse(session, ctx, due, overlapped=overlapped)
     try:

@@ -2,6 +2,7 @@
 
 ```
 <save-dir>/  plots/  models/best.pt  models/last.pt  metrics.json  run.json  report.html
+             examples.csv  label_issues.csv   (exigo.analyses.examples)
              logs/<run-name>/   (TensorBoard; runs accumulate side by side)
              .lock  .lock.holder  .previous-run/ (until the first epoch is committed)
 ```
@@ -76,7 +77,15 @@ BASE_METRICS: dict[str, BaseMetric] = {
 }
 
 #: Files and folders of one run inside the save directory, replaced by the next run.
-RUN_OUTPUTS = ("plots", "models", "metrics.json", "run.json", "report.html")
+RUN_OUTPUTS = (
+    "plots",
+    "models",
+    "metrics.json",
+    "run.json",
+    "report.html",
+    "examples.csv",  # exigo.analyses.examples
+    "label_issues.csv",
+)
 #: Where a new run keeps the previous run's outputs until its first epoch is committed.
 PREVIOUS_RUN = ".previous-run"
 _MANIFEST = "manifest.json"

@@ -26,6 +26,12 @@ and the predictions, targets, probabilities and embeddings are gathered to rank 
 order. The result equals a single-process `exigo.engine.training.evaluate` of the same model
 (the loss up to float rounding of the split sum).
 
+Each process also records its own training examples' given-label probability and margin
+(`exigo.engine.training.TrainingDynamics`); after the epoch, `gather_dynamics` sends the rows
+each one saw to rank 0, which puts them at their dataset positions. The `DistributedSampler`
+pads the last shards with a few examples seen elsewhere too; such an example keeps the record
+of the lowest rank that saw it.
+
 Every collective runs under the process group's timeout: a process that crashed, hangs or waits
 longer than `--dist-timeout` for the others makes the collective fail with a `DistributedError`
 that says so, instead of a silent hang.
@@ -36,6 +42,7 @@ Training", VLDB 2020 (arXiv:2006.15704).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import math
 import os
@@ -52,7 +59,13 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from exigo import _system
 from exigo.engine.signals import RunInterrupted, StopSignals
-from exigo.engine.training import DivergenceError, EvalResult, TrainResult, evaluate
+from exigo.engine.training import (
+    DivergenceError,
+    EvalResult,
+    TrainingDynamics,
+    TrainResult,
+    evaluate,
+)
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -65,6 +78,7 @@ __all__ = [
     "current",
     "evaluate_sharded",
     "evaluation_shard",
+    "gather_dynamics",
     "interleave_shards",
     "is_main",
     "join",
@@ -444,7 +458,8 @@ class Torchrun(World):
             images: images in this process' shard.
 
         Returns:
-            The epoch's `TrainResult` over every process' images.
+            The epoch's `TrainResult` over every process' images; on rank 0 its `dynamics`
+            hold every process' examples (`gather_dynamics`).
 
         Raises:
             DivergenceError: the loss became NaN or infinite on any process.
@@ -463,6 +478,8 @@ class Torchrun(World):
                 or f"training loss became {trained.loss} in another process; the learning "
                 "rate is probably too high (try a smaller --lr)"
             )
+        if trained.dynamics is not None:  # every process records, or none (same data, analyses)
+            trained = dataclasses.replace(trained, dynamics=gather_dynamics(trained.dynamics, self))
         broadcast_buffers(model, self)  # evaluate the BatchNorm statistics rank 0 saves
         return trained
 
@@ -1076,7 +1093,8 @@ def reduce_train_result(result: TrainResult, world: Torchrun) -> TrainResult:
         world: the processes.
 
     Returns:
-        The `TrainResult` of all processes' images; `seconds` stays this process' own.
+        The `TrainResult` of all processes' images; `seconds` and `dynamics` stay this
+        process' own (`gather_dynamics` merges the records).
     """
     totals = world._tensor(
         [result.loss * result.images, result.accuracy * result.images, result.images],
@@ -1090,4 +1108,56 @@ def reduce_train_result(result: TrainResult, world: Torchrun) -> TrainResult:
         accuracy=correct_sum / images,
         seconds=result.seconds,
         images=int(images),
+        dynamics=result.dynamics,
     )
+
+
+def gather_dynamics(dynamics: TrainingDynamics, world: Torchrun) -> TrainingDynamics:
+    """Every process' record of its training shard, merged on rank 0 by dataset position.
+
+    Each process sends only the rows it saw, as `(position, label, probability, margin,
+    runner-up)` in float64 (exact for float32 values and integers below 2**53), padded to the
+    longest shard for `dist.gather`. An example seen by several processes (the
+    `DistributedSampler` pads the last shards with examples from the first ones) keeps the
+    record of the lowest rank that saw it. Every process must call this at the same point.
+
+    Args:
+        dynamics: this process' record ([N] rows, its shard filled), on the CPU.
+        world: the processes.
+
+    Returns:
+        On rank 0, the record of every process' examples; elsewhere `dynamics` itself.
+    """
+    seen = torch.nonzero(dynamics.seen).flatten()
+    rows = torch.stack(
+        [
+            seen.double(),
+            dynamics.labels[seen].double(),
+            dynamics.probabilities[seen].double(),
+            dynamics.margins[seen].double(),
+            dynamics.runner_up[seen].double(),
+        ],
+        dim=1,
+    )  # (n_r, 5)
+    longest = world._tensor([rows.shape[0]], torch.int64)
+    with world.collective("gathering the training examples' records"):
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+        padded = torch.full((int(longest.item()), 5), -1.0, dtype=torch.float64)
+        padded[: rows.shape[0]] = rows
+        padded = padded.to(world.device)
+        parts = (
+            [torch.empty_like(padded) for _ in range(world.world_size)] if world.is_main else None
+        )
+        dist.gather(padded, parts, dst=0)
+    if parts is None:
+        return dynamics
+    merged = TrainingDynamics.empty(dynamics.labels.shape[0])
+    for part in reversed(parts):  # the lower ranks write last: their record stays
+        part = part.cpu()
+        part = part[part[:, 0] >= 0]  # padding rows hold position -1
+        position = part[:, 0].long()
+        merged.labels[position] = part[:, 1].long()
+        merged.probabilities[position] = part[:, 2].float()
+        merged.margins[position] = part[:, 3].float()
+        merged.runner_up[position] = part[:, 4].long()
+    return merged

@@ -1,0 +1,863 @@
+r"""The data, explained: every example's training dynamics, and the suspected label errors.
+
+A mislabelled or ambiguous example shapes a model as much as its architecture. While training,
+exigo sees each example's loss at every epoch for free: the training forward pass records, for
+example $i$ with given label $y_i$ at epoch $e$ (`exigo.engine.training.TrainingDynamics`),
+
+$$ p_i^{(e)} = \mathrm{softmax}\big(f_e(x_i)\big)_{y_i}, \qquad
+   m_i^{(e)} = f_e(x_i)_{y_i} - \max_{k \ne y_i} f_e(x_i)_k , $$
+
+the probability and the margin of the given label, from the logits of the step that trains on
+$x_i$ (train mode: dropout, BatchNorm batch statistics and any augmentation are on), and the
+evaluation pass gives the same two numbers for every held-out example after each epoch. This
+analysis keeps them for every epoch (float16 arrays [epochs, examples], part of its
+`state_dict`, so `--resume` continues them) and summarises each example across epochs
+$e = 1 \dots E$:
+
+- **confidence** $\hat\mu_i = \frac1E \sum_e p_i^{(e)}$ and **variability**
+  $\hat\sigma_i = \sqrt{\frac1E \sum_e (p_i^{(e)} - \hat\mu_i)^2}$, and **correctness**, the
+  fraction of epochs with $m_i^{(e)} > 0$: the axes of a data map (Swayamdipta et al. 2020,
+  "Dataset Cartography", EMNLP, arXiv:2009.10795). Easy examples sit at high confidence and low
+  variability, ambiguous ones at high variability, hard-to-learn ones (often mislabelled) at
+  low confidence and low variability;
+- **area under the margin** $\mathrm{AUM}_i = \frac1E \sum_e m_i^{(e)}$ (Pleiss et al. 2020,
+  "Identifying Mislabeled Data using the Area Under the Margin Ranking", NeurIPS,
+  arXiv:2001.10528): a mislabelled example's given label keeps losing to its true class;
+- **forgetting events** $\sum_{e \ge 2} [m_i^{(e-1)} > 0 \ge m_i^{(e)}]$: correct, then wrong
+  (Toneva et al. 2019, "An Empirical Study of Example Forgetting during Deep Neural Network
+  Learning", ICLR, arXiv:1812.05159);
+- **learned epoch** $\min \lbrace e : m_i^{(e')} > 0 \ \forall e' \ge e \rbrace$: the epoch
+  from which the example stays correctly classified (none while the last epoch gets it wrong).
+
+**Suspected label errors.** Each split is ranked by the margin averaged over the latest half
+of the epochs,
+
+$$ s_i = \frac1L \sum_{e = E - L + 1}^{E} m_i^{(e)}, \qquad L = \lceil E / 2 \rceil , $$
+
+lowest first; an example is suspected when $s_i < 0$: over that span its given label loses to
+another class on average. For training examples this is AUM over the latest half of training:
+the first epoch's records come from a model that cannot yet tell any example apart (on MNIST
+with 5% planted label errors, 25% of the lowest margins recorded in the first tenth of epoch 1
+were planted errors, over 90% in its last four tenths), and dropping them raised the precision
+of the ranking on planted noise (README, "Label noise"; `bench/label_noise.py`). Held-out
+examples are ranked from the evaluation passes, which are out of sample (the model never trained
+on them), as in confident learning (Northcutt et al. 2021, "Confident Learning: Estimating
+Uncertainty in Dataset Labels", JAIR, arXiv:1911.00068).
+
+Outputs (rewritten atomically after every epoch): `examples.csv`, one row per example
+(`split`, `index` = position in the dataset given to `run()`, so `train_data[index]` is the
+image, `given`, `predicted` by the latest pass (the last training pass for a training example,
+the last evaluation for a held-out one), the summaries, `score` = $s_i$, `rank` within the
+split, 1 = most suspicious, and `suspected`), and `label_issues.csv`, the suspected examples only
+(`split,index,given,predicted,score,rank`); the figures `data_map` and `label_issues` (the top
+suspects of each split with saliency towards the given label and towards the model's choice,
+drawn like the errors figure); and, after the last epoch, one console line.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import IterableDataset
+
+from exigo._io import atomic_write_bytes
+from exigo.analyses.errors import ErrorSaliency, error_saliency
+from exigo.analysis import Analysis, EpochContext, FigureInfo
+from exigo.data import display_pixels, gather
+from exigo.engine.training import given_label_scores
+from exigo.figures.colour_scale import ROBUST_QUANTILE, colour_limit
+from exigo.figures.tiles import TileBlock, TileRow, tile_figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "EXAMPLES_FILE",
+    "EXAMPLE_COLUMNS",
+    "ISSUES_FILE",
+    "ISSUE_COLUMNS",
+    "SPLITS",
+    "ExampleAnalysis",
+    "ExampleSummaries",
+    "SplitHistory",
+    "Suspects",
+    "area_under_margin",
+    "confidence_and_variability",
+    "examples_csv",
+    "forgetting_events",
+    "issue_score",
+    "label_issues_csv",
+    "learned_epoch",
+    "plot_data_map",
+    "plot_suspects",
+    "summarise",
+]
+
+#: The splits, in the order the files list them: the training set, then the held-out set.
+SPLITS = ("train", "held_out")
+#: Files written into the save directory (named in `exigo.engine.run_dir.RUN_OUTPUTS`).
+EXAMPLES_FILE = "examples.csv"
+ISSUES_FILE = "label_issues.csv"
+#: Columns of `examples.csv`.
+EXAMPLE_COLUMNS = (
+    "split",
+    "index",
+    "given",
+    "predicted",
+    "confidence",
+    "variability",
+    "correctness",
+    "aum",
+    "forgetting_events",
+    "learned_epoch",
+    "score",
+    "rank",
+    "suspected",
+)
+#: Columns of `label_issues.csv`.
+ISSUE_COLUMNS = ("split", "index", "given", "predicted", "score", "rank")
+
+
+# ---------------------------------------------------------------- summaries (pure functions)
+
+
+def confidence_and_variability(probabilities: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Dataset Cartography's two axes: mean and spread of the given label's probability.
+
+    $\hat\mu_i = \frac1E \sum_e p_i^{(e)}$, $\hat\sigma_i = \sqrt{\frac1E \sum_e
+    (p_i^{(e)} - \hat\mu_i)^2}$ (the population standard deviation, as in Swayamdipta et al.
+    2020). Epochs where an example was not recorded (NaN) are left out of its mean.
+
+    Args:
+        probabilities: float tensor [E, N], $p_i^{(e)}$.
+
+    Returns:
+        `(confidence, variability)`, float32 [N] each.
+    """
+    values = probabilities.float()
+    confidence = values.nanmean(0)
+    variability = (values - confidence).square().nanmean(0).sqrt()
+    return confidence, variability
+
+
+def area_under_margin(margins: Tensor) -> Tensor:
+    r"""Area under the margin: $\mathrm{AUM}_i = \frac1E \sum_e m_i^{(e)}$ (Pleiss et al. 2020).
+
+    Args:
+        margins: float tensor [E, N], $m_i^{(e)}$ (NaN where not recorded: left out).
+
+    Returns:
+        Float32 [N].
+    """
+    return margins.float().nanmean(0)
+
+
+def forgetting_events(correct: Tensor) -> Tensor:
+    r"""Forgetting events (Toneva et al. 2019): correct, then wrong.
+
+    $$ \sum_{e \ge 2} [c_i^{(e-1)} \wedge \neg c_i^{(e)}] $$
+
+    Args:
+        correct: bool tensor [E, N], whether example $i$ was classified correctly at epoch $e$.
+
+    Returns:
+        Int64 [N]: how often each example went from correct to wrong.
+    """
+    return (correct[:-1] & ~correct[1:]).sum(0)
+
+
+def learned_epoch(correct: Tensor) -> Tensor:
+    r"""The epoch from which each example stays correct.
+
+    $$ \min \lbrace e : c_i^{(e')} \text{ for every } e' \ge e \rbrace $$
+
+    Args:
+        correct: bool tensor [E, N], whether example $i$ was classified correctly at epoch $e$
+            (row 0 is epoch 1).
+
+    Returns:
+        Int64 [N]: a 1-based epoch, or 0 when the last epoch got the example wrong.
+    """
+    epochs = correct.shape[0]
+    # how many of the latest epochs in a row were correct
+    streak = correct.flip(0).long().cumprod(0).sum(0)
+    return torch.where(streak > 0, epochs - streak + 1, torch.zeros_like(streak))
+
+
+def issue_score(margins: Tensor) -> Tensor:
+    r"""The suspicion score $s_i$: the margin averaged over the latest $\lceil E/2 \rceil$ epochs.
+
+    Lower is more suspicious; $s_i < 0$ marks a suspected label error (see the module
+    docstring for why the earliest epochs are left out).
+
+    Args:
+        margins: float tensor [E, N], $m_i^{(e)}$.
+
+    Returns:
+        Float32 [N].
+    """
+    latest = math.ceil(margins.shape[0] / 2)
+    return area_under_margin(margins[-latest:])
+
+
+@dataclass(frozen=True)
+class ExampleSummaries:
+    """One split's per-example summaries (see the module docstring for each formula).
+
+    Attributes:
+        confidence: float32 [N], mean probability of the given label.
+        variability: float32 [N], its standard deviation across epochs.
+        correctness: float32 [N], fraction of epochs classified correctly.
+        aum: float32 [N], area under the margin.
+        forgetting_events: int64 [N].
+        learned_epoch: int64 [N], 0 when not (yet) learned.
+        score: float32 [N], the suspicion score $s_i$ (lower: more suspicious).
+        rank: int64 [N], 1-based rank by `score` (ties by index); 1 is the most suspicious.
+        suspected: bool [N], `score < 0`.
+    """
+
+    confidence: Tensor
+    variability: Tensor
+    correctness: Tensor
+    aum: Tensor
+    forgetting_events: Tensor
+    learned_epoch: Tensor
+    score: Tensor
+    rank: Tensor
+    suspected: Tensor
+
+
+def summarise(probabilities: Tensor, margins: Tensor) -> ExampleSummaries:
+    """Every summary of one split, from its per-epoch records.
+
+    Args:
+        probabilities: float tensor [E, N], the given label's probability per epoch.
+        margins: float tensor [E, N], the given label's margin per epoch.
+
+    Returns:
+        The `ExampleSummaries`.
+    """
+    confidence, variability = confidence_and_variability(probabilities)
+    correct = margins > 0  # NaN (not recorded) counts as not correct
+    score = issue_score(margins)
+    # NaN scores (never recorded) go last; a stable sort keeps ties in index order
+    order = torch.sort(torch.nan_to_num(score, nan=math.inf), stable=True).indices
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(1, order.numel() + 1)
+    return ExampleSummaries(
+        confidence=confidence,
+        variability=variability,
+        correctness=correct.float().mean(0),
+        aum=area_under_margin(margins),
+        forgetting_events=forgetting_events(correct),
+        learned_epoch=learned_epoch(correct),
+        score=score,
+        rank=rank,
+        suspected=score < 0,
+    )
+
+
+# ---------------------------------------------------------------- the history of one split
+
+
+@dataclass
+class SplitHistory:
+    """One split's records, one entry per completed epoch.
+
+    Attributes:
+        epochs: the epochs recorded, in order.
+        probabilities: float16 [N] per epoch, the given label's probability.
+        margins: float16 [N] per epoch, the given label's margin.
+        labels: int64 [N], the given labels (latest record).
+        predictions: int64 [N], the latest predicted class.
+        runner_up: int64 [N], the latest strongest class other than the given label.
+    """
+
+    epochs: list[int]
+    probabilities: list[Tensor]
+    margins: list[Tensor]
+    labels: Tensor | None = None
+    predictions: Tensor | None = None
+    runner_up: Tensor | None = None
+
+    @classmethod
+    def empty(cls) -> SplitHistory:
+        """A history with no epoch recorded.
+
+        Returns:
+            Empty lists, no labels.
+        """
+        return cls([], [], [])
+
+    def record(
+        self,
+        epoch: int,
+        labels: Tensor,
+        probabilities: Tensor,
+        margins: Tensor,
+        predictions: Tensor,
+        runner_up: Tensor,
+    ) -> None:
+        """Add `epoch`'s record, replacing that epoch and any later one already there.
+
+        Args:
+            epoch: 1-based epoch.
+            labels: int64 [N].
+            probabilities: float [N].
+            margins: float [N].
+            predictions: int64 [N].
+            runner_up: int64 [N].
+        """
+        keep = sum(1 for recorded in self.epochs if recorded < epoch)
+        del self.epochs[keep:], self.probabilities[keep:], self.margins[keep:]
+        self.epochs.append(epoch)
+        self.probabilities.append(probabilities.detach().cpu().half())
+        self.margins.append(margins.detach().cpu().half())
+        self.labels = labels.detach().cpu().long()
+        self.predictions = predictions.detach().cpu().long()
+        self.runner_up = runner_up.detach().cpu().long()
+
+    def stacked(self) -> tuple[Tensor, Tensor]:
+        """The records as two matrices.
+
+        Returns:
+            `(probabilities, margins)`, float32 [E, N] each, row e - 1 for the e-th epoch kept.
+        """
+        return torch.stack(self.probabilities).float(), torch.stack(self.margins).float()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The history as tensors and a list of ints, for `models/last.pt`.
+
+        Returns:
+            `epochs`, float16 [E, N] `probabilities` and `margins`, int64 [N] `labels`,
+            `predictions` and `runner_up`; `{}` before the first epoch.
+        """
+        if not self.epochs:
+            return {}
+        probabilities, margins = (torch.stack(part) for part in (self.probabilities, self.margins))
+        return {
+            "epochs": list(self.epochs),
+            "probabilities": probabilities,
+            "margins": margins,
+            "labels": self.labels,
+            "predictions": self.predictions,
+            "runner_up": self.runner_up,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> SplitHistory:
+        """The history `state_dict` saved.
+
+        Args:
+            state: a `state_dict()` result.
+
+        Returns:
+            The history.
+        """
+        if not state:
+            return cls.empty()
+        return cls(
+            epochs=[int(epoch) for epoch in state["epochs"]],
+            probabilities=list(state["probabilities"].half().unbind(0)),
+            margins=list(state["margins"].half().unbind(0)),
+            labels=state["labels"].long(),
+            predictions=state["predictions"].long(),
+            runner_up=state["runner_up"].long(),
+        )
+
+
+# ---------------------------------------------------------------- files
+
+
+def _number(value: float) -> str:
+    return f"{value:.6g}"
+
+
+def examples_csv(
+    histories: Mapping[str, SplitHistory], summaries: Mapping[str, ExampleSummaries]
+) -> bytes:
+    """`examples.csv`: one row per example of every split (`EXAMPLE_COLUMNS`).
+
+    Args:
+        histories: split name -> its records (labels and predictions).
+        summaries: split name -> its summaries.
+
+    Returns:
+        The CSV text, UTF-8, with a header row.
+    """
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(EXAMPLE_COLUMNS)
+    for split in SPLITS:
+        if split not in summaries:
+            continue
+        history, summary = histories[split], summaries[split]
+        assert history.labels is not None and history.predictions is not None
+        learned = summary.learned_epoch.tolist()
+        writer.writerows(
+            zip(
+                [split] * len(learned),
+                range(len(learned)),
+                history.labels.tolist(),
+                history.predictions.tolist(),
+                map(_number, summary.confidence.tolist()),
+                map(_number, summary.variability.tolist()),
+                map(_number, summary.correctness.tolist()),
+                map(_number, summary.aum.tolist()),
+                summary.forgetting_events.tolist(),
+                [epoch or "" for epoch in learned],
+                map(_number, summary.score.tolist()),
+                summary.rank.tolist(),
+                [int(flag) for flag in summary.suspected.tolist()],
+                strict=True,
+            )
+        )
+    return out.getvalue().encode()
+
+
+def label_issues_csv(
+    histories: Mapping[str, SplitHistory], summaries: Mapping[str, ExampleSummaries]
+) -> bytes:
+    """`label_issues.csv`: the suspected examples of every split, by rank (`ISSUE_COLUMNS`).
+
+    Args:
+        histories: split name -> its records.
+        summaries: split name -> its summaries.
+
+    Returns:
+        The CSV text, UTF-8, with a header row (and only that when nothing is suspected).
+    """
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(ISSUE_COLUMNS)
+    for split in SPLITS:
+        if split not in summaries:
+            continue
+        history, summary = histories[split], summaries[split]
+        assert history.labels is not None and history.predictions is not None
+        suspects = torch.nonzero(summary.suspected).flatten()
+        suspects = suspects[torch.argsort(summary.rank[suspects])]
+        writer.writerows(
+            zip(
+                [split] * suspects.numel(),
+                suspects.tolist(),
+                history.labels[suspects].tolist(),
+                history.predictions[suspects].tolist(),
+                map(_number, summary.score[suspects].tolist()),
+                summary.rank[suspects].tolist(),
+                strict=True,
+            )
+        )
+    return out.getvalue().encode()
+
+
+# ---------------------------------------------------------------- figures
+
+
+def plot_data_map(
+    confidence: Tensor,
+    variability: Tensor,
+    correctness: Tensor,
+    suspected: Tensor,
+    *,
+    title: str,
+    epochs: int,
+    limit: int = 20_000,
+    seed: int = 0,
+) -> Figure:
+    """The data map: confidence against variability, coloured by correctness, suspects ringed.
+
+    With more than `limit` examples, a seeded random `limit` of them are drawn (every suspect
+    among them) and the subtitle says so.
+
+    Args:
+        confidence: float [N], mean probability of the given label.
+        variability: float [N], its standard deviation across epochs.
+        correctness: float [N] in [0, 1], fraction of epochs classified correctly.
+        suspected: bool [N], the suspected label errors.
+        title: the figure's title.
+        epochs: how many epochs the summaries cover.
+        limit: at most this many points.
+        seed: seeds the subsample (numpy's own generator, no global state).
+
+    Returns:
+        A matplotlib `Figure` (not attached to pyplot).
+    """
+    from matplotlib.figure import Figure
+
+    count = confidence.numel()
+    shown = np.arange(count)
+    if count > limit:
+        shown = np.sort(np.random.default_rng(seed).choice(count, size=limit, replace=False))
+    x = variability.float().numpy()[shown]
+    y = confidence.float().numpy()[shown]
+    colour = correctness.float().numpy()[shown]
+    ringed = suspected.numpy()[shown]
+    figure = Figure(figsize=(7.0, 5.6))
+    axes = figure.add_subplot()
+    points = axes.scatter(
+        x, y, c=colour, s=5, cmap="viridis", vmin=0, vmax=1, linewidths=0, rasterized=True
+    )
+    axes.scatter(
+        x[ringed],
+        y[ringed],
+        s=28,
+        facecolors="none",
+        edgecolors="red",
+        linewidths=0.8,
+        label=f"suspected label error ({int(suspected.sum())})",
+        rasterized=True,
+    )
+    figure.colorbar(points, ax=axes, label="correctness (fraction of epochs correct)")
+    axes.set_xlabel("variability (std of p(given label) across epochs)")
+    axes.set_ylabel("confidence (mean p(given label))")
+    axes.set_ylim(-0.02, 1.02)
+    axes.set_xlim(left=-0.01, right=max(0.5, float(x.max(initial=0)) + 0.02))
+    for text, (tx, ty), va in (
+        ("easy to learn", (0.01, 0.98), "top"),
+        ("hard to learn", (0.01, 0.02), "bottom"),
+        ("ambiguous", (0.99, 0.98), "top"),
+    ):
+        axes.text(
+            tx,
+            ty,
+            text,
+            transform=axes.transAxes,
+            ha="left" if tx < 0.5 else "right",
+            va=va,
+            fontsize=9,
+            color="0.35",
+            style="italic",
+            bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none", "pad": 1},
+        )
+    axes.legend(loc="lower right", fontsize=8)
+    subtitle = f"{count:,} training examples"
+    if count > limit:
+        subtitle += f", {limit:,} drawn at random"
+    if epochs == 1:
+        subtitle += "; one epoch: the variability needs two"
+    figure.suptitle(f"{title}\n{subtitle}", fontsize=11)
+    return figure
+
+
+@dataclass(frozen=True)
+class Suspects:
+    """The top suspects of one split, as the label-issues figure shows them.
+
+    Attributes:
+        split: "train" or "held_out".
+        count: how many examples of the split are suspected.
+        indices: int64 [k], their positions in the split's dataset, most suspicious first.
+        given: int64 [k], given labels.
+        rival: int64 [k], the strongest other class (the prediction when it is not the given
+            label).
+        given_probability: float [k], p(given label).
+        rival_probability: float [k], p(rival).
+    """
+
+    split: str
+    count: int
+    indices: Tensor
+    given: Tensor
+    rival: Tensor
+    given_probability: Tensor
+    rival_probability: Tensor
+
+
+def plot_suspects(
+    suspects: Sequence[Suspects],
+    pixels: Tensor,
+    saliency: ErrorSaliency,
+    class_names: Sequence[str],
+    *,
+    title: str,
+) -> Figure:
+    """Per split, three rows: the suspects, saliency towards the given label and the rival.
+
+    The images of all blocks are concatenated in order (those of `suspects[0]` first). Both
+    saliency rows share one diverging colour scale centred at 0 for the whole figure, as in
+    `exigo.analyses.errors.plot_errors`; a grey line marks the digit's outline.
+
+    Args:
+        suspects: the blocks to draw (at least one), each with at least one image.
+        pixels: float tensor [K, C, H, W] in [0, 1], the images for display.
+        saliency: their `ErrorSaliency` (`towards_true`: the given label,
+            `towards_predicted`: the rival).
+        class_names: display name per class.
+        title: figure title.
+
+    Returns:
+        A matplotlib `Figure` (not attached to pyplot).
+
+    Raises:
+        ValueError: nothing to draw.
+    """
+    if not suspects:
+        raise ValueError("plot_suspects needs at least one split with suspects")
+    pixels = pixels.detach().float().cpu()
+    towards_given = saliency.towards_true.detach().float().cpu().numpy()
+    towards_rival = saliency.towards_predicted.detach().float().cpu().numpy()
+    limit = colour_limit(saliency.towards_true, saliency.towards_predicted)
+    shown = pixels.permute(0, 2, 3, 1).numpy()  # (K, H, W, C)
+    tiles = shown[..., 0] if shown.shape[-1] == 1 else shown
+    ink = pixels.amax(dim=1).numpy()  # (K, H, W)
+    maps = {"cmap": "RdBu_r", "limits": (-limit, limit), "bar": True, "clipped": (True, True)}
+    blocks, start = [], 0
+    for block in suspects:
+        stop = start + block.indices.numel()
+        name = "training set" if block.split == "train" else "held-out set"
+        labels = [
+            f"#{rank} [{int(index)}]\n"
+            f"given {class_names[int(given)]}: {float(p_given):.2f}\n"
+            f"{class_names[int(rival)]}: {float(p_rival):.2f}"
+            for rank, index, given, rival, p_given, p_rival in zip(
+                range(1, block.indices.numel() + 1),
+                block.indices,
+                block.given,
+                block.rival,
+                block.given_probability,
+                block.rival_probability,
+                strict=True,
+            )
+        ]
+        rows = [
+            TileRow("image", tiles[start:stop]),
+            TileRow(
+                "saliency\ntowards the\ngiven label",
+                towards_given[start:stop],
+                outline=ink[start:stop],
+                **maps,
+            ),
+            TileRow(
+                "saliency\ntowards the\nrival class",
+                towards_rival[start:stop],
+                outline=ink[start:stop],
+                **maps,
+            ),
+        ]
+        header = (
+            f"{name}: {block.count} suspected"
+            + (
+                f", the {block.indices.numel()} most suspicious"
+                if block.count > stop - start
+                else ""
+            )
+            + " ([index], p(given label), p(rival))"
+        )
+        blocks.append(TileBlock(rows, column_labels=labels, header=header))
+        start = stop
+    return tile_figure(
+        blocks,
+        title,
+        "Suspicion: the given label's margin averaged over the latest half of the epochs, "
+        "below 0. Probabilities: training set from the last training pass, held-out set from "
+        "the last evaluation; rival: the strongest class other than the given label.\n"
+        "Saliency (∂ logit / ∂ pixel) of the current model: red raises that class's logit, "
+        f"blue lowers it; one colour scale, clipped at the {100 * ROBUST_QUANTILE:g}th "
+        "percentile; grey line: the digit's outline.",
+    )
+
+
+# ---------------------------------------------------------------- the analysis
+
+
+class ExampleAnalysis(Analysis):
+    """Per-epoch hook: training dynamics, `examples.csv`, `label_issues.csv` and two figures.
+
+    Needs map-style datasets (positions that name the same example every epoch): with an
+    `IterableDataset` it says so in one line and skips itself; the run goes on.
+
+    Args:
+        shown: suspects per split in the label-issues figure.
+        map_points: at most this many points in the data map.
+        final_epoch: the run's last epoch, after which the console line is printed (None:
+            after every epoch).
+        seed: seeds the data map's subsample of a large training set.
+    """
+
+    name = "examples"
+    training_dynamics = True
+    figures = (
+        FigureInfo(
+            "data_map",
+            "Data map",
+            "Every training example by the mean (confidence) and the spread (variability) of "
+            "the probability its given label received over the epochs' training passes, "
+            "coloured by the fraction of epochs it was classified correctly. Bottom left: "
+            "hard to learn, where mislabelled examples gather; red rings: suspected label "
+            "errors (examples.csv holds every point).",
+        ),
+        FigureInfo(
+            "label_issues",
+            "Suspected label errors",
+            "The most suspicious examples of each split (label_issues.csv lists them all), "
+            "with the given label, the class the model prefers instead, and what in the image "
+            "pulls towards each.",
+        ),
+    )
+
+    def __init__(
+        self,
+        shown: int = 8,
+        map_points: int = 20_000,
+        final_epoch: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.shown = shown
+        self.map_points = map_points
+        self.final_epoch = final_epoch
+        self.seed = seed
+        self.histories = {split: SplitHistory.empty() for split in SPLITS}
+        self._skip_said = False
+
+    def __call__(self, ctx: EpochContext) -> None:
+        """Record the epoch, write both files and draw both figures."""
+        if ctx.eval is None:
+            return
+        reason = self._skip_reason(ctx)
+        if reason is not None:
+            if not self._skip_said:
+                ctx.log(f"examples: skipped: {reason}")
+                self._skip_said = True
+            return
+        self._record(ctx)
+        summaries = {}
+        for split, history in self.histories.items():
+            probabilities, margins = history.stacked()
+            summaries[split] = summarise(probabilities, margins)
+        atomic_write_bytes(ctx.save_dir / EXAMPLES_FILE, examples_csv(self.histories, summaries))
+        issues_path = ctx.save_dir / ISSUES_FILE
+        atomic_write_bytes(issues_path, label_issues_csv(self.histories, summaries))
+        counts = {split: int(summaries[split].suspected.sum()) for split in SPLITS}
+        ctx.metrics["examples/suspected_train"] = counts["train"]
+        ctx.metrics["examples/suspected_held_out"] = counts["held_out"]
+        train = summaries["train"]
+        ctx.draw_figure(
+            "data_map",
+            plot_data_map,
+            train.confidence,
+            train.variability,
+            train.correctness,
+            train.suspected,
+            title=f"Data map of the training set {ctx.when}",
+            epochs=len(self.histories["train"].epochs),
+            limit=self.map_points,
+            seed=self.seed,
+        )
+        self._draw_suspects(ctx, summaries)
+        if self.final_epoch is None or ctx.epoch >= self.final_epoch:
+            total = sum(summary.rank.numel() for summary in summaries.values())
+            suspected = sum(counts.values())
+            ctx.log(
+                f"{suspected} suspected label errors (top {100 * suspected / total:.2g}%: "
+                f"{counts['train']} training, {counts['held_out']} held-out): "
+                f"see {issues_path}"
+            )
+
+    @staticmethod
+    def _skip_reason(ctx: EpochContext) -> str | None:
+        for name, data in (("training", ctx.train_data), ("held-out", ctx.val_data)):
+            if isinstance(data, IterableDataset):
+                return (
+                    f"it needs a map-style dataset (a stable index per example) and the "
+                    f"{name} set is an IterableDataset"
+                )
+        if ctx.train is None or ctx.train.dynamics is None:
+            return "the training pass recorded no per-example dynamics (see train_epoch)"
+        return None
+
+    def _record(self, ctx: EpochContext) -> None:
+        """Add the epoch's training-pass and evaluation-pass records to the histories."""
+        assert ctx.train is not None and ctx.train.dynamics is not None and ctx.eval is not None
+        dynamics = ctx.train.dynamics
+        self.histories["train"].record(
+            ctx.epoch,
+            dynamics.labels,
+            dynamics.probabilities,
+            dynamics.margins,
+            dynamics.predictions,
+            dynamics.runner_up,
+        )
+        evaluation = ctx.eval
+        # log-probabilities give the logits' margin (softmax ignores a shift per row);
+        # clamped so that an underflowed probability gives a large finite margin
+        log_probabilities = evaluation.probabilities.clamp_min(1e-38).log()
+        probabilities, margins, runner_up = given_label_scores(
+            log_probabilities, evaluation.targets
+        )
+        self.histories["held_out"].record(
+            ctx.epoch,
+            evaluation.targets,
+            probabilities,
+            margins,
+            evaluation.predictions,
+            runner_up,
+        )
+
+    def _draw_suspects(self, ctx: EpochContext, summaries: Mapping[str, ExampleSummaries]) -> None:
+        """The top suspects of each split, with saliency towards the given label and the rival."""
+        blocks, images = [], []
+        for split, data in (("train", ctx.train_data), ("held_out", ctx.val_data)):
+            summary, history = summaries[split], self.histories[split]
+            assert history.labels is not None and history.runner_up is not None
+            count = int(summary.suspected.sum())
+            if count == 0 or self.shown < 1 or data is None:
+                continue
+            indices = torch.argsort(summary.rank)[: min(count, self.shown)]
+            probability = history.probabilities[-1].float()[indices]
+            margin = history.margins[-1].float()[indices]
+            blocks.append(
+                Suspects(
+                    split=split,
+                    count=count,
+                    indices=indices,
+                    given=history.labels[indices],
+                    rival=history.runner_up[indices],
+                    given_probability=probability,
+                    # p_rival / p_given = exp(z_rival - z_given) = exp(-margin)
+                    rival_probability=probability * torch.exp(-margin),
+                )
+            )
+            images.append(gather(data, indices)[0])
+        if not blocks:
+            ctx.log(f"examples: no suspected label error at epoch {ctx.epoch}")
+            return
+        batch = torch.cat(images)
+        given = torch.cat([block.given for block in blocks])
+        rival = torch.cat([block.rival for block in blocks])
+        saliency = error_saliency(ctx.model, batch.to(ctx.device), given, rival)
+        ctx.draw_figure(
+            "label_issues",
+            plot_suspects,
+            blocks,
+            display_pixels(batch, ctx.normalization),
+            saliency,
+            ctx.class_names,
+            title=f"Suspected label errors {ctx.when}",
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every split's records so far, for `--resume`.
+
+        Returns:
+            Split name -> `SplitHistory.state_dict()` (float16 [E, N] tensors).
+        """
+        return {split: history.state_dict() for split, history in self.histories.items()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue the records a `state_dict` saved.
+
+        Args:
+            state: a `state_dict()` result of an earlier attempt of the same run.
+        """
+        self.histories = {
+            split: SplitHistory.from_state_dict(state.get(split, {})) for split in SPLITS
+        }
