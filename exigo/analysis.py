@@ -65,6 +65,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Analysis",
+    "CostShape",
     "EpochContext",
     "FigureInfo",
     "FigureSink",
@@ -90,6 +91,21 @@ class FigureInfo:
     caption: str
 
 
+@dataclass(frozen=True)
+class CostShape:
+    """What an analysis' cost depends on (`Analysis.cost`).
+
+    Attributes:
+        probe_images: P, the fixed probe images.
+        num_classes: K.
+        image_shape: `(C, H, W)` of one image.
+    """
+
+    probe_images: int
+    num_classes: int
+    image_shape: tuple[int, int, int]
+
+
 class Analysis:
     """Base class of every per-epoch analysis: each hook is declared here, with its default.
 
@@ -103,6 +119,13 @@ class Analysis:
     It runs in the figure worker process while the run goes on; the PNG is written to
     `plots/{name}_{tag}.png` and logged to TensorBoard before the epoch is committed. Every
     `name` must be declared in `figures`, with its title and caption.
+
+    Cost: an analysis that runs the model declares how many passes it makes (`cost`, in
+    forward-backward passes of one image, the unit of training). Before the first epoch the
+    pipeline compares the sum with the epoch's training passes times `--analysis-budget`;
+    when it is over, it lowers `scale` (the analysis lowers its own settings to match) and,
+    if that is not enough, sets `every` to run the costly analyses every k epochs, and prints
+    one line saying what it chose (`exigo.engine.budget`).
 
     Rules: leave the model's weights, mode and `requires_grad` flags as you found them; change
     no global state that outlives the call (thread counts, random seeds: use your own
@@ -120,6 +143,11 @@ class Analysis:
         training_dynamics: ask the training pass to record every example's given-label
             probability and margin (`ctx.train.dynamics`); it records them only when an
             analysis asks (a few element-wise operations per batch, 24 bytes per example).
+
+    Attributes set by the pipeline (defaults: full settings, every epoch):
+        scale: share of its default cost the analysis may spend, in (0, 1]; `cost` and
+            `__call__` follow it.
+        every: runs after epochs divisible by `every`, and after the last epoch.
     """
 
     name: ClassVar[str] = ""
@@ -127,6 +155,34 @@ class Analysis:
     before_training: ClassVar[bool] = False
     worker_imports: ClassVar[tuple[str, ...]] = ()
     training_dynamics: ClassVar[bool] = False
+    scale: float = 1.0
+    every: int = 1
+
+    def cost(self, shape: CostShape) -> float:
+        """Model passes per epoch at the current `scale`, in forward-backward passes of one image.
+
+        A forward pass alone counts 1/3 (its backward costs about twice the forward). An
+        epoch's training costs one pass per training image, so the two compare directly.
+
+        Args:
+            shape: probe size, classes and image shape of the run.
+
+        Returns:
+            The passes; 0 (the default) for an analysis that only reads `ctx.eval`.
+        """
+        return 0.0
+
+    def due(self, epoch: int, last_epoch: int) -> bool:
+        """Whether the analysis runs after `epoch` (`every`, and always after the last).
+
+        Args:
+            epoch: the epoch just trained (1-based).
+            last_epoch: the run's last epoch.
+
+        Returns:
+            True when it runs.
+        """
+        return epoch % self.every == 0 or epoch == last_epoch
 
     def __call__(self, ctx: EpochContext) -> None:
         """Analyse one epoch: add scalars to `ctx.metrics`, draw figures with `ctx.draw_figure`.

@@ -1,13 +1,14 @@
-"""Command line of `python runner.py`: MNIST, the default CNN and the default analyses.
+"""Command line of `python runner.py`: a dataset by name, a model, and the default analyses.
 
 Exit codes:
 
 - 0: success.
 - 1: the run finished but an analysis failed, or a write failed (disk full, read-only).
-- 2: bad options (one training step on copies fails with them), data, save directory
-  (unwritable, a file, in use by another run, or holding others' files) or `--resume`
-  (nothing to resume, different options, damaged checkpoint): checked before training,
-  nothing was trained, the previous run is untouched.
+- 2: bad options (one training step on copies fails with them), data, model (unknown
+  `--model`, `--pretrained` weights that cannot be downloaded, a model that does not fit the
+  data), save directory (unwritable, a file, in use by another run, or holding others'
+  files) or `--resume` (nothing to resume, different options, damaged checkpoint): checked
+  before training, nothing was trained, the previous run is untouched.
 - 3: the loss became NaN or infinite; the best checkpoint of earlier epochs is kept.
 - 4: under torchrun, another process failed or stopped answering (its own message, named
   in torchrun's summary, is the cause).
@@ -27,9 +28,9 @@ import gc
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from exigo.config import Config
+from exigo.config import DATASETS, Config
 
 if TYPE_CHECKING:
     import torch
@@ -58,9 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="runner.py",
         description=(
-            "Train a small CNN on MNIST and watch it learn: after every epoch exigo writes a "
-            "confusion matrix, saliency maps and an embedding projection to --save-dir and "
-            "TensorBoard, and keeps the best model."
+            "Train an image classifier (a small CNN on MNIST by default) and watch it learn: "
+            "after every epoch exigo writes a confusion matrix, saliency maps and an embedding "
+            "projection to --save-dir and TensorBoard, and keeps the best model."
         ),
         allow_abbrev=False,  # `--epoch 3` is not silently `--epochs 3`
     )
@@ -109,6 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
         "(cuda, cuda:1, mps, xpu, ...; others are refused with the list) (default: %(default)s)",
     )
     train.add_argument(
+        "--model",
+        default=_DEFAULTS.model,
+        metavar="NAME",
+        help="a torchvision classification architecture (resnet18, mobilenet_v3_small, ...), "
+        "its input channels and classes adapted to the data (default: a small CNN for 28x28 "
+        "images, the residual SmallResNet up to 64x64, resnet18 above)",
+    )
+    train.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="start --model from torchvision's weights (downloaded to torch's hub cache; "
+        "exit 2 when they cannot be)",
+    )
+    train.add_argument(
         "--dist-timeout",
         type=_number,
         default=_DEFAULTS.dist_timeout,
@@ -118,11 +133,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     files = parser.add_argument_group("files")
     files.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default=_DEFAULTS.dataset,
+        help="what to train on: torchvision's datasets (downloaded into --data-dir if absent) "
+        "or imagefolder (--data-dir is a folder of class sub-folders, or of train/ and val/ "
+        "folders of them) (default: %(default)s)",
+    )
+    files.add_argument(
         "--data-dir",
         type=Path,
         default=_DEFAULTS.data_dir,
-        help="torchvision root holding MNIST/raw/ (downloaded there if absent; "
-        "offline: ../shared/mnist) (default: %(default)s)",
+        help="torchvision root holding the dataset (MNIST/raw/, cifar-10-batches-py/, ...; "
+        "downloaded there if absent; offline MNIST: ../shared/mnist), or the image folder "
+        "(default: %(default)s)",
+    )
+    files.add_argument(
+        "--val-fraction",
+        type=_number,
+        default=_DEFAULTS.val_fraction,
+        help="imagefolder without val/: share of each class held out, seeded by --seed "
+        "(default: %(default)s)",
     )
     files.add_argument(
         "--no-download",
@@ -177,6 +208,22 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     analysis.add_argument(
+        "--embedding-layer",
+        default=_DEFAULTS.embedding_layer,
+        metavar="NAME",
+        help="module whose input is the embedding the projection shows (head.3; a wrong "
+        "name lists the model's modules) (default: the classifier's input)",
+    )
+    analysis.add_argument(
+        "--analysis-budget",
+        type=_number,
+        default=_DEFAULTS.analysis_budget,
+        metavar="X",
+        help="model passes the analyses may make per epoch, as a multiple of the epoch's "
+        "training passes; above it their settings are lowered or they run every k epochs, "
+        "said once (0: no limit) (default: %(default)s)",
+    )
+    analysis.add_argument(
         "--no-attribution-checks",
         dest="attribution_checks",
         action="store_false",
@@ -223,14 +270,15 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the MNIST pipeline from the command line and return the process exit code.
+    """Run the pipeline from the command line and return the process exit code.
 
     Args:
         argv: the options, as on the command line; None reads `sys.argv[1:]`.
 
     Returns:
         0 when the run finished, 1 when an analysis or a write failed, 2 when nothing was
-        trained (bad option, missing data, unusable `--save-dir`), 3 when the loss diverged,
+        trained (bad option, missing data, a model that cannot be built or does not fit the
+        data, unusable `--save-dir`), 3 when the loss diverged,
         4 when the processes of a torchrun launch failed each other, 130 / 143 after SIGINT /
         SIGTERM.
     """
@@ -294,13 +342,14 @@ def _run(config: Config, console: Console, err: Console) -> int:
     import torch
 
     from exigo.analyses import default_analyses
-    from exigo.data import DataError, load_mnist
+    from exigo.data import DataError, load_dataset
     from exigo.engine.checkpoint import CheckpointError
     from exigo.engine.preflight import PreflightError
     from exigo.engine.resume import ResumeError
     from exigo.engine.run_dir import SaveDirError, check_replaceable, check_save_dir
     from exigo.engine.signals import RunInterrupted
     from exigo.engine.world import DistributedError, World, join, resolve_device, set_threads
+    from exigo.models import ModelError, check_model_name, torchvision_model
     from exigo.pipeline import RunDiverged, run
 
     rank = 0
@@ -315,15 +364,39 @@ def _run(config: Config, console: Console, err: Console) -> int:
     try:
         world = join(config.device, config.dist_timeout) or World(resolve_device(config.device))
         rank = world.rank
+        if config.model is not None:  # an unknown name costs no download
+            check_model_name(config.model)
+
+        def load(download: bool) -> tuple[Any, Any]:
+            return load_dataset(
+                config.dataset,
+                config.data_dir,
+                download=download,
+                val_fraction=config.val_fraction,
+                seed=config.seed,
+                log=console.print if rank == 0 else lambda _line: None,
+            )
+
         with world.all_or_none("loading the data"):  # rank 0 first: it may download
             if rank == 0:  # before the data: a wrong --save-dir costs no download
                 check_save_dir(config.save_dir)
                 if not config.resume:
                     check_replaceable(config.save_dir, config.data_dir)
-                train_data, val_data = load_mnist(config.data_dir, download=config.download)
+                train_data, val_data = load(config.download)
         if rank != 0:
-            train_data, val_data = load_mnist(config.data_dir, download=False)
-    except (DataError, SaveDirError, ValueError) as error:
+            train_data, val_data = load(False)
+        image_shape = tuple(train_data[0][0].shape)
+        torch.manual_seed(config.seed)
+        if config.model is None:
+            model = default_model(len(train_data.classes), world.device, image_shape)
+        else:
+            model = torchvision_model(
+                config.model,
+                image_shape[0],
+                len(train_data.classes),
+                pretrained=config.pretrained,
+            )
+    except (DataError, SaveDirError, ModelError, ValueError) as error:
         return fail(error, 2)
     except DistributedError as error:
         return fail(error, 4)
@@ -332,11 +405,9 @@ def _run(config: Config, console: Console, err: Console) -> int:
 
         console = Console(quiet=True)  # rank 0 reports progress and results
 
-    torch.manual_seed(config.seed)
-    model = default_model(len(train_data.classes), world.device)
     try:
         result = run(config, model, train_data, val_data, default_analyses(config), console=console)
-    except (SaveDirError, ResumeError, CheckpointError, PreflightError) as error:
+    except (SaveDirError, ResumeError, CheckpointError, PreflightError, ModelError) as error:
         return fail(error, 2)
     except RunInterrupted as interrupt:
         if rank == 0:  # every process stops; one says so
@@ -370,29 +441,34 @@ def _write_failure(error: OSError, config: Config) -> str:
     return f"{describe_write_error(error, config.save_dir)}; {kept}"
 
 
-def default_model(num_classes: int, device: torch.device) -> nn.Module:
-    """The CNN `runner.py` trains: `MnistCNN`, on the CPU with channels-last weights.
+def default_model(
+    num_classes: int, device: torch.device, image_shape: Sequence[int] = (1, 28, 28)
+) -> nn.Module:
+    """The model `runner.py` trains without `--model`, on the CPU with channels-last weights.
 
-    oneDNN, which runs torch's CPU convolutions, is faster on NHWC: the default CNN trains an
-    epoch in 1.5 s instead of 2.4 s on one core, and evaluates and computes input gradients
-    1.3-1.9x faster (README, Benchmarks). The outputs of its convolutions are then NHWC too,
-    which `MnistCNN` takes (`nn.Flatten` copies as needed); a model that flattens with
-    `.view` would fail on them, so `exigo.pipeline.run` leaves the format of other models
-    alone. On a GPU the format stays as it is (unmeasured here). Checkpoints load into a model
-    in either format.
+    `exigo.models.default_model` chooses it by input shape: `MnistCNN` for 28x28 images,
+    `SmallResNet` up to 64x64, torchvision's `resnet18` above. oneDNN, which runs torch's
+    CPU convolutions, is faster on NHWC: the MNIST CNN trains an epoch in 1.5 s instead of
+    2.4 s on one core, and evaluates and computes input gradients 1.3-1.9x faster (README,
+    Benchmarks). The outputs of its convolutions are then NHWC too, which these models take
+    (`nn.Flatten` and `torch.flatten` copy as needed); a model that flattens with `.view`
+    would fail on them, so `exigo.pipeline.run` leaves the format of other models alone. On
+    a GPU the format stays as it is (unmeasured here). Checkpoints load into a model in
+    either format.
 
     Args:
         num_classes: outputs of the classifier.
         device: where the run trains.
+        image_shape: `(C, H, W)` of the data's images.
 
     Returns:
         The model, on the CPU (moved to `device` by `run`).
     """
     import torch
 
-    from exigo.models import MnistCNN
+    from exigo.models import default_model as model_for_shape
 
-    model = MnistCNN(num_classes=num_classes)
+    model = model_for_shape(image_shape, num_classes)
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
     return model

@@ -13,7 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Config"]
+__all__ = ["DATASETS", "Config"]
+
+#: The `--dataset` names (`exigo.data.load_dataset` loads each). Kept here, not in
+#: `exigo.data`, so that validating a Config imports neither torch nor torchvision.
+DATASETS = ("mnist", "fashion-mnist", "kmnist", "cifar10", "cifar100", "svhn", "imagefolder")
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,8 @@ class Config:
     range; the t-SNE, whose libraries take [0, 2**32), uses it mod 2**32)."""
 
     data_dir: Path = Path("save/data")
-    """A torchvision root holding `MNIST/raw/`."""
+    """A torchvision root holding the dataset's files (`MNIST/raw/`, `cifar-10-batches-py/`,
+    ...), or the image folder of `--dataset imagefolder`."""
 
     download: bool = True
     """Fetch the dataset when its files are absent."""
@@ -94,6 +99,28 @@ class Config:
     """With `resume`: continue with a `threads` other than the run's, although the metrics
     then differ from an uninterrupted run's."""
 
+    dataset: str = "mnist"
+    """One of `DATASETS`; `imagefolder` reads `data_dir` as a folder of class sub-folders."""
+
+    val_fraction: float = 0.2
+    """Share of each class an image folder without `val/` holds out, in (0, 1); seeded."""
+
+    model: str | None = None
+    """A torchvision classification architecture (`resnet18`); None: the default model for
+    the input shape (`exigo.models.default_model`)."""
+
+    pretrained: bool = False
+    """Start `model` from torchvision's default weights (downloaded to torch's hub cache)."""
+
+    embedding_layer: str | None = None
+    """Name of the module whose input is the embedding (`head.3`); None: the input of the
+    model's `classifier`, else of its last `nn.Linear`."""
+
+    analysis_budget: float = 1.0
+    """Model passes the analyses may make per epoch, as a multiple of the epoch's training
+    passes (forward-backward passes per image); above it, exigo lowers their settings or
+    runs them every k epochs, and says so. 0: no limit."""
+
     def __post_init__(self) -> None:
         """Reject values that cannot describe a run, naming the field and its option.
 
@@ -129,6 +156,20 @@ class Config:
             problems.append(("label_smoothing", f"must be in [0, 1), got {self.label_smoothing}"))
         if not 0 <= self.seed < 2**63:  # torch.manual_seed's range
             problems.append(("seed", f"must be in [0, 2**63), got {self.seed}"))
+        if self.dataset not in DATASETS:
+            problems.append(
+                ("dataset", f"must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+            )
+        if not 0 < self.val_fraction < 1:
+            problems.append(("val_fraction", f"must be in (0, 1), got {self.val_fraction}"))
+        if not 0 <= self.analysis_budget < math.inf:
+            problems.append(
+                ("analysis_budget", f"must be a non-negative number, got {self.analysis_budget}")
+            )
+        if self.pretrained and self.model is None:
+            problems.append(
+                ("pretrained", "needs --model: torchvision's weights exist for its architectures")
+            )
         if self.run_name is not None and (
             self.run_name in ("", ".", "..") or any(c in self.run_name for c in "/\\\0")
         ):

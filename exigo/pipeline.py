@@ -52,9 +52,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from exigo._system import available_cpus
-from exigo.analysis import Analysis
+from exigo.analysis import Analysis, CostShape
 from exigo.config import Config
-from exigo.data import Normalization
+from exigo.data import Normalization, class_names_of, gather
+from exigo.engine.budget import plan_budget
 from exigo.engine.checkpoint import capture_rng
 from exigo.engine.epoch import Background, EpochEnd, analyse, context, fit, same_random_state
 from exigo.engine.events import EventLog
@@ -65,7 +66,7 @@ from exigo.engine.signals import RunInterrupted, StopSignals
 from exigo.engine.training import DivergenceError
 from exigo.engine.world import World, open_world, torch_threads
 from exigo.figures.pool import FigurePool
-from exigo.models import embedding_module
+from exigo.models import OutputFn, check_model
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -105,14 +106,20 @@ def run(
     *,
     class_names: Sequence[str] | None = None,
     normalization: Normalization | None = None,
+    output_fn: OutputFn | None = None,
+    embedding_layer: str | None = None,
     console: Console | None = None,
     verbose: bool = True,
 ) -> RunResult:
     """Train `model` for `config.epochs` epochs and analyse it after each one.
 
-    Works for any classifier mapping [N, C, H, W] images to [N, K] logits whose last
-    `nn.Linear` (or `classifier` attribute) receives the embedding. With `config.resume`, the
-    run in `config.save_dir` continues after its last completed epoch (`models/last.pt`).
+    Works for any classifier of [N, C, H, W] images whose forward returns the [N, K] logits,
+    a tuple or list starting with them, or a mapping with a `logits` entry (`output_fn` for
+    anything else): one forward pass of two validation images checks it before anything is
+    written, and any model but a plain one is wrapped once in `exigo.models.AsClassifier`.
+    The embedding is the input of its `classifier` attribute, or of its last `nn.Linear`, or
+    of the module named `embedding_layer`. With `config.resume`, the run in `config.save_dir`
+    continues after its last completed epoch (`models/last.pt`).
 
     Args:
         config: the run's settings (epochs, batch size, learning rate, seed, folders, device).
@@ -124,6 +131,10 @@ def run(
         class_names: display name per class; default `val_data.classes` or "0".."K-1".
         normalization: how images were made from pixels (for display and blank baselines);
             default `val_data.normalization` when present.
+        output_fn: turns the model's output into the [N, K] logits tensor (default: the
+            tensor itself, the first element of a tuple or list, a mapping's `logits`).
+        embedding_layer: name of the module whose input is the embedding (`"head.3"`);
+            default `config.embedding_layer`, else the classifier's input.
         console: a rich Console for progress and messages (default: stdout).
         verbose: print the closing line when the run ends (`RunResult.closing_line`: the
             report, the best model, the TensorBoard command); `console=Console(quiet=True)`
@@ -134,6 +145,8 @@ def run(
 
     Raises:
         TypeError: an analysis that is not an `Analysis`, or two with the same name.
+        ModelError: the model does not fit the data (channels, output shape, a failing
+            forward pass, an unknown `embedding_layer`); nothing was written.
         SaveDirError: the save directory cannot be written, another run holds it, or it holds
             files exigo did not write. Nothing was changed.
         ResumeError: `config.resume` but nothing to resume, or different settings.
@@ -155,7 +168,15 @@ def run(
         world = stack.enter_context(open_world(config.device, config.dist_timeout))
         console = (console or Console()) if world.is_main else Console(quiet=True)
         with world.all_or_none("preparing --save-dir"):  # rank 0's failure stops all
-            embedding_module(model)  # a model without a linear layer fails before any write
+            names = class_names_of(val_data, class_names)
+            first_two = gather(val_data, range(min(2, len(val_data))))[0].to(world.device)
+            model = check_model(  # before any write: a model that does not fit stops here
+                model.to(world.device),
+                first_two,
+                len(names),
+                output_fn=output_fn,
+                embedding_layer=embedding_layer or config.embedding_layer,
+            )
             save_dir = prepare_save_dir(config.save_dir) if world.is_main else config.save_dir
             if world.is_main:
                 stack.callback(lock_save_dir(save_dir).release)
@@ -166,11 +187,11 @@ def run(
         with world.all_or_none("starting the run"):
             session = Session.open(
                 config,
-                model.to(world.device),
+                model,
                 train_data,
                 val_data,
                 analyses,
-                class_names=class_names,
+                class_names=names,
                 normalization=normalization,
                 world=world,
                 console=console,
@@ -181,6 +202,7 @@ def run(
         if session.previous_run is not None:  # put back unless an epoch is committed
             stack.enter_context(session.previous_run)
         session.join()
+        _plan_budget(session)
         session.timed("setup", started)
         if session.state.epoch >= config.epochs:
             console.print(
@@ -235,6 +257,20 @@ def _epochs(session: Session) -> RunResult:
         message = session.where_things_are(f"{error}; --lr is {config.lr:g}")
         raise RunDiverged(message, session.result()) from None
     return session.result()
+
+
+def _plan_budget(session: Session) -> None:
+    """Fit the analyses' passes to `--analysis-budget` (`exigo.engine.budget`); say so once."""
+    probe = session.probe.images
+    shape = CostShape(
+        probe_images=probe.shape[0],
+        num_classes=len(session.class_names),
+        image_shape=tuple(probe.shape[1:]),  # type: ignore[arg-type]
+    )
+    training_passes = session.world.samples_per_epoch(len(session.train_data))
+    line = plan_budget(session.analyses, shape, training_passes, session.config.analysis_budget)
+    if line is not None:
+        session.console.print(line, highlight=False, soft_wrap=True)
 
 
 def _overlap(session: Session) -> bool:

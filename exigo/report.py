@@ -1081,6 +1081,10 @@ def build_report(save_dir: str | Path) -> str:
         for key in ("run_name", "model", "seed", "device", "started", "train_size", "val_size")
         if key in info
     }
+    data = info.get("data")
+    if isinstance(data, dict) and data.get("source"):  # where the images came from
+        environment["data"] = data["source"]
+
     embedded = plan.full_chars + plan.small_chars
     return render_page(
         "report.html.j2",

@@ -45,7 +45,9 @@ def tiny_cli(monkeypatch):
 
     setup = Setup()
     monkeypatch.setattr(exigo.data, "load_mnist", lambda root, download: (setup.train, VAL))
+    monkeypatch.setattr(exigo.data, "load_dataset", lambda name, root, **_: (setup.train, VAL))
     monkeypatch.setattr(exigo.models, "MnistCNN", lambda num_classes: setup.model(num_classes))
+    monkeypatch.setattr(exigo.models, "default_model", lambda shape, classes: setup.model(classes))
     monkeypatch.setattr(exigo.analyses, "default_analyses", lambda config: setup.analyses)
     return setup
 

@@ -31,9 +31,10 @@ epoch's, from which the log names the epoch after which explanations settle.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -43,7 +44,7 @@ from exigo._modes import evaluation_mode
 from exigo.analyses._random import seeded
 from exigo.analyses.faithfulness import FaithfulnessCurves, deletion_insertion
 from exigo.analyses.sanity import RandomisationResult, cascading_randomisation, spearman
-from exigo.analysis import Analysis, EpochContext, FigureInfo
+from exigo.analysis import Analysis, CostShape, EpochContext, FigureInfo
 from exigo.data import blank_image
 from exigo.figures.tiles import TileBlock, TileRow, tile_figure
 
@@ -102,10 +103,12 @@ class AttributionSettings:
     """Noise sigma as a fraction of the images' value range."""
 
     occlusion_window: int = 7
-    """Side of the square occluding patch, pixels."""
+    """Side of the square occluding patch, pixels of a 28-pixel image (`AttributionAnalysis`
+    scales it with the image's shorter side: 56 pixels on 224x224 images)."""
 
     occlusion_stride: int = 3
-    """Step between patches, pixels (7 + 7 * 3 = 28 covers MNIST)."""
+    """Step between patches, pixels of a 28-pixel image, scaled like the window (7 + 7 * 3 =
+    28 covers MNIST; 8 x 8 patch positions on any image size)."""
 
     batch_size: int = 256
     """Images per forward/backward pass inside every method and curve."""
@@ -641,6 +644,65 @@ class AttributionAnalysis(Analysis):
         self.drift = torch.zeros(0, 0)
         self.randomised_maps: dict[str, Tensor] = {}  # not state: recomputed after a resume
 
+    def settings_for(self, image_shape: Sequence[int]) -> AttributionSettings:
+        """The settings used on images of `image_shape` at the pipeline's `scale`.
+
+        The occlusion window and stride scale with the image's shorter side (the settings are
+        for 28 pixels). Below `scale` 1 (`exigo.engine.budget`), Integrated Gradients' steps,
+        SmoothGrad's samples and the deletion steps shrink in proportion (at least 4, 4 and
+        5), the stride grows by 1 / sqrt(scale) (proportionally fewer patches), and below 0.5
+        only the fully randomised model is checked (computed once, then cached).
+
+        Args:
+            image_shape: `(C, H, W)`.
+
+        Returns:
+            The effective settings.
+        """
+        settings, scale = self.settings, self.scale
+        side = min(int(image_shape[-2]), int(image_shape[-1])) / 28
+        window = max(1, round(settings.occlusion_window * side))
+        stride = max(1, round(settings.occlusion_stride * side / math.sqrt(scale)))
+        if scale >= 1:
+            return replace(settings, occlusion_window=window, occlusion_stride=stride)
+        return replace(
+            settings,
+            ig_steps=max(4, round(settings.ig_steps * scale)),
+            smoothgrad_samples=max(4, round(settings.smoothgrad_samples * scale)),
+            occlusion_window=window,
+            occlusion_stride=stride,
+            deletion_steps=max(5, round(settings.deletion_steps * scale)),
+            randomisation_stages=settings.randomisation_stages if scale >= 0.5 else 1,
+        )
+
+    def cost(self, shape: CostShape) -> float:
+        """Passes per epoch in which it runs.
+
+        Per probe image, with $m$ the passes of all maps (1 each for Saliency, Input x
+        Gradient and Grad-CAM, the steps of Integrated Gradients, the samples of SmoothGrad,
+        a third per occlusion patch): $m$ for the maps, $m$ for each randomisation stage, and
+        a third per image of the $2 (M + 1) (k - 1)$ deletion and insertion forward passes.
+        (The fully randomised model is the same every epoch, so from its second call on its
+        maps come from a cache: $m$ per image less than declared. The first call, often the
+        only one when the budget makes it run every k epochs, pays it.)
+
+        Args:
+            shape: probe size, classes and image shape.
+
+        Returns:
+            Forward-backward passes per epoch.
+        """
+        settings = self.settings_for(shape.image_shape)
+        _, height, width = shape.image_shape
+        window, stride = settings.occlusion_window, settings.occlusion_stride
+        patches = math.prod(
+            (max(size - min(window, size), 0) // stride + 1) for size in (height, width)
+        )
+        maps = 3 + settings.ig_steps + settings.smoothgrad_samples + patches / 3
+        curves = 2 * 7 * (settings.deletion_steps - 1) / 3  # M + 1 = 7 orders
+        sanity = settings.randomisation_stages * maps
+        return shape.probe_images * (maps + sanity + curves)
+
     def state_dict(self) -> dict[str, Any]:
         """What `--resume` needs: colour scales, last maps and the drift history.
 
@@ -686,7 +748,8 @@ class AttributionAnalysis(Analysis):
 
     def __call__(self, ctx: EpochContext) -> None:
         """Compute, check, draw and log the attributions of `ctx.probe`."""
-        settings, probe, model = self.settings, ctx.probe, ctx.model
+        probe, model = ctx.probe, ctx.model
+        settings = self.settings_for(probe.images.shape[1:])
         seconds: dict[str, float] = {}
         clock = time.perf_counter()
 

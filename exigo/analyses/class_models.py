@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from exigo._modes import frozen
 from exigo.analyses._filters import gaussian_blur
 from exigo.analyses.saliency import input_gradients
-from exigo.analysis import Analysis, EpochContext, FigureInfo
+from exigo.analysis import Analysis, CostShape, EpochContext, FigureInfo
 from exigo.data import Normalization, blank_image
 
 if TYPE_CHECKING:
@@ -282,6 +282,23 @@ class ClassModelAnalysis(Analysis):
         self.seed = seed
         self.settings = settings
 
+    @property
+    def steps(self) -> int:
+        """Ascent steps at the pipeline's `scale` (the default 60 times it, at least 10)."""
+        steps = int(self.settings.get("steps", 60))
+        return steps if self.scale >= 1 else max(min(10, steps), round(steps * self.scale))
+
+    def cost(self, shape: CostShape) -> float:
+        """One forward-backward pass per class and step, and a forward pass per class.
+
+        Args:
+            shape: probe size, classes and image shape.
+
+        Returns:
+            $K (T + 1/3)$ passes per epoch.
+        """
+        return shape.num_classes * (self.steps + 1 / 3)
+
     def __call__(self, ctx: EpochContext) -> None:
         """Optimise one image per class from the blank image and save the figure."""
         blank = blank_image(ctx.normalization, ctx.probe.images[:1])  # (1, C, H, W)
@@ -292,7 +309,7 @@ class ClassModelAnalysis(Analysis):
             classes,
             normalization=ctx.normalization,
             seed=self.seed,
-            **self.settings,
+            **{**self.settings, "steps": self.steps},
         )
         ctx.metrics["class_models/mean_probability"] = float(result.probabilities.mean())
         ctx.draw_figure(

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from exigo.analyses.saliency import input_gradients, reduce_channels
-from exigo.analysis import Analysis, EpochContext, FigureInfo
+from exigo.analysis import Analysis, CostShape, EpochContext, FigureInfo
 from exigo.data import display_pixels, gather
 from exigo.figures.colour_scale import ROBUST_QUANTILE, colour_limit
 from exigo.figures.tiles import TileBlock, TileRow, tile_figure
@@ -261,6 +261,18 @@ class ErrorAnalysis(Analysis):
     def __init__(self, pairs: int = 3, per_pair: int = 5) -> None:
         self.pairs = pairs
         self.per_pair = per_pair
+
+    def cost(self, shape: CostShape) -> float:
+        r"""At most two gradients (towards the true and the predicted class) per shown image.
+
+        Args:
+            shape: probe size, classes and image shape.
+
+        Returns:
+            $2 \cdot$ pairs $\cdot$ per_pair passes per epoch (an upper bound; its settings
+            do not scale).
+        """
+        return 2 * self.pairs * self.per_pair
 
     def __call__(self, ctx: EpochContext) -> None:
         """Select the confusions, compute their saliency and save the figure."""

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from exigo._modes import frozen
-from exigo.analysis import Analysis, EpochContext, FigureInfo
+from exigo.analysis import Analysis, CostShape, EpochContext, FigureInfo
 from exigo.data import Normalization, blank_image, display_pixels
 from exigo.figures.colour_scale import ROBUST_QUANTILE, colour_limit
 from exigo.figures.tiles import TileBlock, TileRow, tile_figure
@@ -332,6 +332,17 @@ class SaliencyAnalysis(Analysis):
         ),
     )
     before_training = True
+
+    def cost(self, shape: CostShape) -> float:
+        r"""One gradient per probe image, and one per distinct class at the blank image.
+
+        Args:
+            shape: probe size, classes and image shape.
+
+        Returns:
+            $P + \min(P, K)$ passes per epoch (its settings do not scale).
+        """
+        return shape.probe_images + min(shape.probe_images, shape.num_classes)
 
     def __call__(self, ctx: EpochContext) -> None:
         """Compute the probe's maps and save the figure."""

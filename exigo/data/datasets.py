@@ -4,7 +4,10 @@ A `TensorImageDataset` keeps a whole split as one normalised float tensor: batch
 of it taken by index, with no per-item PIL conversion and no collate step inside the training
 loop. Any other `torch.utils.data.Dataset` of `(image [C, H, W], label)` pairs works with the
 pipeline too; it is then read through a `DataLoader`. Loaders of particular datasets
-(`exigo.data.mnist`) return `TensorImageDataset`s and raise `DataError` with what to do.
+(`exigo.data.mnist`, `exigo.data.torchvision_sets`, `exigo.data.image_folder`) return
+`TensorImageDataset`s, or a `StreamedImageDataset` when the decoded images would not fit in
+memory (read through a `DataLoader` with worker processes), and raise `DataError` with what
+to do. Both record where their images came from (`source`, shown in run.json and the report).
 """
 
 from __future__ import annotations
@@ -17,7 +20,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from exigo.data.normalization import Normalization
 
-__all__ = ["DataError", "TensorImageDataset", "dataset_targets", "gather", "iterate_batches"]
+__all__ = [
+    "DataError",
+    "StreamedImageDataset",
+    "TensorImageDataset",
+    "class_names_of",
+    "data_source",
+    "dataset_targets",
+    "gather",
+    "iterate_batches",
+]
 
 
 class DataError(Exception):
@@ -32,6 +44,8 @@ class TensorImageDataset(Dataset):
         targets: int64 tensor [N], class indices in [0, len(classes)).
         classes: display name of each class.
         normalization: how `images` were made from pixel intensities.
+        source: where the images came from (`"cifar10, torchvision root save/data"`), for
+            run.json and the report; None: given from Python.
     """
 
     def __init__(
@@ -40,6 +54,7 @@ class TensorImageDataset(Dataset):
         targets: Tensor,
         classes: Sequence[str],
         normalization: Normalization | None = None,
+        source: str | None = None,
     ) -> None:
         if images.ndim != 4:
             raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
@@ -51,12 +66,98 @@ class TensorImageDataset(Dataset):
         self.targets = targets.long()
         self.classes = list(classes)
         self.normalization = normalization
+        self.source = source
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         return self.images[index], self.targets[index]
+
+
+class StreamedImageDataset(Dataset):
+    """A labelled image set decoded item by item, for sets too large to hold in memory.
+
+    Subclasses implement `pixels(index)`; the pipeline reads it through a `DataLoader` with
+    `workers` worker processes (`iterate_batches`), so decoding overlaps training.
+
+    Args:
+        targets: int64 tensor [N], class indices.
+        classes: display name of each class.
+        normalization: applied to every decoded image.
+        source: where the images come from (run.json, the report).
+        workers: `DataLoader` worker processes (0: decode in the loop's own process).
+
+    Attributes:
+        targets: as given.
+        classes: as given.
+        normalization: as given.
+        source: as given.
+        workers: as given.
+    """
+
+    def __init__(
+        self,
+        targets: Tensor,
+        classes: Sequence[str],
+        normalization: Normalization,
+        source: str,
+        workers: int,
+    ) -> None:
+        self.targets = torch.as_tensor(targets, dtype=torch.long)
+        self.classes = list(classes)
+        self.normalization = normalization
+        self.source = source
+        self.workers = workers
+
+    def pixels(self, index: int) -> Tensor:
+        """Decode one image.
+
+        Args:
+            index: its position.
+
+        Returns:
+            Float tensor [C, H, W] of intensities in [0, 1].
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement pixels(index)")
+
+    def __len__(self) -> int:
+        return self.targets.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        image = self.normalization.normalize(self.pixels(index)[None])[0]
+        return image, self.targets[index]
+
+
+def data_source(dataset: Dataset) -> str:
+    """Where a dataset's images came from, as run.json and the report say it.
+
+    Args:
+        dataset: a training or validation set.
+
+    Returns:
+        Its `source` when an exigo loader made it, else `given from Python (ClassName)`.
+    """
+    source = (
+        dataset.source if isinstance(dataset, TensorImageDataset | StreamedImageDataset) else None
+    )
+    return source or f"given from Python ({type(dataset).__name__})"
+
+
+def class_names_of(dataset: Dataset, class_names: Sequence[str] | None = None) -> list[str]:
+    """The display name of every class: given, the dataset's `classes`, or "0".."K-1".
+
+    Args:
+        dataset: the validation set.
+        class_names: names given by the caller (they win).
+
+    Returns:
+        One string per class; K is the largest label + 1 when nothing names the classes.
+    """
+    names = class_names or getattr(dataset, "classes", None)
+    if not names:
+        names = range(int(dataset_targets(dataset).max()) + 1)
+    return [str(name) for name in names]
 
 
 def dataset_targets(dataset: Dataset) -> Tensor:
@@ -101,7 +202,7 @@ def iterate_batches(
     """Yield `(images [B, C, H, W], labels [B])` for `indices`, in that order, on the CPU.
 
     A `TensorImageDataset` is sliced directly; any other dataset goes through a `DataLoader`
-    that visits the same indices.
+    that visits the same indices (with worker processes for a `StreamedImageDataset`).
 
     Args:
         dataset: `(image [C, H, W], label)` pairs.
@@ -117,6 +218,13 @@ def iterate_batches(
         for batch in index.split(batch_size):
             yield dataset.images[batch], dataset.targets[batch]
         return
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=index.tolist())
+    workers = dataset.workers if isinstance(dataset, StreamedImageDataset) else 0
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=index.tolist(),
+        num_workers=workers,
+        prefetch_factor=4 if workers else None,
+    )
     for images, labels in loader:
         yield images, torch.as_tensor(labels, dtype=torch.long)

@@ -393,7 +393,8 @@ def finish(session: Session, ended: EpochEnd, *, overlapped: bool) -> None:
         RunInterrupted: a stop signal arrived before the commit.
     """
     ctx = context(session, ended.epoch, ended.evaluation, ended.trained, ended.model)
-    seconds = analyse(session, ctx, session.analyses, overlapped=overlapped)
+    due = [a for a in session.analyses if a.due(ended.epoch, session.config.epochs)]
+    seconds = analyse(session, ctx, due, overlapped=overlapped)
     try:
         session.stop.check()
     except RunInterrupted as interrupt:

@@ -419,6 +419,7 @@ def run_info(
     val_size: int,
     class_names: Sequence[str],
     figures: Mapping[str, Mapping[str, str]],
+    data: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The content of `run.json`: what a reader needs to reproduce and read the run.
 
@@ -435,6 +436,9 @@ def run_info(
         class_names: display name per class.
         figures: figure name -> `{"title": ..., "caption": ...}`, as the analyses declare them
             (the report reads its headings from here).
+        data: where the data came from: `source` (a dataset name and its torchvision root,
+            an image folder, or "given from Python (ClassName)"), `image_shape` [C, H, W] and
+            `normalization` (`mean`, `std` per channel, or None).
 
     Returns:
         A JSON-ready dict.
@@ -452,6 +456,7 @@ def run_info(
         "train_size": train_size,
         "val_size": val_size,
         "class_names": list(class_names),
+        "data": None if data is None else dict(data),
         "figures": {name: dict(text) for name, text in figures.items()},
         "resumed": [],
     }

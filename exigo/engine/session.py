@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from exigo._io import atomic_write_json, is_storage_error
 from exigo.analysis import Analysis, Probe, make_probe
-from exigo.data import Normalization, dataset_targets
+from exigo.data import Normalization, data_source, dataset_targets
 from exigo.engine.checkpoint import (
     apply_weights,
     load_checkpoint,
@@ -43,6 +43,7 @@ from exigo.engine.run_dir import (
     run_info,
 )
 from exigo.engine.world import set_threads
+from exigo.models import unwrapped
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -331,10 +332,17 @@ class Session:
             device=str(self.world.device),
             threads=self.threads,
             distributed=self.world.describe(),
-            model=type(self.model).__name__,
+            model=type(unwrapped(self.model)).__name__,
             train_size=len(self.train_data),
             val_size=len(self.val_data),
             class_names=self.class_names,
+            data={
+                "source": data_source(self.val_data),
+                "image_shape": list(self.probe.images.shape[1:]),
+                "normalization": None
+                if self.normalization is None
+                else {"mean": list(self.normalization.mean), "std": list(self.normalization.std)},
+            },
             figures={
                 info.name: {"title": info.title, "caption": info.caption}
                 for analysis in self.analyses
@@ -363,7 +371,7 @@ class Session:
             path,
             config=self.config.to_dict(),
             run_name=self.config.run_name,
-            model_class=type(self.model).__name__,
+            model_class=type(unwrapped(self.model)).__name__,
             train_size=len(self.train_data),
             val_size=len(self.val_data),
             world_size=self.world.world_size,
@@ -398,7 +406,7 @@ class Session:
                 f"{payload['threads']}; its metrics will differ from an uninterrupted run's"
                 "[/yellow]"
             )
-        apply_weights(payload, self.model, LAST_CHECKPOINT)
+        apply_weights(payload, unwrapped(self.model), LAST_CHECKPOINT)
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         self.state = RunState.from_checkpoint(payload)
@@ -469,7 +477,7 @@ class Session:
         """
         save_checkpoint(
             self.save_dir / BEST_CHECKPOINT,
-            model,
+            unwrapped(model),  # the user's own state_dict: no "model." prefix
             epoch=epoch,
             eval_loss=eval_loss,
             eval_accuracy=eval_accuracy,
@@ -492,7 +500,7 @@ class Session:
         """
         save_checkpoint(
             self.save_dir / LAST_CHECKPOINT,
-            model,
+            unwrapped(model),
             **self.state.to_checkpoint(),
             config=self.config.to_dict(),
             train_size=len(self.train_data),

@@ -1,0 +1,78 @@
+r"""The analyses' budget: their model passes per epoch against the epoch's training.
+
+An epoch's training makes one forward-backward pass per training image; each analysis
+declares its own passes per epoch in the same unit (`exigo.analysis.Analysis.cost`). With
+$T$ training passes, budget $b$ (`--analysis-budget`) and $A$ the analyses' passes:
+
+- $A \le bT$: every analysis runs after every epoch with its default settings;
+- otherwise every analysis that runs the model gets `scale` $s = \max(bT / A, 1/4)$ (it lowers
+  its own settings: fewer path steps, samples, ascent steps, coarser occlusion), and if the
+  lowered passes $A_s$ still exceed $bT$ they run every $k = \lceil A_s / bT \rceil$ epochs
+  (and after the last one).
+
+`plan_budget` returns the one line the pipeline prints when it chose either.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from exigo.analysis import Analysis, CostShape
+
+__all__ = ["MIN_SCALE", "plan_budget"]
+
+#: The least share of its default settings an analysis is lowered to; beyond, it runs less often.
+MIN_SCALE = 0.25
+
+
+def plan_budget(
+    analyses: Sequence[Analysis], shape: CostShape, training_passes: int, budget: float
+) -> str | None:
+    """Set each analysis' `scale` and `every` so one epoch's analyses fit the budget.
+
+    Args:
+        analyses: the run's analyses (their `scale` and `every` are reset, then set).
+        shape: probe size, classes and image shape.
+        training_passes: T, training images per epoch (this process' share).
+        budget: b; 0 leaves every analysis at full settings, every epoch.
+
+    Returns:
+        One line saying what was lowered and how often the analyses run; None when the
+        analyses fit (or `budget` is 0).
+    """
+    for analysis in analyses:
+        analysis.scale, analysis.every = 1.0, 1
+    full = {analysis.name: analysis.cost(shape) for analysis in analyses}
+    total, allowed = sum(full.values()), budget * max(training_passes, 1)
+    if budget == 0 or total <= allowed:
+        return None
+    costly = [analysis for analysis in analyses if full[analysis.name] > 0]
+    scale = max(MIN_SCALE, allowed / total)
+    for analysis in costly:
+        analysis.scale = scale
+    lowered = {analysis.name: analysis.cost(shape) for analysis in costly}
+    every = math.ceil(sum(lowered.values()) / allowed)
+    if every > 1:
+        for analysis in costly:
+            analysis.every = every
+    passes = ", ".join(
+        f"{name} {full[name]:,.0f} -> {lowered[name]:,.0f}" for name in sorted(lowered)
+    )
+    when = (
+        f"; still over, so they run after every {_ordinal(every)} epoch and after the last"
+        if every > 1
+        else ""
+    )
+    return (
+        f"analysis budget: the analyses would make {total:,.0f} model passes per epoch, "
+        f"{total / max(training_passes, 1):.1f}x the epoch's {training_passes:,} training "
+        f"passes (--analysis-budget {budget:g}); settings lowered to {scale:.0%} "
+        f"(passes per epoch: {passes}){when}"
+    )
+
+
+def _ordinal(number: int) -> str:
+    if number % 100 in (11, 12, 13):
+        return f"{number}th"
+    return f"{number}{ {1: 'st', 2: 'nd', 3: 'rd'}.get(number % 10, 'th') }"
