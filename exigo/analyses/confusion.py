@@ -294,10 +294,11 @@ def plot_confusion(
     tick_size = max(min(10.0, 0.7 * cell_points), MIN_TICK_POINTS)
     # every `tick_step`-th class is labelled, so labels (1.25 x their size tall) never overlap
     tick_step = max(1, math.ceil(1.25 * tick_size / cell_points))
-    panel_inches = 0.0 if annotate else 2.9
+    panel_inches = 0.0 if annotate else 3.4
     longest = max(len(name) for name in [*names, "recall"])
-    name_inches = 0.6 * tick_size * longest / 72 + 0.5
-    row_label_inches = 0.6 * tick_size * max(longest, len("precision")) / 72 + 0.5
+    # 0.65 em a character: DejaVu Sans' average, with room for wide letters
+    name_inches = 0.65 * tick_size * longest / 72 + 0.6
+    row_label_inches = 0.65 * tick_size * max(longest, len("precision")) / 72 + 0.8
     rotate = num_classes > MAX_ANNOTATED_CLASSES or 0.6 * tick_size * longest > 0.9 * cell_points
     figure = Figure(
         figsize=(
@@ -328,13 +329,8 @@ def plot_confusion(
     labelled = [*range(0, num_classes, tick_step), num_classes]
     axes.set_xticks(labelled, [*names[::tick_step], "recall"], fontsize=tick_size)
     axes.set_yticks(labelled, [*names[::tick_step], "precision"], fontsize=tick_size)
-    if num_classes > MAX_ANNOTATED_CLASSES:
+    if rotate:  # names wider than their column: upright, so neighbours never overlap
         axes.tick_params(axis="x", labelrotation=90)
-    elif rotate:  # names wider than their column
-        axes.tick_params(axis="x", labelrotation=45)
-        for label in axes.get_xticklabels():
-            label.set_horizontalalignment("right")
-            label.set_rotation_mode("anchor")
     for labels in (axes.get_xticklabels(), axes.get_yticklabels()):
         labels[-1].set_fontstyle("italic")
     axes.set_xlabel("Predicted label")
