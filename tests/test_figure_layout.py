@@ -94,6 +94,7 @@ def assert_fits(figure: Figure) -> None:
         if text.get_fontsize() == 8 and text.get_ha() == "center":
             captions.setdefault(round(text.get_position()[1], 6), []).append(text)
     groups.extend(captions.values())
+    groups.append([axes.title for axes in figure.axes if axes.get_title()])
     for group in groups:
         extents = [(t.get_text(), t.get_window_extent(renderer)) for t in group]
         for (first, a), (second, b) in combinations(extents, 2):
@@ -228,6 +229,7 @@ def test_class_models_figure_fits(classes, shape):
         class_names(classes),
         title="Class models: what the network finds most typical of each class, after epoch 12",
         selection=reason,
+        recall=recall[chosen] if classes > 20 else None,
     )
     render(figure, f"class_models_{classes}_{shape[0]}ch")
     assert_fits(figure)

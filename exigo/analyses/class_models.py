@@ -224,6 +224,7 @@ def plot_class_models(
     *,
     title: str | None = None,
     selection: str = "",
+    recall: Tensor | None = None,
 ) -> Figure:
     """One image per class, titled with the class and its softmax probability.
 
@@ -239,6 +240,8 @@ def plot_class_models(
         title: figure title.
         selection: a sentence for the footnote saying which classes are shown and why, when
             they are not all of them.
+        recall: float tensor [K], the held-out recall of each drawn class, written under its
+            probability; None: not written.
 
     Returns:
         A matplotlib `Figure` (not attached to pyplot).
@@ -250,7 +253,7 @@ def plot_class_models(
     columns = min(count, 10) or 1
     rows = max(1, math.ceil(count / columns))
     names = [class_names[int(c)] for c in result.classes]
-    longest = max((len(name) for name in names), default=1)
+    longest = max([len(name) for name in names] + [21 if recall is not None else 1])
     column_inches = min(max(1.3, (longest + 1) * _CHARACTER_INCHES + 0.1), 1.9)
     fig_width = max(column_inches * columns + 0.4, 7.0)
     title_lines = wrap(title or "Class models", int((fig_width - 0.4) / (11 * 0.65 / 72)))
@@ -287,6 +290,8 @@ def plot_class_models(
             ax.imshow(image[:3].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
         label = names[index]
         probability = f"p = {float(result.probabilities[index]):.2f}"
+        if recall is not None:
+            probability += f", recall {float(recall[index]):.2f}"
         if len(label) + 2 + len(probability) <= name_characters:
             ax.set_title(f"{label}: {probability}", fontsize=9)
         else:
@@ -388,4 +393,5 @@ class ClassModelAnalysis(Analysis):
             ctx.class_names,
             title=f"Class models: what the network finds most typical of each class, {ctx.when}",
             selection=reason,
+            recall=None if recall is None else recall[classes.cpu()],
         )
