@@ -326,9 +326,11 @@ def plot_confusion(
     axes.axhline(num_classes - 0.5, color="0.25", linewidth=2 * line_width + 0.5)
     axes.axvline(num_classes - 0.5, color="0.25", linewidth=2 * line_width + 0.5)
 
-    labelled = [*range(0, num_classes, tick_step), num_classes]
-    axes.set_xticks(labelled, [*names[::tick_step], "recall"], fontsize=tick_size)
-    axes.set_yticks(labelled, [*names[::tick_step], "precision"], fontsize=tick_size)
+    # the margin's label needs its room too: no class label closer to it than a step
+    labelled = [c for c in range(0, num_classes, tick_step) if num_classes - c >= tick_step]
+    shown = [names[c] for c in labelled]
+    axes.set_xticks([*labelled, num_classes], [*shown, "recall"], fontsize=tick_size)
+    axes.set_yticks([*labelled, num_classes], [*shown, "precision"], fontsize=tick_size)
     if rotate:  # names wider than their column: upright, so neighbours never overlap
         axes.tick_params(axis="x", labelrotation=90)
     for labels in (axes.get_xticklabels(), axes.get_yticklabels()):
