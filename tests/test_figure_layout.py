@@ -267,3 +267,31 @@ def test_sprite_of_a_red_image_is_red():
     sheet = sprite_sheet(sprite_images(red_images(4, (3, 32, 32))))
     assert sheet.shape[-1] == 3
     assert tuple(sheet[16, 16]) == (255, 0, 0)
+
+
+def test_per_class_figures_choose_the_lowest_recall_or_the_first_classes():
+    assert choose_classes(4, 20)[0].tolist() == [0, 1, 2, 3]
+    assert choose_classes(4, 20)[1] == ""
+    first, reason = choose_classes(30, 5)
+    assert first.tolist() == [0, 1, 2, 3, 4] and "first 5 of 30" in reason
+    recall = torch.tensor([0.9, 0.1, 0.5, 0.1, 0.7])
+    lowest, reason = choose_classes(5, 3, recall)
+    assert lowest.tolist() == [1, 3, 2] and "lowest held-out recall" in reason
+
+
+def test_no_figure_title_or_caption_says_digit():
+    from exigo.analyses.class_models import ClassModelAnalysis
+    from exigo.analyses.confusion import ConfusionAnalysis
+    from exigo.analyses.errors import ErrorAnalysis
+    from exigo.analyses.projection import ProjectionAnalysis
+    from exigo.analyses.saliency import SaliencyAnalysis
+
+    for analysis in (
+        ClassModelAnalysis,
+        ConfusionAnalysis,
+        ErrorAnalysis,
+        ProjectionAnalysis,
+        SaliencyAnalysis,
+    ):
+        for info in analysis.figures:
+            assert "digit" not in f"{info.title} {info.caption}".lower(), info
