@@ -6,8 +6,10 @@ about 10 ms building each Axes and most of a second laying them out (constrained
 every tick and spine for its extent): 1.2 s for the 50 maps of the saliency figure. Here each
 block of rows is coloured in numpy and pasted into one RGB canvas shown by a single `imshow`,
 the colour bars are pixels of that canvas, and the labels are figure texts at computed
-positions, so a figure renders in about 0.2 s. The ink outlines over the maps are one
-`contour` call per block.
+positions, so a figure renders in about 0.2 s. The object outlines over the maps (only where
+they are one: `object_outline`) are one `contour` call per block. Tile and label widths grow
+with the captions and row labels (20-character class names fit), and the title wraps, so no
+text leaves the figure.
 
 Compute, then draw: `block_canvas` returns the pixels (tested exactly), `tile_figure` lays the
 blocks out in inches and adds the texts.
