@@ -46,6 +46,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from textwrap import wrap
 from typing import TYPE_CHECKING
 
 import torch
@@ -62,7 +63,13 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-__all__ = ["ClassModelAnalysis", "ClassModels", "class_models", "plot_class_models"]
+__all__ = [
+    "ClassModelAnalysis",
+    "ClassModels",
+    "choose_classes",
+    "class_models",
+    "plot_class_models",
+]
 
 #: How much stronger the decay is in the image's margin than in its centre.
 MARGIN_DECAY_FACTOR = 20.0
@@ -207,18 +214,34 @@ def class_models(
     )
 
 
+#: Inches per character at font size 9 (DejaVu Sans, with room for wide letters).
+_CHARACTER_INCHES = 9 * 0.65 / 72
+
+
 def plot_class_models(
-    result: ClassModels, class_names: Sequence[str], *, title: str | None = None
+    result: ClassModels,
+    class_names: Sequence[str],
+    *,
+    title: str | None = None,
+    selection: str = "",
+    recall: Tensor | None = None,
 ) -> Figure:
     """One image per class, titled with the class and its softmax probability.
 
-    Each image is shown in grey from 0 (black) to its brightest pixel (white), so faint class
-    models stay visible; colour images are shown in colour with the same per-image scaling.
+    Each image is shown from 0 (black) to its brightest value (white), so faint class models
+    stay visible; grey for one channel, colour for three, with the same per-image scaling.
+    The figure is at least 7 inches wide and its title and footnote are wrapped to that width,
+    so neither is clipped whatever the number of classes; class names wider than their column
+    are wrapped onto two lines.
 
     Args:
         result: the `ClassModels` to draw (any device).
         class_names: display name per class.
         title: figure title.
+        selection: a sentence for the footnote saying which classes are shown and why, when
+            they are not all of them.
+        recall: float tensor [K], the held-out recall of each drawn class, written under its
+            probability; None: not written.
 
     Returns:
         A matplotlib `Figure` (not attached to pyplot).
@@ -229,8 +252,29 @@ def plot_class_models(
     count = pixels.shape[0]
     columns = min(count, 10) or 1
     rows = max(1, math.ceil(count / columns))
-    figure = Figure(figsize=(1.3 * columns + 0.4, 1.55 * rows + 0.7), layout="constrained")
+    names = [class_names[int(c)] for c in result.classes]
+    longest = max([len(name) for name in names] + [21 if recall is not None else 1])
+    column_inches = min(max(1.3, (longest + 1) * _CHARACTER_INCHES + 0.1), 1.9)
+    fig_width = max(column_inches * columns + 0.4, 7.0)
+    title_lines = wrap(title or "Class models", int((fig_width - 0.4) / (11 * 0.65 / 72)))
+    notes = [
+        "Each image maximises its class's logit minus λ‖I‖² by gradient ascent from a blank "
+        "image, with small random shifts and rotations and a blur at every step.",
+        "p = softmax probability of that class. Each image is scaled to its brightest value.",
+    ]
+    if selection:
+        notes.append(selection)
+    characters = int((fig_width - 0.3) / (7.5 * 0.65 / 72))
+    note_lines = [line for note in notes for line in wrap(note, characters)]
+    figure = Figure(
+        figsize=(
+            fig_width,
+            1.75 * rows + 0.35 + 0.22 * len(title_lines) + 0.15 * len(note_lines),
+        ),
+        layout="constrained",
+    )
     axes = figure.subplots(rows, columns, squeeze=False)
+    name_characters = max(4, int((column_inches - 0.1) / _CHARACTER_INCHES))
     for index, ax in enumerate(axes.flat):
         ax.set_xticks([])
         ax.set_yticks([])
@@ -243,29 +287,65 @@ def plot_class_models(
         if image.shape[0] == 1:
             ax.imshow(image[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         else:
-            ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
-        label = class_names[int(result.classes[index])]
-        probability = float(result.probabilities[index])
-        ax.set_title(f"{label}: p = {probability:.2f}", fontsize=9)
-    figure.suptitle(title or "Class models", fontsize=11)
-    figure.supxlabel(
-        "Each image maximises its class's logit minus λ‖I‖² by gradient ascent from a blank "
-        "image, with small random shifts and rotations and a blur at every step.\n"
-        "p = softmax probability of that class. Each image is scaled to its brightest pixel.",
-        fontsize=7.5,
-        color="0.3",
-    )
+            ax.imshow(image[:3].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+        label = names[index]
+        probability = f"p = {float(result.probabilities[index]):.2f}"
+        if recall is not None:
+            probability += f", recall {float(recall[index]):.2f}"
+        if len(label) + 2 + len(probability) <= name_characters:
+            ax.set_title(f"{label}: {probability}", fontsize=9)
+        else:
+            wrapped = wrap(label, name_characters) or [label]
+            if len(wrapped) > 2:
+                wrapped = [wrapped[0], wrapped[1][: name_characters - 1] + "…"]
+            ax.set_title("\n".join([*wrapped, probability]), fontsize=9)
+    figure.suptitle("\n".join(title_lines), fontsize=11)
+    figure.supxlabel("\n".join(note_lines), fontsize=7.5, color="0.3")
     return figure
+
+
+def choose_classes(
+    num_classes: int, limit: int, recall: Tensor | None = None
+) -> tuple[Tensor, str]:
+    """Which classes a per-class figure shows, and the sentence that says why.
+
+    Args:
+        num_classes: C.
+        limit: the most classes shown.
+        recall: float tensor [C], each class's held-out recall, or None (before training).
+
+    Returns:
+        `(classes, reason)`: int64 tensor [min(C, limit)] and a sentence for the figure
+        (empty when every class is shown). With recall: the `limit` classes of lowest recall,
+        lowest first (ties by class index); without: the first `limit` classes.
+    """
+    if num_classes <= limit:
+        return torch.arange(num_classes), ""
+    if recall is None:
+        return (
+            torch.arange(limit),
+            f"Shown: the first {limit} of {num_classes} classes.",
+        )
+    order = torch.sort(recall.detach().float().cpu(), stable=True).indices[:limit]
+    return (
+        order,
+        f"Shown: the {limit} of {num_classes} classes with the lowest held-out recall, "
+        "lowest first (the classes the network gets wrong most often).",
+    )
 
 
 class ClassModelAnalysis(Analysis):
     """Per-epoch hook: `plots/class_models_{epoch}.png`, one class model per class.
 
     The same jitter seed every epoch, so the epochs differ only by the model. Adds the mean
-    softmax probability of the class models to the metrics (`class_models/mean_probability`).
+    softmax probability of the class models drawn to the metrics
+    (`class_models/mean_probability`). With more than `max_classes` classes only that many
+    are optimised and drawn: those of lowest held-out recall (`choose_classes`), as the
+    figure says.
 
     Args:
         seed: seeds the jitter.
+        max_classes: the most classes drawn (each costs `steps` forward-backward passes).
         **settings: keyword arguments of `class_models` (steps, step_size, l2, ...).
     """
 
@@ -278,8 +358,11 @@ class ClassModelAnalysis(Analysis):
         ),
     )
 
-    def __init__(self, seed: int = 0, **settings: float) -> None:
+    def __init__(self, seed: int = 0, max_classes: int = 20, **settings: float) -> None:
+        if max_classes < 1:
+            raise ValueError(f"max_classes must be at least 1, got {max_classes}")
         self.seed = seed
+        self.max_classes = max_classes
         self.settings = settings
 
     @property
@@ -302,7 +385,15 @@ class ClassModelAnalysis(Analysis):
     def __call__(self, ctx: EpochContext) -> None:
         """Optimise one image per class from the blank image and save the figure."""
         blank = blank_image(ctx.normalization, ctx.probe.images[:1])  # (1, C, H, W)
-        classes = torch.arange(len(ctx.class_names), device=ctx.device)
+        num_classes = len(ctx.class_names)
+        recall = None
+        if ctx.eval is not None and num_classes > self.max_classes:
+            targets, predictions = ctx.eval.targets.cpu(), ctx.eval.predictions.cpu()
+            support = torch.bincount(targets, minlength=num_classes)[:num_classes]
+            hits = torch.bincount(targets[targets == predictions], minlength=num_classes)
+            recall = hits[:num_classes] / support.clamp_min(1)
+        classes, reason = choose_classes(num_classes, self.max_classes, recall)
+        classes = classes.to(ctx.device)
         result = class_models(
             ctx.model,
             blank,
@@ -318,4 +409,6 @@ class ClassModelAnalysis(Analysis):
             result,
             ctx.class_names,
             title=f"Class models: what the network finds most typical of each class, {ctx.when}",
+            selection=reason,
+            recall=None if recall is None else recall[classes.cpu()],
         )

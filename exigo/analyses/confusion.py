@@ -35,6 +35,7 @@ from torch import Tensor
 from exigo.analysis import Analysis, EpochContext, FigureInfo
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.colors import Colormap, Normalize
     from matplotlib.figure import Figure
 
@@ -47,8 +48,15 @@ __all__ = [
     "row_normalize",
 ]
 
-#: Above this many classes the cells carry no text (it could not be read); colours remain.
-MAX_ANNOTATED_CLASSES = 30
+#: Above this many classes the cells carry no text (it could not be read); colours remain, and
+#: a panel beside the matrix lists the most frequent confusions with their counts.
+MAX_ANNOTATED_CLASSES = 20
+
+#: Confusions listed in that panel.
+LISTED_CONFUSIONS = 15
+
+#: Smallest tick label font size; with more classes than fit, every k-th class is labelled.
+MIN_TICK_POINTS = 5.0
 
 
 def confusion_matrix(targets: Tensor, predictions: Tensor, num_classes: int) -> Tensor:
@@ -181,6 +189,23 @@ def _format_fraction(value: float) -> str:
     return f"{min(percent, 99.9):.1f}"
 
 
+def _top_confusions(counts: np.ndarray, limit: int) -> list[tuple[int, int, int]]:
+    """The `limit` largest off-diagonal cells as (true, predicted, count), largest first.
+
+    Equal counts keep (true, predicted) order; empty cells are left out.
+    """
+    off = counts.astype(np.int64).copy()
+    np.fill_diagonal(off, 0)
+    flat = off.flatten()
+    order = np.argsort(-flat, kind="stable")[:limit]
+    size = counts.shape[0]
+    return [(int(i // size), int(i % size), int(flat[i])) for i in order if flat[i] > 0]
+
+
+def _shorten(name: str, characters: int) -> str:
+    return name if len(name) <= characters else name[: characters - 1] + "…"
+
+
 def _text_color(rgba: np.ndarray) -> str:
     luminance = 0.2126 * rgba[0] + 0.7152 * rgba[1] + 0.0722 * rgba[2]
     return "white" if luminance < 0.5 else "black"
@@ -210,7 +235,9 @@ def plot_confusion(
             diagonal is then recall). Precision, recall and accuracy come from the counts.
         title: first line of the title; the accuracy line is appended.
         annotate: write the value in every cell; default: only up to
-            `MAX_ANNOTATED_CLASSES` classes, where the text can still be read.
+            `MAX_ANNOTATED_CLASSES` classes, where the text can still be read. Without cell
+            text, a panel right of the matrix lists the `LISTED_CONFUSIONS` most frequent
+            confusions (true → predicted, count, percent of the true class).
 
     Returns:
         A matplotlib `Figure` (not attached to pyplot).
@@ -260,21 +287,34 @@ def plot_confusion(
 
     # Sizes scale with the number of classes, within what a screen shows; the figure leaves
     # room for the tick labels, the three colour bars (about 1 inch each) and the title.
+    if annotate is None:
+        annotate = num_classes <= MAX_ANNOTATED_CLASSES
     grid_inches = min(max(0.6 * (num_classes + 1), 4.0), 16.0)
     cell_points = 72 * grid_inches / (num_classes + 1)
-    tick_size = min(10.0, 0.7 * cell_points)
+    tick_size = max(min(10.0, 0.7 * cell_points), MIN_TICK_POINTS)
+    # every `tick_step`-th class is labelled, so labels (1.25 x their size tall) never overlap
+    tick_step = max(1, math.ceil(1.25 * tick_size / cell_points))
+    panel_inches = 0.0 if annotate else 3.4
     longest = max(len(name) for name in [*names, "recall"])
-    name_inches = 0.6 * tick_size * longest / 72 + 0.5
-    row_label_inches = 0.6 * tick_size * max(longest, len("precision")) / 72 + 0.5
+    # 0.65 em a character: DejaVu Sans' average, with room for wide letters
+    name_inches = 0.65 * tick_size * longest / 72 + 0.6
+    row_label_inches = 0.65 * tick_size * max(longest, len("precision")) / 72 + 0.8
     rotate = num_classes > MAX_ANNOTATED_CLASSES or 0.6 * tick_size * longest > 0.9 * cell_points
     figure = Figure(
         figsize=(
-            grid_inches + row_label_inches + 3.3,
+            grid_inches + row_label_inches + 3.3 + panel_inches,
             grid_inches + 1.2 + (name_inches if rotate else 0.4),
         ),
         layout="constrained",
     )
-    axes = figure.add_subplot()
+    if annotate:
+        axes = figure.add_subplot()
+    else:
+        grid = figure.add_gridspec(
+            1, 2, width_ratios=(grid_inches + row_label_inches + 3.3, panel_inches)
+        )
+        axes = figure.add_subplot(grid[0])
+        _confusion_panel(figure.add_subplot(grid[1]), counts.numpy(), names)
     axes.imshow(rgba, interpolation="nearest", aspect="equal")
 
     # Thin white lines between cells; a dark line sets the margins apart from the matrix.
@@ -286,22 +326,18 @@ def plot_confusion(
     axes.axhline(num_classes - 0.5, color="0.25", linewidth=2 * line_width + 0.5)
     axes.axvline(num_classes - 0.5, color="0.25", linewidth=2 * line_width + 0.5)
 
-    axes.set_xticks(np.arange(num_classes + 1), [*names, "recall"], fontsize=tick_size)
-    axes.set_yticks(np.arange(num_classes + 1), [*names, "precision"], fontsize=tick_size)
-    if num_classes > MAX_ANNOTATED_CLASSES:
+    # the margin's label needs its room too: no class label closer to it than a step
+    labelled = [c for c in range(0, num_classes, tick_step) if num_classes - c >= tick_step]
+    shown = [names[c] for c in labelled]
+    axes.set_xticks([*labelled, num_classes], [*shown, "recall"], fontsize=tick_size)
+    axes.set_yticks([*labelled, num_classes], [*shown, "precision"], fontsize=tick_size)
+    if rotate:  # names wider than their column: upright, so neighbours never overlap
         axes.tick_params(axis="x", labelrotation=90)
-    elif rotate:  # names wider than their column
-        axes.tick_params(axis="x", labelrotation=45)
-        for label in axes.get_xticklabels():
-            label.set_horizontalalignment("right")
-            label.set_rotation_mode("anchor")
     for labels in (axes.get_xticklabels(), axes.get_yticklabels()):
         labels[-1].set_fontstyle("italic")
     axes.set_xlabel("Predicted label")
     axes.set_ylabel("True label")
 
-    if annotate is None:
-        annotate = num_classes <= MAX_ANNOTATED_CLASSES
     if annotate:
         cell_texts = [
             [_format_fraction(v) if normalize else f"{int(v)}" for v in row] for row in values
@@ -383,8 +419,35 @@ def plot_confusion(
         summary += "\nrows normalised: each row sums to 100%, the diagonal is recall"
     if error_norm is None and total:
         summary += " · no errors"
+    if tick_step > 1:
+        summary += f"\nevery {tick_step}th class labelled"
     axes.set_title(f"{title}\n{summary}", fontsize=min(12.0, 9 + grid_inches / 4))
     return figure
+
+
+def _confusion_panel(axes: Axes, counts: np.ndarray, names: Sequence[str]) -> None:
+    """Fill `axes` with the most frequent confusions, two lines each (names may be long)."""
+    axes.set_axis_off()
+    support = counts.sum(1)
+    top = _top_confusions(counts, LISTED_CONFUSIONS)
+    lines = [f"Most frequent confusions ({len(top)})", ""]
+    for true, predicted, count in top:
+        share = count / support[true] if support[true] else 0.0
+        lines.append(f"{count:>6,}  {_shorten(names[true], 22)}")
+        lines.append(f"{share:>6.0%}  → {_shorten(names[predicted], 20)}")
+    if not top:
+        lines.append("none: every prediction is right")
+    lines += ["", "count, then % of the true class;", "true class → predicted class"]
+    axes.text(
+        0.0,
+        1.0,
+        "\n".join(lines),
+        va="top",
+        ha="left",
+        fontsize=8,
+        family="monospace",
+        transform=axes.transAxes,
+    )
 
 
 # ----------------------------------------------------------------------------------------- hook

@@ -29,7 +29,13 @@ from exigo.analyses.saliency import input_gradients, reduce_channels
 from exigo.analysis import Analysis, CostShape, EpochContext, FigureInfo
 from exigo.data import display_pixels, gather
 from exigo.figures.colour_scale import ROBUST_QUANTILE, colour_limit
-from exigo.figures.tiles import TileBlock, TileRow, tile_figure
+from exigo.figures.tiles import (
+    TileBlock,
+    TileRow,
+    display_tiles,
+    object_outline,
+    tile_figure,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -163,9 +169,12 @@ def plot_errors(
 
     The images of all confusions are concatenated in order (the first `len(confusions[0].
     indices)` belong to the first confusion, and so on). Both saliency rows of every block use
-    one diverging colour scale centred at 0, shared by the whole figure; a grey line marks the
-    digit's outline (where its brightest channel crosses 0.5). Drawn as one picture per
-    confusion (`exigo.figures.tiles`).
+    one diverging colour scale centred at 0, shared by the whole figure. Images are shown as
+    they are (grey or colour); a grey line marks the object's outline only where that is
+    meaningful (`exigo.figures.tiles.object_outline`: one channel, dark background). Column
+    captions read `p(true)` and `p(pred)` (the class names are in the header and row labels,
+    so long names cannot run into the next column). Drawn as one picture per confusion
+    (`exigo.figures.tiles`).
 
     Args:
         confusions: the pairs to draw (at least one), with their images' indices.
@@ -186,9 +195,8 @@ def plot_errors(
     towards_true = saliency.towards_true.detach().float().cpu().numpy()
     towards_predicted = saliency.towards_predicted.detach().float().cpu().numpy()
     limit = colour_limit(saliency.towards_true, saliency.towards_predicted)
-    shown = pixels.permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
-    tiles = shown[..., 0] if shown.shape[-1] == 1 else shown  # grey [N, H, W] or RGB(A)
-    ink = pixels.amax(dim=1).numpy()  # (N, H, W): the digit's outline, strokes vs background
+    tiles = display_tiles(pixels.numpy())  # grey [N, H, W] or RGB [N, H, W, 3]
+    ink = object_outline(pixels.numpy())  # (N, H, W) or None
     if not confusions:
         raise ValueError("plot_errors needs at least one confusion")
     blocks, start = [], 0
@@ -202,13 +210,13 @@ def plot_errors(
             TileRow(
                 f"saliency\ntowards {true_name}\n(true)",
                 towards_true[start:stop],
-                outline=ink[start:stop],
+                outline=None if ink is None else ink[start:stop],
                 **maps,
             ),
             TileRow(
                 f"saliency\ntowards {predicted_name}\n(predicted)",
                 towards_predicted[start:stop],
-                outline=ink[start:stop],
+                outline=None if ink is None else ink[start:stop],
                 **maps,
             ),
         ]
@@ -222,19 +230,27 @@ def plot_errors(
             )
         )
         labels = [
-            f"p({true_name}) = {float(true_probabilities[index]):.2f}\n"
-            f"p({predicted_name}) = {float(predicted_probabilities[index]):.2f}"
+            f"p(true) {float(true_probabilities[index]):.2f}\n"
+            f"p(pred) {float(predicted_probabilities[index]):.2f}"
             for index in range(start, stop)
         ]
         blocks.append(TileBlock(rows, column_labels=labels, header=header))
         start = stop
-    return tile_figure(
-        blocks,
-        title or "Most frequent errors",
-        "Saliency (∂ logit / ∂ pixel): red raises that class's logit, blue lowers it; grey "
-        "line: the digit's outline.\nOne colour scale for every map, clipped at the "
-        f"{100 * ROBUST_QUANTILE:g}th percentile. The most confident mistakes first.",
+    notes = [
+        "Saliency (∂ logit / ∂ pixel): red raises that class's logit, blue lowers it"
+        + ("; grey line: the object's outline (intensity 0.5)." if ink is not None else ".")
+        + " p(true), p(pred): probability of the true and of the predicted class."
+    ]
+    if pixels.shape[1] > 1:
+        notes.append(
+            f"Maps: at every pixel, the signed gradient of the channel of largest |gradient| "
+            f"of the {pixels.shape[1]}."
+        )
+    notes.append(
+        f"One colour scale for every map, clipped at the {100 * ROBUST_QUANTILE:g}th "
+        "percentile. The most confident mistakes first."
     )
+    return tile_figure(blocks, title or "Most frequent errors", "\n".join(notes))
 
 
 class ErrorAnalysis(Analysis):

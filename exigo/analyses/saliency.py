@@ -41,7 +41,13 @@ from exigo._modes import frozen
 from exigo.analysis import Analysis, CostShape, EpochContext, FigureInfo
 from exigo.data import Normalization, blank_image, display_pixels
 from exigo.figures.colour_scale import ROBUST_QUANTILE, colour_limit
-from exigo.figures.tiles import TileBlock, TileRow, tile_figure
+from exigo.figures.tiles import (
+    TileBlock,
+    TileRow,
+    display_tiles,
+    object_outline,
+    tile_figure,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -53,6 +59,7 @@ __all__ = [
     "frozen",
     "input_gradients",
     "plot_saliency",
+    "probe_note",
     "reduce_channels",
     "saliency_maps",
 ]
@@ -74,6 +81,9 @@ class SaliencyMaps:
         saliency: $|\nabla_x f_y(x)|$, the gradient magnitude at the input.
         delta: $\nabla_x f_y(x) - \nabla_x f_y(b)$, signed.
         overlay: delta times source, signed.
+        pixels: float tensor [N, C, H, W] in [0, 1], the input's pixel intensities with every
+            channel (what the figure's source row shows: colour images in colour); None when
+            made by hand without them (the figure then shows `source`).
     """
 
     source: Tensor
@@ -81,6 +91,7 @@ class SaliencyMaps:
     saliency: Tensor
     delta: Tensor
     overlay: Tensor
+    pixels: Tensor | None = None
 
     def rows(self) -> list[tuple[str, Tensor]]:
         """The five maps in figure order.
@@ -183,7 +194,8 @@ def saliency_maps(
     Multi-channel images are reduced to one map per image by keeping, at every pixel, the
     channel of largest magnitude (`reduce_channels`): the signed value for delta and overlay,
     the magnitude for baseline and saliency, the brightest channel for source. Delta and
-    overlay are computed per channel before the reduction.
+    overlay are computed per channel before the reduction. `pixels` keeps every channel, so
+    the figure shows colour images in colour.
 
     Args:
         model: classifier mapping [N, C, H, W] to logits [N, K].
@@ -222,6 +234,7 @@ def saliency_maps(
         saliency=reduce_channels(at_image).abs(),
         delta=reduce_channels(delta),
         overlay=reduce_channels(delta * pixels),
+        pixels=pixels,
     )
 
 
@@ -232,17 +245,21 @@ def plot_saliency(
     class_names: Sequence[str],
     *,
     title: str | None = None,
+    columns_note: str = "",
 ) -> Figure:
     """Draw the five maps: one row per map, one column per image.
 
-    Colour scales are shared along each row, so the columns compare: source in grey,
+    Colour scales are shared along each row, so the columns compare: source as it is (grey or
+    colour, from `maps.pixels`),
     baseline and saliency in one sequential scale (both are gradient magnitudes), delta and
     overlay each in a diverging scale centred at 0 with symmetric limits (red raises the true
     class's logit, blue lowers it). Gradient scales end at the 99.5th percentile of the row
     (`exigo.figures.colour_scale`) so that a few hot pixels do not wash out the rest; a grey line
-    over the delta row marks the digit's outline. Each column is headed by its true and
-    predicted label (in red when they differ). The maps are drawn as one picture
-    (`exigo.figures.tiles`), which renders five times faster than an Axes per map.
+    over the delta row marks the object's outline where that is meaningful
+    (`exigo.figures.tiles.object_outline`: one channel, dark background), and the footnote
+    says so. For colour images the footnote says how the maps combine the channels. Each
+    column is headed by its true and predicted label (in red when they differ). The maps are
+    drawn as one picture (`exigo.figures.tiles`), five times faster than an Axes per map.
 
     Args:
         maps: the `SaliencyMaps` of N images (any device).
@@ -250,18 +267,27 @@ def plot_saliency(
         predictions: N predicted class indices.
         class_names: display name per class.
         title: figure title.
+        columns_note: a sentence for the footnote saying which images the columns are (and
+            why those, when they are not every class).
 
     Returns:
         A matplotlib `Figure` (not attached to pyplot).
     """
     labels = [int(label) for label in torch.as_tensor(labels).flatten()]
+    pixels = (
+        maps.pixels.detach().float().cpu().numpy()
+        if maps.pixels is not None
+        else maps.source.detach().float().cpu().numpy()[:, None]
+    )  # (N, C, H, W)
+    outline = object_outline(pixels)
+    channels = pixels.shape[1]
     predictions = [int(p) for p in torch.as_tensor(predictions).flatten()]
     magnitude_limit = colour_limit(maps.baseline, maps.saliency)
     delta_limit = colour_limit(maps.delta)
     overlay_limit = colour_limit(maps.overlay)
     values = {name: tensor.detach().float().cpu().numpy() for name, tensor in maps.rows()}
     rows = [
-        TileRow("source\nimage", values["source"]),
+        TileRow("source\nimage", display_tiles(pixels)),
         *(
             TileRow(
                 label,
@@ -283,7 +309,7 @@ def plot_saliency(
             (-delta_limit, delta_limit),
             bar=True,
             clipped=(True, True),
-            outline=values["source"],
+            outline=outline,
         ),
         TileRow(
             "overlay\ndelta × source",
@@ -305,13 +331,41 @@ def plot_saliency(
             for truth, guess in zip(labels, predictions, strict=True)
         ],
     )
-    return tile_figure(
-        [block],
-        title or "Saliency towards the true class",
+    notes = [
         "f = logit of the true class, blank = image of zero intensity.  delta and overlay: red "
-        "raises f, blue lowers it; grey line: the digit's outline.\nColour scales are shared "
-        f"along each row and clipped at the {100 * ROBUST_QUANTILE:g}th percentile (≥, ≤ at "
-        "the bar's ends).",
+        "raises f, blue lowers it"
+        + ("; grey line: the object's outline (intensity 0.5)." if outline is not None else ".")
+    ]
+    if channels > 1:
+        notes.append(
+            f"Maps: at every pixel, the largest |value| over the {channels} channels (signed "
+            "for delta and overlay); overlay = delta × intensity per channel, then combined."
+        )
+    notes.append(
+        "Colour scales are shared along each row and clipped at the "
+        f"{100 * ROBUST_QUANTILE:g}th percentile (≥, ≤ at the bar's ends)."
+    )
+    if columns_note:
+        notes.append(columns_note)
+    return tile_figure([block], title or "Saliency towards the true class", "\n".join(notes))
+
+
+def probe_note(labels: Tensor, num_classes: int) -> str:
+    """The footnote sentence that says which images the probe figures show, and why.
+
+    Args:
+        labels: int64 tensor [P], the probe images' classes (`exigo.analysis.select_probe`).
+        num_classes: C.
+
+    Returns:
+        One sentence.
+    """
+    shown = len(set(labels.flatten().tolist()))
+    if shown >= num_classes:
+        return "Columns: the fixed probe images, the first validation image(s) of every class."
+    return (
+        f"Columns: the fixed probe, the first validation image of each of the first {shown} of "
+        f"{num_classes} classes (in class order; the same images every epoch)."
     )
 
 
@@ -361,4 +415,5 @@ class SaliencyAnalysis(Analysis):
             predictions,
             ctx.class_names,
             title=f"Saliency towards the true class, {ctx.when}",
+            columns_note=probe_note(probe.labels, len(ctx.class_names)),
         )

@@ -6,8 +6,10 @@ about 10 ms building each Axes and most of a second laying them out (constrained
 every tick and spine for its extent): 1.2 s for the 50 maps of the saliency figure. Here each
 block of rows is coloured in numpy and pasted into one RGB canvas shown by a single `imshow`,
 the colour bars are pixels of that canvas, and the labels are figure texts at computed
-positions, so a figure renders in about 0.2 s. The ink outlines over the maps are one
-`contour` call per block.
+positions, so a figure renders in about 0.2 s. The object outlines over the maps (only where
+they are one: `object_outline`) are one `contour` call per block. Tile and label widths grow
+with the captions and row labels (20-character class names fit), and the title wraps, so no
+text leaves the figure.
 
 Compute, then draw: `block_canvas` returns the pixels (tested exactly), `tile_figure` lays the
 blocks out in inches and adds the texts.
@@ -25,7 +27,24 @@ import numpy as np
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["BlockCanvas", "TileBlock", "TileRow", "block_canvas", "tile_figure"]
+__all__ = [
+    "DARK_BORDER",
+    "BlockCanvas",
+    "TileBlock",
+    "TileRow",
+    "block_canvas",
+    "display_tiles",
+    "object_outline",
+    "tile_figure",
+]
+
+#: An image whose border pixels average below this intensity has a dark background, so its
+#: bright pixels are the object and "intensity above 0.5" traces the object's outline.
+DARK_BORDER = 0.2
+
+#: Width of one character in inches, per point of font size: DejaVu Sans averages about 0.6 em
+#: a character; 0.65 leaves room for wide letters.
+_CHARACTER_INCHES_PER_POINT = 0.65 / 72
 
 
 @dataclass(frozen=True)
@@ -182,6 +201,53 @@ def _bar_number(value: float) -> str:
     return ("\u2212" + text) if value < 0 else text
 
 
+def display_tiles(pixels: np.ndarray) -> np.ndarray:
+    """Pixels [N, C, H, W] in [0, 1] as tiles: grey [N, H, W] for one channel, else RGB.
+
+    Args:
+        pixels: float array [N, 1 or 3, H, W] (more channels: the first three are shown).
+
+    Returns:
+        Float array [N, H, W] (one channel) or [N, H, W, 3] (colour).
+    """
+    if pixels.shape[1] == 1:
+        return pixels[:, 0]
+    return np.moveaxis(pixels[:, :3], 1, -1)
+
+
+def object_outline(pixels: np.ndarray) -> np.ndarray | None:
+    """The ink to outline, or None where an outline would not be the object's edge.
+
+    An outline at intensity 0.5 marks the object only for single-channel images with a dark
+    background (bright strokes on black, as MNIST's digits): the mean of the border pixels
+    below `DARK_BORDER`. Colour images, and grey images on a light or textured background,
+    get no outline (it would scribble inside the object or miss it).
+
+    Args:
+        pixels: float array [N, C, H, W] in [0, 1].
+
+    Returns:
+        Float array [N, H, W] (the only channel; images with a light border all zero, so no line
+        is drawn over them), or None when no image qualifies.
+    """
+    if pixels.shape[1] != 1:
+        return None
+    grey = pixels[:, 0]
+    border = np.concatenate(
+        [grey[:, 0, :], grey[:, -1, :], grey[:, :, 0], grey[:, :, -1]], axis=1
+    )  # (N, 2H + 2W)
+    dark = border.mean(axis=1) < DARK_BORDER
+    if not dark.any():
+        return None
+    return np.where(dark[:, None, None], grey, 0.0)
+
+
+def _text_inches(text: str, points: float) -> float:
+    """Approximate width of the longest line of `text` at `points` font size, in inches."""
+    longest = max((len(line) for line in text.splitlines()), default=0)
+    return longest * points * _CHARACTER_INCHES_PER_POINT
+
+
 def tile_figure(
     blocks: Sequence[TileBlock],
     title: str,
@@ -206,7 +272,16 @@ def tile_figure(
 
     columns = max(len(block.rows[0].tiles) for block in blocks)
     canvases = [block_canvas(block, columns) for block in blocks]
-    height = canvases[0].tile_size[0]
+    height, width = canvases[0].tile_size
+    # column captions (font size 8) must fit their column, row labels (9) their margin
+    widest_caption = max(
+        (_text_inches(label, 8) for block in blocks for label in block.column_labels), default=0
+    )
+    tile_inches = max(tile_inches, (widest_caption + 0.05) * height / (width + width // 14))
+    label_inches = max(
+        label_inches,
+        0.25 + max(_text_inches(row.label, 9) for block in blocks for row in block.rows),
+    )
     inches = tile_inches / height  # per canvas pixel
     bars = any(canvas.bar_left is not None for canvas in canvases)
     canvas_width = max(canvas.rgb.shape[1] for canvas in canvases) * inches
@@ -215,18 +290,24 @@ def tile_figure(
     left = label_inches + (fig_width - label_inches - canvas_width - right) / 2
 
     # vertical layout, top down, in inches
-    title_height = 0.55
     margin = min(left, 0.3)
-    characters = int((fig_width - 2 * margin) / 0.065)  # per footnote line, at font size 8
+    title_lines = wrap(title, max(20, int((fig_width - 0.4) / (11 * _CHARACTER_INCHES_PER_POINT))))
+    title_height = 0.35 + 0.2 * len(title_lines)
+    characters = int((fig_width - 2 * margin) / (8 * _CHARACTER_INCHES_PER_POINT))
     lines = [wrapped for line in footnote.splitlines() for wrapped in wrap(line, characters)]
     footnote_height = 0.2 + 0.15 * len(lines) if lines else 0.15
+    header_centre = left + canvas_width / 2
+    header_characters = max(
+        20, int((2 * min(header_centre, fig_width - header_centre) - 0.2) / 0.1)
+    )  # bold, font size 10
     placed = []  # (canvas top in inches from the figure's top, header y, labels y)
     y = title_height
     for block, canvas in zip(blocks, canvases, strict=True):
         header_y = None
+        header_lines = wrap(block.header, header_characters) or [""]
         if block.header:
-            header_y = y + 0.15
-            y += 0.35
+            header_y = y + 0.15 + 0.09 * (len(header_lines) - 1)
+            y += 0.35 + 0.18 * (len(header_lines) - 1)
         label_lines = max((label.count("\n") + 1 for label in block.column_labels), default=0)
         y += 0.08 + 0.15 * label_lines
         placed.append((y, header_y))
@@ -257,9 +338,9 @@ def tile_figure(
         axes.set_axis_off()
         if header_y is not None:
             figure.text(
-                fx(left + canvas_width / 2),
+                fx(header_centre),
                 fy(header_y),
-                block.header,
+                "\n".join(wrap(block.header, header_characters)),
                 ha="center",
                 va="center",
                 fontsize=10,
@@ -302,7 +383,14 @@ def tile_figure(
                     va="center",
                     fontsize=7,
                 )
-    figure.text(0.5, fy(0.3), title, ha="center", va="center", fontsize=11)
+    figure.text(
+        0.5,
+        fy(title_height / 2 + 0.05),
+        "\n".join(title_lines),
+        ha="center",
+        va="center",
+        fontsize=11,
+    )
     if lines:
         figure.text(
             fx(margin),

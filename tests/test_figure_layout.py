@@ -1,0 +1,297 @@
+"""Figures fit and stay true to the data, for 1 and 3 channels and 2 to 100 classes.
+
+Every figure is drawn from small synthetic results (no model is trained) with class names of
+20 characters, rendered with the Agg canvas, and checked: every text inside the figure, no two
+tick labels or column captions overlapping, colour images in colour. Set
+`EXIGO_FIGURE_DIR=/some/folder` to keep the PNGs for looking at them.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.text import Text
+from PIL import Image
+
+from exigo.analyses.class_models import ClassModels, choose_classes, plot_class_models
+from exigo.analyses.confusion import confusion_matrix, plot_confusion
+from exigo.analyses.errors import Confusion, ErrorSaliency, plot_errors
+from exigo.analyses.projection import sprite_images, sprite_sheet
+from exigo.analyses.saliency import SaliencyMaps, plot_saliency, probe_note
+from exigo.analysis import select_probe
+
+CLASS_COUNTS = (2, 4, 10, 100)
+SHAPES = ((1, 28, 28), (3, 32, 32))
+PROBE_SIZE = 10
+
+
+def class_names(count: int) -> list[str]:
+    """Names of up to 20 characters, as real datasets have ("aquarium_fish", "sweet_pepper")."""
+    return [f"class_{index:03d}_long_name"[:20] for index in range(count)]
+
+
+def render(figure: Figure, name: str) -> np.ndarray:
+    """Draw with Agg, keep the PNG when EXIGO_FIGURE_DIR is set, return its RGB pixels."""
+    FigureCanvasAgg(figure)
+    figure.canvas.draw()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=figure.dpi)
+    folder = os.environ.get("EXIGO_FIGURE_DIR")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / f"{name}.png").write_bytes(buffer.getvalue())
+    with Image.open(io.BytesIO(buffer.getvalue())) as png:
+        return np.asarray(png.convert("RGB"))
+
+
+def visible_texts(figure: Figure) -> list[Text]:
+    """The texts Agg draws: tick labels outside their axis' view (never drawn) left out."""
+    undrawn = set()
+    for axes in figure.axes:
+        for axis in (axes.xaxis, axes.yaxis):
+            low, high = sorted(axis.get_view_interval())
+            for tick in [*axis.get_major_ticks(), *axis.get_minor_ticks()]:
+                if not low - 1e-9 <= tick.get_loc() <= high + 1e-9:
+                    undrawn.update({id(tick.label1), id(tick.label2)})
+    return [
+        text
+        for text in figure.findobj(Text)
+        if text.get_visible()
+        and text.get_text().strip()
+        and text.figure is figure
+        and id(text) not in undrawn
+    ]
+
+
+def assert_fits(figure: Figure) -> None:
+    """Every text inside the figure; no two tick labels of an axis, nor two captions, overlap."""
+    renderer = figure.canvas.get_renderer()
+    bounds = figure.bbox
+    for text in visible_texts(figure):
+        extent = text.get_window_extent(renderer)
+        inside = (
+            extent.x0 >= bounds.x0 - 1
+            and extent.y0 >= bounds.y0 - 1
+            and extent.x1 <= bounds.x1 + 1
+            and extent.y1 <= bounds.y1 + 1
+        )
+        assert inside, f"text {text.get_text()!r} at {extent} outside the figure {bounds}"
+    groups = []
+    for axes in figure.axes:
+        groups.append([t for t in axes.get_xticklabels() if t.get_text()])
+        groups.append([t for t in axes.get_yticklabels() if t.get_text()])
+    # figure-level texts of font size 8 at one height: the column captions of a tile figure
+    captions: dict[float, list[Text]] = {}
+    for text in figure.texts:
+        if text.get_fontsize() == 8 and text.get_ha() == "center":
+            captions.setdefault(round(text.get_position()[1], 6), []).append(text)
+    groups.extend(captions.values())
+    groups.append([axes.title for axes in figure.axes if axes.get_title()])
+    for group in groups:
+        extents = [(t.get_text(), t.get_window_extent(renderer)) for t in group]
+        for (first, a), (second, b) in combinations(extents, 2):
+            assert not a.overlaps(b), f"{first!r} overlaps {second!r}"
+
+
+def red_images(count: int, shape: tuple[int, int, int]) -> torch.Tensor:
+    """[N, C, H, W] pixels: random grey, or a pure red square on black for 3 channels."""
+    generator = torch.Generator().manual_seed(count)
+    channels, height, width = shape
+    if channels == 1:
+        pixels = torch.zeros(count, 1, height, width)  # bright strokes on black, as MNIST
+        rows, columns = slice(height // 4, 3 * height // 4), slice(width // 3, 2 * width // 3)
+        pixels[..., rows, columns] = torch.rand(
+            count, 1, rows.stop - rows.start, columns.stop - columns.start, generator=generator
+        )
+        return pixels
+    pixels = torch.zeros(count, channels, height, width)
+    pixels[:, 0, height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = 1.0
+    return pixels
+
+
+def synthetic_saliency(labels: torch.Tensor, shape: tuple[int, int, int]) -> SaliencyMaps:
+    generator = torch.Generator().manual_seed(1)
+    count, (_, height, width) = labels.numel(), shape
+    pixels = red_images(count, shape)
+
+    def signed() -> torch.Tensor:
+        return torch.randn(count, height, width, generator=generator)
+
+    delta = signed()
+    return SaliencyMaps(
+        source=pixels.amax(1),
+        baseline=signed().abs(),
+        saliency=signed().abs(),
+        delta=delta,
+        overlay=delta * pixels.amax(1),
+        pixels=pixels,
+    )
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("classes", CLASS_COUNTS)
+def test_saliency_figure_fits(classes, shape):
+    labels = select_probe(torch.arange(classes).repeat(3), PROBE_SIZE, classes)
+    labels = torch.arange(classes).repeat(3)[labels]
+    predictions = (labels + torch.arange(labels.numel()) % 2) % classes
+    figure = plot_saliency(
+        synthetic_saliency(labels, shape),
+        labels,
+        predictions,
+        class_names(classes),
+        title="Saliency towards the true class, after epoch 12",
+        columns_note=probe_note(labels, classes),
+    )
+    render(figure, f"saliency_{classes}_{shape[0]}ch")
+    assert_fits(figure)
+    footnote = "\n".join(t.get_text() for t in figure.texts)
+    assert "digit" not in footnote
+    assert ("outline" in footnote) == (shape[0] == 1)  # grey on black: outlined
+    assert ("3 channels" in footnote) == (shape[0] == 3)
+    if classes > PROBE_SIZE:
+        assert f"first {PROBE_SIZE} of {classes} classes" in footnote
+
+
+def test_saliency_source_row_of_a_red_image_is_red():
+    labels = torch.tensor([0, 1])
+    maps = synthetic_saliency(labels, (3, 32, 32))
+    pixels = render(plot_saliency(maps, labels, labels, ["a", "b"]), "saliency_red")
+    red = (pixels[..., 0] > 200) & (pixels[..., 1] < 60) & (pixels[..., 2] < 60)
+    # the two red squares (16 x 16 data pixels each, drawn at ~3 screen pixels per pixel)
+    assert red.sum() > 2 * 16 * 16 * 4
+    rows = np.nonzero(red.any(axis=1))[0]
+    assert rows.max() - rows.min() < pixels.shape[0] / 5  # in one row, the source row only
+
+
+def test_grey_image_on_a_light_background_gets_no_outline():
+    labels = torch.tensor([0, 1])
+    maps = synthetic_saliency(labels, (1, 28, 28))
+    light = SaliencyMaps(**{**maps.__dict__, "pixels": 1 - maps.pixels})
+    figure = plot_saliency(light, labels, labels, ["a", "b"])
+    render(figure, "saliency_light")
+    assert not any(axes.collections for axes in figure.axes)  # no contour drawn
+    assert "outline" not in "\n".join(t.get_text() for t in figure.texts)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("classes", CLASS_COUNTS)
+def test_errors_figure_fits(classes, shape):
+    confusions = [
+        Confusion(0, 1, 40, torch.arange(5)),
+        Confusion(1 % classes, 0, 12, torch.arange(5, 9)),
+        Confusion(classes - 1, 0, 3, torch.arange(9, 10)),
+    ]
+    pixels = red_images(10, shape)
+    generator = torch.Generator().manual_seed(2)
+    saliency = ErrorSaliency(
+        torch.randn(10, *shape[1:], generator=generator),
+        torch.randn(10, *shape[1:], generator=generator),
+    )
+    probabilities = torch.rand(10, generator=generator)
+    figure = plot_errors(
+        confusions,
+        pixels,
+        saliency,
+        probabilities,
+        1 - probabilities,
+        class_names(classes),
+        title="Most frequent errors after epoch 12: what pulled each image both ways",
+    )
+    image = render(figure, f"errors_{classes}_{shape[0]}ch")
+    assert_fits(figure)
+    if shape[0] == 3:
+        assert ((image[..., 0] > 200) & (image[..., 1] < 60)).sum() > 16 * 16 * 4
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("classes", CLASS_COUNTS)
+def test_class_models_figure_fits(classes, shape):
+    recall = torch.linspace(1, 0, classes)
+    chosen, reason = choose_classes(classes, 20, recall)
+    pixels = red_images(chosen.numel(), shape)
+    result = ClassModels(
+        pixels=pixels,
+        images=pixels,
+        classes=chosen,
+        scores=torch.ones(chosen.numel()),
+        probabilities=torch.full((chosen.numel(),), 0.5),
+    )
+    figure = plot_class_models(
+        result,
+        class_names(classes),
+        title="Class models: what the network finds most typical of each class, after epoch 12",
+        selection=reason,
+        recall=recall[chosen] if classes > 20 else None,
+    )
+    render(figure, f"class_models_{classes}_{shape[0]}ch")
+    assert_fits(figure)
+    assert len([axes for axes in figure.axes if axes.images]) == min(classes, 20)
+    if classes > 20:
+        assert chosen[0] == classes - 1  # lowest recall first
+        assert "lowest held-out recall" in figure.get_supxlabel()
+    titles = [axes.get_title() for axes in figure.axes if axes.images]
+    assert len(set(titles)) == len(titles)
+
+
+@pytest.mark.parametrize("classes", CLASS_COUNTS)
+def test_confusion_figure_fits(classes):
+    generator = torch.Generator().manual_seed(classes)
+    targets = torch.randint(0, classes, (20 * classes,), generator=generator)
+    predictions = torch.where(
+        torch.rand(targets.numel(), generator=generator) < 0.3,
+        torch.randint(0, classes, targets.shape, generator=generator),
+        targets,
+    )
+    figure = plot_confusion(
+        confusion_matrix(targets, predictions, classes),
+        class_names(classes),
+        title="Confusion matrix, epoch 12",
+    )
+    render(figure, f"confusion_{classes}")
+    assert_fits(figure)
+    if classes > 20:
+        assert len(figure.axes[0].texts) == 0  # a heatmap, no numbers per cell
+        panel = "\n".join(t.get_text() for axes in figure.axes[1:] for t in axes.texts)
+        assert "Most frequent confusions" in panel
+
+
+def test_sprite_of_a_red_image_is_red():
+    sheet = sprite_sheet(sprite_images(red_images(4, (3, 32, 32))))
+    assert sheet.shape[-1] == 3
+    assert tuple(sheet[16, 16]) == (255, 0, 0)
+
+
+def test_per_class_figures_choose_the_lowest_recall_or_the_first_classes():
+    assert choose_classes(4, 20)[0].tolist() == [0, 1, 2, 3]
+    assert choose_classes(4, 20)[1] == ""
+    first, reason = choose_classes(30, 5)
+    assert first.tolist() == [0, 1, 2, 3, 4] and "first 5 of 30" in reason
+    recall = torch.tensor([0.9, 0.1, 0.5, 0.1, 0.7])
+    lowest, reason = choose_classes(5, 3, recall)
+    assert lowest.tolist() == [1, 3, 2] and "lowest held-out recall" in reason
+
+
+def test_no_figure_title_or_caption_says_digit():
+    from exigo.analyses.class_models import ClassModelAnalysis
+    from exigo.analyses.confusion import ConfusionAnalysis
+    from exigo.analyses.errors import ErrorAnalysis
+    from exigo.analyses.projection import ProjectionAnalysis
+    from exigo.analyses.saliency import SaliencyAnalysis
+
+    for analysis in (
+        ClassModelAnalysis,
+        ConfusionAnalysis,
+        ErrorAnalysis,
+        ProjectionAnalysis,
+        SaliencyAnalysis,
+    ):
+        for info in analysis.figures:
+            assert "digit" not in f"{info.title} {info.caption}".lower(), info
