@@ -52,17 +52,24 @@ def test_analyses_within_budget_keep_their_settings():
 
 def test_over_budget_lowers_settings_then_runs_every_k_epochs():
     costly, free = Costly(4000), Free(0)
-    line = plan_budget([costly, free], MNIST_SHAPE, training_passes=1000, budget=2.0)
+    line = plan_budget(
+        [costly, free], MNIST_SHAPE, training_passes=1000, budget=2.0, free_pixel_passes=0
+    )
     assert costly.scale == 0.5 and costly.every == 1  # 4,000 -> 2,000 = 2 x 1,000
     assert free.scale == 1.0 and free.every == 1
     assert "4,000 model passes per epoch, 4.0x" in line and "lowered to 50%" in line
     assert "costly 4,000 -> 2,000" in line and "every" not in line
 
-    line = plan_budget([costly, free], MNIST_SHAPE, training_passes=100, budget=1.0)
+    line = plan_budget(
+        [costly, free], MNIST_SHAPE, training_passes=100, budget=1.0, free_pixel_passes=0
+    )
     assert costly.scale == MIN_SCALE and costly.every == math.ceil(4000 * MIN_SCALE / 100)
     assert "after every 10th epoch and after the last" in line
 
-    assert plan_budget([costly], MNIST_SHAPE, training_passes=100, budget=0) is None  # no limit
+    assert (
+        plan_budget([costly], MNIST_SHAPE, training_passes=100, budget=0, free_pixel_passes=0)
+        is None
+    )  # no limit
     assert (costly.scale, costly.every) == (1.0, 1)  # a new plan starts from full settings
 
 
@@ -103,12 +110,22 @@ def test_declared_costs_by_hand():
 
 def test_the_pipeline_says_once_what_it_chose_and_skips_epochs(tmp_path):
     train, held_out = make_blobs(40, size=8, seed=0), make_blobs(12, size=8, seed=1)
-    costly, free = Costly(10_000), Free(0)
+    costly, free = Costly(10_000_000), Free(0)
     output = io.StringIO()
     config = Config(epochs=5, batch_size=20, save_dir=tmp_path / "save", analysis_budget=20)
     run(config, TinyNet(), train, held_out, [costly, free], console=Console(file=output, width=400))
-    # 10,000 x 1/4 = 2,500 passes against 20 x 40 = 800: every 4th epoch and the last
+    # 10,000,000 x 1/4 = 2,500,000 passes against 20 x 40 = 800 plus the free allowance of
+    # 4e7 / 64 pixels = 625,000: every 4th epoch and the last
     assert costly.every == 4 and costly.epochs == [4, 5]
     assert free.epochs == [1, 2, 3, 4, 5]
     assert output.getvalue().count("analysis budget:") == 1
     assert "after every 4th epoch and after the last" in output.getvalue()
+
+
+def test_a_small_runs_analyses_are_never_lowered():
+    costly = Costly(passes=5000)
+    # 100 training images would allow 100 passes; the free allowance covers 51,000 at 28x28
+    assert plan_budget([costly], MNIST_SHAPE, training_passes=100, budget=1.0) is None
+    assert costly.scale == 1.0 and costly.every == 1
+    large = CostShape(probe_images=10, num_classes=4, image_shape=(3, 224, 224))
+    assert plan_budget([costly], large, training_passes=100, budget=1.0) is not None
