@@ -74,7 +74,7 @@ from exigo.analysis import Analysis, EpochContext, FigureInfo
 from exigo.data import display_pixels, gather
 from exigo.engine.training import given_label_scores
 from exigo.figures.colour_scale import ROBUST_QUANTILE, colour_limit
-from exigo.figures.tiles import TileBlock, TileRow, tile_figure
+from exigo.figures.tiles import TileBlock, TileRow, object_outline, tile_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -584,7 +584,8 @@ def plot_suspects(
 
     The images of all blocks are concatenated in order (those of `suspects[0]` first). Both
     saliency rows share one diverging colour scale centred at 0 for the whole figure, as in
-    `exigo.analyses.errors.plot_errors`; a grey line marks the digit's outline.
+    `exigo.analyses.errors.plot_errors`; a grey line marks the object's outline where that is
+    meaningful (`exigo.figures.tiles.object_outline`).
 
     Args:
         suspects: the blocks to draw (at least one), each with at least one image.
@@ -608,7 +609,7 @@ def plot_suspects(
     limit = colour_limit(saliency.towards_true, saliency.towards_predicted)
     shown = pixels.permute(0, 2, 3, 1).numpy()  # (K, H, W, C)
     tiles = shown[..., 0] if shown.shape[-1] == 1 else shown
-    ink = pixels.amax(dim=1).numpy()  # (K, H, W)
+    ink = object_outline(pixels.numpy())  # (K, H, W), or None: no outline where it is wrong
     maps = {"cmap": "RdBu_r", "limits": (-limit, limit), "bar": True, "clipped": (True, True)}
     blocks, start = [], 0
     for block in suspects:
@@ -633,13 +634,13 @@ def plot_suspects(
             TileRow(
                 "saliency\ntowards the\ngiven label",
                 towards_given[start:stop],
-                outline=ink[start:stop],
+                outline=None if ink is None else ink[start:stop],
                 **maps,
             ),
             TileRow(
                 "saliency\ntowards the\nrival class",
                 towards_rival[start:stop],
-                outline=ink[start:stop],
+                outline=None if ink is None else ink[start:stop],
                 **maps,
             ),
         ]
@@ -662,7 +663,8 @@ def plot_suspects(
         "the last evaluation; rival: the strongest class other than the given label.\n"
         "Saliency (∂ logit / ∂ pixel) of the current model: red raises that class's logit, "
         f"blue lowers it; one colour scale, clipped at the {100 * ROBUST_QUANTILE:g}th "
-        "percentile; grey line: the digit's outline.",
+        "percentile"
+        + ("; grey line: the object's outline (intensity 0.5)." if ink is not None else "."),
     )
 
 
