@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from exigo.analyses.faithfulness import deletion_insertion, pixel_order
+from exigo.analyses.faithfulness import better_than_random, deletion_insertion, pixel_order
 
 
 def linear_model(weights: torch.Tensor) -> nn.Module:
@@ -136,3 +136,119 @@ def test_rejects_maps_that_do_not_match_the_images():
             torch.zeros(1, 1, 4, 4),
             names=["a"],
         )
+
+
+def every_step(model, images, targets, ranks, baseline, kept):
+    """The curves the slow way: every composite of every step through the model."""
+    deletion, insertion = [], []
+    for rank in ranks:  # (N, HW) per order
+        order_deletion, order_insertion = [], []
+        for count in kept.tolist():
+            mask = (rank < count).view(images.shape[0], 1, *images.shape[2:])
+            with torch.no_grad():
+                deleted = model(torch.where(mask, baseline, images)).softmax(1)
+                inserted = model(torch.where(mask, images, baseline)).softmax(1)
+            order_deletion.append(deleted[torch.arange(len(targets)), targets])
+            order_insertion.append(inserted[torch.arange(len(targets)), targets])
+        deletion.append(torch.stack(order_deletion, dim=1))
+        insertion.append(torch.stack(order_insertion, dim=1))
+    return torch.stack(deletion), torch.stack(insertion)
+
+
+def sparse_images(count: int = 12, size: int = 8, seed: int = 0) -> torch.Tensor:
+    """Normalised images whose pixels are mostly blank (= the baseline -2), like MNIST's."""
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.rand(count, 1, size, size, generator=generator)
+    pixels[torch.rand(count, 1, size, size, generator=generator) < 0.7] = 0.0
+    return (pixels - 0.5) / 0.25
+
+
+def small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 3)
+    ).eval()
+
+
+def test_skipping_repeated_composites_gives_exactly_the_curves_of_every_step():
+    model = small_cnn()
+    images = sparse_images()
+    targets = torch.arange(12) % 3
+    baseline = torch.full((1, 1, 8, 8), -2.0)
+    maps = torch.randn(2, 12, 8, 8, generator=torch.Generator().manual_seed(1))
+    maps[1, :, :4] = 0.0  # ties, broken at random
+    curves = deletion_insertion(
+        model,
+        images,
+        targets,
+        maps,
+        baseline,
+        names=["a", "b"],
+        steps=16,
+        generator=torch.Generator().manual_seed(2),
+    )
+    # the ranks the function used: same generator, same calls
+    generator = torch.Generator().manual_seed(2)
+    ranks = torch.stack(
+        [pixel_order(m, generator) for m in maps] + [pixel_order(torch.zeros(12, 8, 8), generator)]
+    )
+    kept = torch.round(torch.linspace(0, 1, 17) * 64).long()
+    deletion, insertion = every_step(model, images, targets, ranks, baseline, kept)
+    assert torch.equal(curves.deletion, deletion)
+    assert torch.equal(curves.insertion, insertion)
+    assert curves.passes < 2 * 3 * 12 * 17  # blank pixels made many composites repeat
+
+
+def test_image_aucs_average_to_the_auc_of_the_mean_curve():
+    model = small_cnn()
+    images = sparse_images()
+    curves = deletion_insertion(
+        model,
+        images,
+        torch.arange(12) % 3,
+        torch.randn(1, 12, 8, 8),
+        torch.full((1, 1, 8, 8), -2.0),
+        names=["a"],
+        steps=8,
+    )
+    mean_curve_auc = torch.trapezoid(curves.deletion.mean(dim=1), curves.fractions, dim=-1)
+    assert torch.allclose(curves.deletion_auc, mean_curve_auc, atol=1e-6)
+    assert curves.image_deletion_auc.shape == (2, 12)
+
+
+def test_better_than_random_is_a_one_sided_paired_test():
+    generator = torch.Generator().manual_seed(0)
+    random_auc = 0.5 + 0.1 * torch.rand(40, generator=generator)
+    better = random_auc - 0.05 - 0.01 * torch.rand(40, generator=generator)
+    worse = random_auc + 0.05
+    p = better_than_random(
+        torch.stack([better, worse, random_auc]), random_auc, lower_is_better=True
+    )
+    assert float(p[0]) < 1e-6  # every image better: the smallest p of 40 pairs
+    assert float(p[1]) > 0.99
+    assert float(p[2]) == 1.0  # no difference at all
+    q = better_than_random(torch.stack([better, worse]), random_auc, lower_is_better=False)
+    assert float(q[0]) > 0.99 and float(q[1]) < 1e-6
+
+
+@pytest.mark.filterwarnings("ignore:The settings for perturbing input")  # blank on blank
+def test_deletion_points_equal_quantus_pixel_flipping():
+    quantus = pytest.importorskip("quantus")
+    model = small_cnn()
+    images = sparse_images(count=10)
+    targets = torch.arange(10) % 3
+    maps = torch.randn(1, 10, 8, 8, generator=torch.Generator().manual_seed(3))  # no ties
+    curves = deletion_insertion(
+        model, images, targets, maps, torch.full((1, 1, 8, 8), -2.0), names=["a"], steps=16
+    )
+    metric = quantus.PixelFlipping(features_in_step=4, perturb_baseline=-2.0, disable_warnings=True)
+    theirs = metric(
+        model=model,
+        x_batch=images.numpy(),
+        y_batch=targets.numpy(),
+        a_batch=maps[0][:, None].numpy(),
+        softmax=True,
+        device="cpu",
+        channel_first=True,
+    )
+    assert torch.equal(curves.deletion[0, :, 1:], torch.tensor(theirs, dtype=torch.float32))

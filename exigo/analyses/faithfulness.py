@@ -11,29 +11,73 @@ $n_s = \mathrm{round}(s \, HW / k)$ ranked pixels $S_s$ are
   x' \odot (1 - m_{S_s}) + x \odot m_{S_s}$,
 
 and the true-class probability $p_c(\cdot) = \mathrm{softmax}(f(\cdot))_c$ is recorded. The area
-under each curve over the removed fraction $s / k \in [0, 1]$ (trapezoid rule) summarises it:
+under each image's curve over the removed fraction $s / k \in [0, 1]$ (trapezoid rule)
+summarises it:
 
 $$ \mathrm{AUC}_{\mathrm{del}} = \int_0^1 p_c(x^{\mathrm{del}}_{t}) \, dt \quad
    (\text{lower is better}), \qquad
    \mathrm{AUC}_{\mathrm{ins}} = \int_0^1 p_c(x^{\mathrm{ins}}_{t}) \, dt \quad
    (\text{higher is better}). $$
 
-A random pixel order is the reference: a map that does not beat it on both curves says nothing
-about what the model uses. Every composite image of every order and step goes through the
-model in a few large forward passes.
+A random pixel order is the reference. "Better than random" is a paired test over the images
+(`better_than_random`): the one-sided Wilcoxon signed-rank test of each image's AUC against
+its random-order AUC (Wilcoxon 1945).
+
+**Only the images that differ are evaluated.** A pixel whose value already equals the baseline
+(on MNIST about 80% of them are blank) gives the same composite image whether it is deleted
+or not, bit for bit. The composite at step $s$ is therefore fixed by how many of the *other*
+pixels are among the first $n_s$; steps where that count does not change reuse the
+probability of the first such step, and counts of 0 and of all are the image and the
+baseline, evaluated once per image. The curves are exactly those of evaluating every step;
+the model sees each distinct composite once, in a few large batches.
+
+**Against Quantus** (`quantus.PixelFlipping` 0.6 with `features_in_step = HW / k` and the
+blank value as `perturb_baseline`): the points $s = 1, \dots, k$ are Quantus' curve, value for
+value (`bench/vs_quantus.py`; `tests/test_faithfulness.py`). The definitions differ in three
+places. exigo's curve also has the point $s = 0$, the intact image. exigo's AUC is over the
+deleted fraction (a number in [0, 1] whatever $k$ is); Quantus' `calculate_auc` integrates over
+the step index, with $dx = 1$ (and calls `np.trapz`, gone from numpy 2.4). exigo breaks ties in
+the ranking at random (seeded); Quantus keeps numpy's `argsort` order, which is arbitrary.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from exigo._modes import evaluation_mode
+from exigo.analyses._bootstrap import Interval
 
-__all__ = ["FaithfulnessCurves", "deletion_insertion", "pixel_order"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "FaithfulnessCurves",
+    "better_than_random",
+    "curve_auc",
+    "deletion_insertion",
+    "pixel_order",
+    "plot_faithfulness",
+    "true_class_probability",
+]
+
+
+def curve_auc(values: Tensor, fractions: Tensor) -> Tensor:
+    """Area under each curve over the fraction axis (trapezoid rule).
+
+    Args:
+        values: float tensor [..., S], one curve per leading index.
+        fractions: float tensor [S], the x positions.
+
+    Returns:
+        Float tensor [...].
+    """
+    return torch.trapezoid(values, fractions, dim=-1)
 
 
 @dataclass(frozen=True)
@@ -45,22 +89,34 @@ class FaithfulnessCurves:
         fractions: float tensor [S], fraction of pixels removed/inserted, 0 to 1.
         deletion: float tensor [M, N, S], true-class probability as pixels are deleted.
         insertion: float tensor [M, N, S], true-class probability as pixels are inserted.
+        passes: composite images the model evaluated (each distinct one once), ends included.
     """
 
     names: list[str]
     fractions: Tensor
     deletion: Tensor
     insertion: Tensor
+    passes: int = 0
 
     @property
     def deletion_auc(self) -> Tensor:
         """Float tensor [M]: area under the mean deletion curve (lower is better)."""
-        return torch.trapezoid(self.deletion.mean(dim=1), self.fractions, dim=-1)
+        return self.image_deletion_auc.mean(dim=1)
 
     @property
     def insertion_auc(self) -> Tensor:
         """Float tensor [M]: area under the mean insertion curve (higher is better)."""
-        return torch.trapezoid(self.insertion.mean(dim=1), self.fractions, dim=-1)
+        return self.image_insertion_auc.mean(dim=1)
+
+    @property
+    def image_deletion_auc(self) -> Tensor:
+        """Float tensor [M, N]: area under each image's deletion curve."""
+        return curve_auc(self.deletion, self.fractions)
+
+    @property
+    def image_insertion_auc(self) -> Tensor:
+        """Float tensor [M, N]: area under each image's insertion curve."""
+        return curve_auc(self.insertion, self.fractions)
 
 
 def pixel_order(maps: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -87,10 +143,20 @@ def pixel_order(maps: Tensor, generator: torch.Generator | None = None) -> Tenso
 
 
 @torch.no_grad()
-def _true_class_probability(
+def true_class_probability(
     model: nn.Module, images: Tensor, targets: Tensor, batch_size: int
 ) -> Tensor:
-    """Float tensor [K] on the CPU: softmax probability of `targets` [K] for `images` [K, ...]."""
+    """Softmax probability of each image's target class, in batches, in eval mode.
+
+    Args:
+        model: classifier mapping [B, C, H, W] to logits [B, K].
+        images: float tensor [P, C, H, W] on the model's device.
+        targets: int64 tensor [P] on the same device.
+        batch_size: images per forward pass.
+
+    Returns:
+        Float tensor [P] on the CPU.
+    """
     out = []
     with evaluation_mode(model):
         for image_batch, target_batch in zip(
@@ -98,7 +164,7 @@ def _true_class_probability(
         ):
             probabilities = model(image_batch).float().softmax(dim=1)
             out.append(probabilities.gather(1, target_batch[:, None]).squeeze(1).cpu())
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.empty(0)
 
 
 def deletion_insertion(
@@ -109,14 +175,15 @@ def deletion_insertion(
     baseline: Tensor,
     *,
     names: Sequence[str],
-    steps: int = 10,
+    steps: int = 56,
     batch_size: int = 256,
     generator: torch.Generator | None = None,
 ) -> FaithfulnessCurves:
     """Deletion and insertion curves of each attribution map, plus a random-order reference.
 
     The model runs forward only, without gradients, in eval mode (each module's mode is
-    restored afterwards).
+    restored afterwards). Each distinct composite image is evaluated once (see the module
+    docstring): the curves equal those of evaluating every step.
 
     Args:
         model: classifier mapping [B, C, H, W] to logits [B, K].
@@ -144,62 +211,234 @@ def deletion_insertion(
     count, height, width = images.shape[0], images.shape[2], images.shape[3]
     device = images.device
     baseline = baseline.to(device=device, dtype=images.dtype).expand_as(images)
-    orders = len(names) + 1
     ranks = torch.stack(
         [pixel_order(method_maps, generator) for method_maps in maps]
         + [pixel_order(torch.zeros(count, height, width), generator)]  # all ties: random
-    ).to(device)  # (M + 1, N, HW)
+    )  # (O, N, HW), O = M + 1
     fractions = torch.linspace(0, 1, steps + 1)
     kept = torch.round(fractions * height * width).long()  # n_s pixels at step s
 
-    # The ends of every curve are the image itself and the blank baseline: computed once.
-    full = _true_class_probability(model, images, targets, batch_size)
-    empty = _true_class_probability(model, baseline, targets, batch_size)
-    deletion = torch.empty(orders, count, steps + 1)
-    insertion = torch.empty(orders, count, steps + 1)
-    deletion[:, :, 0], deletion[:, :, -1] = full, empty
-    insertion[:, :, 0], insertion[:, :, -1] = empty, full
-    if steps > 1:
-        interior = kept[1:-1].to(device)  # (k - 1,)
-        # Bound memory: at most ~16 forward batches of composites exist at once.
-        per_image = 2 * orders * (steps - 1)
-        chunk = max(1, 16 * batch_size // per_image)
-        for start in range(0, count, chunk):
-            part = slice(start, min(start + chunk, count))
-            deletion[:, part, 1:-1], insertion[:, part, 1:-1] = _interior_points(
-                model,
-                images[part],
-                targets[part],
-                baseline[part],
-                ranks[:, part],
-                interior,
-                batch_size,
-            )
+    # The image itself and the baseline: every curve's ends, and every step whose composite
+    # equals one of them.
+    full = true_class_probability(model, images, targets, batch_size)
+    empty = true_class_probability(model, baseline, targets, batch_size)
+    changed = (images != baseline).any(dim=1).flatten(1).cpu()  # (N, HW)
+    effective, first = _distinct_steps(ranks, changed, kept)
+    tasks = first.nonzero()  # (T, 3): order, image, step of each distinct composite
+    deleted_p, inserted_p = _composite_probabilities(
+        model, images, targets, baseline, ranks, kept, tasks, batch_size
+    )
+    # Every step takes the probability of the first step with the same count.
+    group = first.flatten().long().cumsum(0).view_as(first) - 1  # index into tasks
+    interior = (effective > 0) & (effective < effective[..., -1:])
+    deletion = torch.where(interior, deleted_p[group.clamp_min(0)], 0.0)
+    insertion = torch.where(interior, inserted_p[group.clamp_min(0)], 0.0)
+    none, every = effective == 0, effective == effective[..., -1:]
+    full_, empty_ = full[None, :, None], empty[None, :, None]
+    deletion = torch.where(none, full_, torch.where(every & ~none, empty_, deletion))
+    insertion = torch.where(none, empty_, torch.where(every & ~none, full_, insertion))
+    # Step 0 is the intact image and step k the baseline, whatever the pixels are.
+    deletion[..., 0], deletion[..., -1] = full, empty
+    insertion[..., 0], insertion[..., -1] = empty, full
     return FaithfulnessCurves(
-        names=[*names, "random"], fractions=fractions, deletion=deletion, insertion=insertion
+        names=[*names, "random"],
+        fractions=fractions,
+        deletion=deletion,
+        insertion=insertion,
+        passes=2 * count + 2 * tasks.shape[0],
     )
 
 
-def _interior_points(
+def _distinct_steps(ranks: Tensor, changed: Tensor, kept: Tensor) -> tuple[Tensor, Tensor]:
+    """How many changing pixels each step removes, and the first step of each count.
+
+    Args:
+        ranks: int64 [O, N, HW], each pixel's position in each order.
+        changed: bool [N, HW], pixels whose value differs from the baseline.
+        kept: int64 [S], pixels removed at each step.
+
+    Returns:
+        `effective`: int64 [O, N, S], the changing pixels among the first `kept[s]`;
+        `first`: bool [O, N, S], steps whose composite is new (neither the image, nor the
+        baseline, nor the composite of the step before).
+    """
+    order = ranks.argsort(dim=-1)  # pixel indices, most important first
+    changed_in_order = changed[None].expand_as(order).gather(-1, order).long()
+    cumulative = torch.cat(
+        [torch.zeros(*order.shape[:2], 1, dtype=torch.long), changed_in_order.cumsum(-1)], -1
+    )  # (O, N, HW + 1): changing pixels among the first j
+    effective = cumulative[..., kept]  # (O, N, S)
+    total = changed.sum(-1)[None, :, None]
+    previous = torch.cat([torch.full_like(effective[..., :1], -1), effective[..., :-1]], -1)
+    first = (effective > 0) & (effective < total) & (effective != previous)
+    return effective, first
+
+
+def _composite_probabilities(
     model: nn.Module,
     images: Tensor,
     targets: Tensor,
     baseline: Tensor,
     ranks: Tensor,
     kept: Tensor,
+    tasks: Tensor,
     batch_size: int,
 ) -> tuple[Tensor, Tensor]:
-    """Deletion and insertion probabilities [O, N, S] at the S interior steps of O orders."""
-    orders, count = ranks.shape[:2]
-    channels, height, width = images.shape[1:]
-    steps = kept.numel()
-    # mask[o, s, n, 1, H, W]: the pixel is among the first n_s of order o for image n
-    mask = ranks[:, None, :, :] < kept[None, :, None, None]
-    mask = mask.view(orders, steps, count, 1, height, width).to(images.dtype)
-    deleted = images * (1 - mask) + baseline * mask  # (O, S, N, C, H, W)
-    inserted = baseline * (1 - mask) + images * mask
-    composites = torch.stack([deleted, inserted]).view(-1, channels, height, width)
-    probabilities = _true_class_probability(
-        model, composites, targets.repeat(2 * orders * steps), batch_size
-    ).view(2, orders, steps, count)
-    return probabilities[0].permute(0, 2, 1), probabilities[1].permute(0, 2, 1)
+    """True-class probability [T] of the deleted and of the inserted composite of each task."""
+    height, width = images.shape[2:]
+    deleted_p, inserted_p = [], []
+    device = images.device
+    # Bound memory: composites for about 8 forward batches exist at once.
+    for chunk in tasks.split(max(1, 4 * batch_size)):
+        order, image, step = chunk.unbind(1)
+        mask = (ranks[order, image] < kept[step][:, None]).view(-1, 1, height, width)
+        mask = mask.to(device)
+        source = images[image.to(device)]
+        blank = baseline[image.to(device)]
+        composites = torch.cat([torch.where(mask, blank, source), torch.where(mask, source, blank)])
+        labels = targets[image.to(device)].repeat(2)
+        probabilities = true_class_probability(model, composites, labels, batch_size)
+        deleted_p.append(probabilities[: chunk.shape[0]])
+        inserted_p.append(probabilities[chunk.shape[0] :])
+        del composites
+    if not deleted_p:
+        return torch.zeros(1), torch.zeros(1)
+    return torch.cat(deleted_p), torch.cat(inserted_p)
+
+
+def better_than_random(method_auc: Tensor, random_auc: Tensor, *, lower_is_better: bool) -> Tensor:
+    """One-sided Wilcoxon signed-rank test of each method against the random order, per image.
+
+    The test is paired: image n's AUC under the method against image n's AUC under the random
+    order. The null hypothesis: the differences are symmetric about 0 (the method ranks pixels
+    no better than chance). Images with equal AUCs are left out (`zero_method="wilcox"`).
+
+    Args:
+        method_auc: float tensor [M, N], each method's per-image AUC.
+        random_auc: float tensor [N], the random order's.
+        lower_is_better: True for deletion (alternative: the method's AUC is lower), False
+            for insertion and ROAD's least-relevant-first curve.
+
+    Returns:
+        Float tensor [M], one-sided p-values; 1 where every difference is 0.
+    """
+    from scipy.stats import wilcoxon
+
+    differences = (method_auc - random_auc[None]).double().cpu().numpy()
+    p_values = np.ones(differences.shape[0])
+    informative = np.any(differences != 0, axis=1)
+    if informative.any():
+        result = wilcoxon(
+            differences[informative],
+            alternative="less" if lower_is_better else "greater",
+            zero_method="wilcox",
+            axis=1,
+        )
+        p_values[informative] = result.pvalue
+    return torch.from_numpy(np.where(np.isnan(p_values), 1.0, p_values)).float()
+
+
+def plot_faithfulness(
+    names: Sequence[str],
+    labels: Mapping[str, str],
+    fractions: Tensor,
+    deletion: Interval,
+    insertion: Interval,
+    road_fractions: Tensor,
+    most_relevant_first: Interval,
+    least_relevant_first: Interval,
+    legends: Mapping[str, Sequence[str]],
+    title: str,
+) -> Figure:
+    """Mean deletion, insertion and ROAD curves of every order, with their bootstrap bands.
+
+    Args:
+        names: the O orders' keys (the methods, then `random`).
+        labels: key -> display name.
+        fractions: float tensor [S], the deletion/insertion x positions.
+        deletion: `Interval` of tensors [O, S], the mean deletion curves.
+        insertion: `Interval` [O, S], the mean insertion curves.
+        road_fractions: float tensor [R], ROAD's removed fractions.
+        most_relevant_first: `Interval` [O, R], ROAD's MoRF curves.
+        least_relevant_first: `Interval` [O, R], ROAD's LeRF curves.
+        legends: `deletion`, `insertion`, `road_morf`, `road_lerf` -> one legend text per
+            order (AUC with its interval, p-value against the random order).
+        title: the figure's title.
+
+    Returns:
+        A matplotlib Figure with four panels.
+    """
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(15, 9))
+    figure.subplots_adjust(left=0.05, right=0.98, bottom=0.1, top=0.91, wspace=0.18, hspace=0.3)
+    grid = figure.subplots(2, 2)
+    panels = (
+        (grid[0, 0], fractions, deletion, "deletion", "deleted (set to blank)", "lower"),
+        (grid[0, 1], fractions, insertion, "insertion", "inserted into the blank image", "higher"),
+        (
+            grid[1, 0],
+            road_fractions,
+            most_relevant_first,
+            "road_morf",
+            "removed and imputed, most relevant first",
+            "lower",
+        ),
+        (
+            grid[1, 1],
+            road_fractions,
+            least_relevant_first,
+            "road_lerf",
+            "removed and imputed, least relevant first",
+            "higher",
+        ),
+    )
+    titles = {
+        "deletion": "deletion (Petsiuk et al. 2018)",
+        "insertion": "insertion (Petsiuk et al. 2018)",
+        "road_morf": "ROAD, most relevant first (Rong et al. 2022)",
+        "road_lerf": "ROAD, least relevant first (Rong et al. 2022)",
+    }
+    for axes, x, curves, part, verb, better in panels:
+        x_values = x.numpy()
+        for index, key in enumerate(names):
+            random_order = key == "random"
+            colour = "black" if random_order else f"C{index}"
+            axes.plot(
+                x_values,
+                curves.mean[index].numpy(),
+                color=colour,
+                linestyle="--" if random_order else "-",
+                linewidth=1.2,
+                label=legends[part][index],
+            )
+            axes.fill_between(
+                x_values,
+                curves.low[index].numpy(),
+                curves.high[index].numpy(),
+                color=colour,
+                alpha=0.12,
+                linewidth=0,
+            )
+        axes.set_xlabel(f"fraction of pixels {verb}")
+        axes.set_ylabel("true-class probability, mean")
+        axes.set_title(f"{titles[part]}: AUC {better} is better", fontsize=10)
+        axes.set_ylim(-0.02, 1.02)
+        axes.grid(alpha=0.3)
+        axes.legend(
+            fontsize=7,
+            loc="upper right" if better == "lower" else "lower right",
+            title="mean AUC [95% CI]  p: paired Wilcoxon vs random",
+            title_fontsize=7,
+        )
+    figure.suptitle(title, fontsize=11)
+    figure.text(
+        0.5,
+        0.015,
+        "Bands: 95% bootstrap intervals of the mean over the check images. p: one-sided "
+        "Wilcoxon signed-rank test of each image's AUC against its random-order AUC.",
+        ha="center",
+        fontsize=8,
+        color="0.3",
+    )
+    return figure
