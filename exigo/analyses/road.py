@@ -7,11 +7,10 @@ an unusual image, not to missing evidence. ROAD (RemOve And Debias) removes the 
 but replaces them by *noisy linear imputation*: every removed pixel $i$ becomes the weighted
 mean of its 8 neighbours $\mathcal{N}(i)$ inside the image (weight $1/6$ for the 4 direct
 neighbours, $1/12$ for the diagonal ones), removed neighbours included, which is one sparse
-linear system per image and channel,
+linear system per image and channel, with $R$ the removed pixels, $N_i = \mathcal{N}(i)$ and
+$d_i = \sum_{j \in N_i} w_{ij}$:
 
-$$ \Big(\sum_{j \in \mathcal{N}(i)} w_{ij}\Big)\, \hat x_i
-   - \sum_{j \in \mathcal{N}(i),\, j \text{ removed}} w_{ij} \hat x_j
-   = \sum_{j \in \mathcal{N}(i),\, j \text{ kept}} w_{ij} x_j , $$
+$$ d_i \hat x_i - \sum_{j \in N_i \cap R} w_{ij} \hat x_j = \sum_{j \in N_i - R} w_{ij} x_j $$
 
 plus Gaussian noise $\mathcal{N}(0, \sigma^2)$, $\sigma = 0.01$ in the model's input units as in
 the paper's code, so that the imputed region carries no trace of the mask's shape.
