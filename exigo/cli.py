@@ -175,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip comparing attribution methods and their sanity checks",
     )
     analysis.add_argument(
+        "--check-size",
+        type=int,
+        default=_DEFAULTS.check_size,
+        help="held-out images the attribution checks run on, stratified by class, the same "
+        "every epoch (the checks' cost grows with it) (default: %(default)s)",
+    )
+    analysis.add_argument(
         "--eval-batch-size",
         type=int,
         default=_DEFAULTS.eval_batch_size,

@@ -84,6 +84,10 @@ class Config:
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form, recorded in run.json."""
 
+    check_size: int = 100
+    """Held-out images (stratified by class, the same every epoch) the attribution checks
+    run on; all of them when the held-out set is smaller."""
+
     def __post_init__(self) -> None:
         """Reject values that cannot describe a run, naming the field and its option.
 
@@ -99,7 +103,7 @@ class Config:
 
     def _problems(self) -> list[tuple[str, str]]:
         problems: list[tuple[str, str]] = []
-        for name in ("epochs", "batch_size", "eval_batch_size", "probe_size"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "probe_size", "check_size"):
             value = getattr(self, name)
             if value < 1:
                 problems.append((name, f"must be at least 1, got {value}"))

@@ -5,8 +5,19 @@ import pytest
 import torch
 from torch import nn
 
+from exigo.analyses._bootstrap import Interval
 from exigo.analyses.attributions import attribution_maps, saliency
-from exigo.analyses.sanity import cascading_randomisation, randomisable_layers, spearman, ssim
+from exigo.analyses.sanity import (
+    DEPENDS,
+    FLAGGED,
+    INCONCLUSIVE,
+    image_control_map,
+    randomisable_layers,
+    randomisation_checks,
+    randomisation_verdict,
+    spearman,
+    ssim,
+)
 from exigo.models import MnistCNN
 
 from conftest import assert_unchanged, snapshot
@@ -106,35 +117,67 @@ def small_cnn(batch_norm: bool) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+def checks(model, images, targets, explain, **options):
+    reference = explain(model, images, targets)
+    names = [f"m{i}" for i in range(reference.shape[0])]
+    return randomisation_checks(model, images, targets, explain, reference, names=names, **options)
+
+
 def test_gradient_passes_and_an_image_copy_fails_the_randomisation_check():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 3)).eval()
     images = torch.rand(6, 1, 8, 8)
     targets = torch.arange(6) % 3
-    reference = both_maps(model, images, targets)
-    result = cascading_randomisation(model, images, targets, both_maps, reference, seed=0)
+    result = checks(
+        model,
+        images,
+        targets,
+        both_maps,
+        image_maps=image_control_map(images, torch.zeros(1, 1, 8, 8)),
+    )
     assert result.layers == ["1"] and result.total_layers == 1
-    gradient_rho, image_rho = result.spearman[-1].tolist()
+    gradient_rho, image_rho = result.cascade_spearman[-1].mean(dim=1).tolist()
     # The gradient of a linear model is its weight row: new random weights, a new map.
     assert abs(gradient_rho) < 0.3
     assert image_rho == pytest.approx(1.0)
-    assert float(result.ssim[-1, 1]) == pytest.approx(1.0)
-    assert float(result.ssim[-1, 0]) < 0.5
+    assert result.ssim[1].tolist() == pytest.approx([1.0] * 6)
+    assert float(result.ssim[0].mean()) < 0.5
+    # the image copy is its own image control; two random models agree on it too
+    assert result.image_control[1].tolist() == pytest.approx([1.0] * 6)
+    assert result.seed_control[1].tolist() == pytest.approx([1.0] * 6)
+    assert torch.equal(result.independent_spearman, result.cascade_spearman)  # one layer
 
 
-def test_cascade_stages_and_reproducibility():
+def test_cascade_and_independent_share_each_layers_random_weights():
     model = small_cnn(batch_norm=True).eval()
     images, targets = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
-    reference = gradient_maps(model, images, targets)
-    every = cascading_randomisation(model, images, targets, gradient_maps, reference)
-    assert every.layers == ["4", "1", "0"]
-    assert every.depth.tolist() == [1, 2, 3]
-    assert every.maps.shape == (3, 1, 4, 8, 8)
-    two = cascading_randomisation(model, images, targets, gradient_maps, reference, stages=2)
-    assert two.depth.tolist() == [1, 3]
-    # the same seed gives the same random weights, so the same maps at the same depths
-    assert torch.allclose(two.maps, every.maps[[0, 2]])
-    assert torch.allclose(two.spearman, every.spearman[[0, 2]])
+    seen = []
+
+    def recording(model, images, targets):
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        return gradient_maps(model, images, targets)
+
+    result = checks(model, images, targets, recording, seed=2, control_seed=5)
+    assert result.layers == ["4", "1", "0"]
+    assert result.cascade_spearman.shape == result.independent_spearman.shape == (3, 1, 4)
+    # calls: the reference, cascade depths 1-3, independent 1-3, the control
+    reference, cascade, independent, control = seen[0], seen[1:4], seen[4:7], seen[7]
+    trained = model.state_dict()
+    for depth, layer in enumerate(["4", "1", "0"]):
+        for key in trained:
+            randomised_here = key.startswith(f"{layer}.")
+            # layer k gets the same random weights in the cascade and alone
+            if randomised_here:
+                assert torch.equal(cascade[depth][key], independent[depth][key])
+            else:
+                assert torch.equal(independent[depth][key], reference[key])
+    for layer in ("4", "0"):  # random weights, not the trained ones (BatchNorm's reset is 1, 0)
+        assert not torch.equal(cascade[-1][f"{layer}.weight"], trained[f"{layer}.weight"])
+    assert torch.equal(result.cascade_spearman[0], result.independent_spearman[0])
+    assert not torch.equal(control["4.weight"], cascade[-1]["4.weight"])  # another seed
+    again = checks(model, images, targets, gradient_maps, seed=2, control_seed=5)
+    assert torch.equal(again.cascade_spearman, result.cascade_spearman)
+    assert torch.equal(again.seed_control, result.seed_control)
 
 
 @pytest.mark.parametrize("training", [False, True])
@@ -149,24 +192,44 @@ def test_trained_model_global_rng_and_batch_norm_are_safe(training):
     images, targets = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
     reference = gradient_maps(model, images, targets)
     rng = torch.random.get_rng_state()
-    result = cascading_randomisation(model, images, targets, gradient_maps, reference, seed=3)
+    result = randomisation_checks(
+        model, images, targets, gradient_maps, reference, names=["saliency"], seed=3
+    )
     assert torch.equal(rng, torch.random.get_rng_state())
     assert_unchanged(model, before)
-    assert torch.isfinite(result.maps).all()
-    assert torch.isfinite(result.spearman).all() and torch.isfinite(result.ssim).all()
+    assert torch.isfinite(result.cascade_spearman).all() and torch.isfinite(result.ssim).all()
+    assert torch.isfinite(result.seed_control).all() and not result.errors
 
 
 def test_model_without_randomisable_layers_gives_an_empty_result():
     model = nn.Sequential(nn.Flatten(), nn.ReLU())
     explain = functools.partial(lambda m, x, t: x.sum(dim=1)[None])
     images = torch.rand(2, 1, 4, 4)
-    result = cascading_randomisation(
-        model, images, torch.zeros(2, dtype=torch.long), explain, explain(model, images, None)
-    )
-    assert result.layers == [] and result.spearman.shape == (0, 1)
+    result = checks(model, images, torch.zeros(2, dtype=torch.long), explain)
+    assert result.layers == [] and result.total_layers == 0
+    assert result.cascade_spearman.shape == (0, 1, 2)
 
 
-def test_cache_reuses_the_maps_of_an_identical_randomised_model():
+def test_a_method_with_non_finite_maps_is_reported_and_the_others_go_on():
+    model = small_cnn(batch_norm=False).eval()
+    images, targets = torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 2])
+    calls = []
+
+    def explain(model, images, targets):
+        maps = both_maps(model, images, targets)
+        calls.append(1)
+        if len(calls) > 2:  # the second method breaks from the second randomised model on
+            maps[1] = float("nan")
+        return maps
+
+    result = checks(model, images, targets, explain, independent=False)
+    assert list(result.errors) == ["m1"]
+    assert "not finite" in result.errors["m1"]
+    assert torch.isfinite(result.cascade_spearman[:, 0]).all()
+    assert result.cascade_spearman[-1, 1].isnan().all()
+
+
+def test_cache_reuses_the_maps_of_identical_randomised_models():
     model = small_cnn(batch_norm=True)
     model(torch.randn(16, 1, 8, 8) + 1)  # BatchNorm statistics that its reset changes
     model.eval()
@@ -179,15 +242,78 @@ def test_cache_reuses_the_maps_of_an_identical_randomised_model():
 
     reference = gradient_maps(model, images, targets)
     cache: dict = {}
-    first = cascading_randomisation(model, images, targets, counting, reference, cache=cache)
-    assert len(calls) == 3 and len(cache) == 3
+    run = functools.partial(
+        randomisation_checks,
+        model,
+        images,
+        targets,
+        counting,
+        reference,
+        names=["s"],
+        cache=cache,
+    )
+    first = run()
+    assert len(calls) == 3 + 2 + 1  # cascade, independent (depth 1 is the cascade's), control
     with torch.no_grad():
         model[4].weight.mul_(2)  # "another epoch": only the top layer differs
-    second = cascading_randomisation(model, images, targets, counting, reference, cache=cache)
-    # the top layer is re-initialised first, so every stage's state is as before
-    assert len(calls) == 3
-    assert torch.equal(first.maps, second.maps)
+    second = run()
+    # the cascade re-initialises the top layer first: every cascade state and the control
+    # are as before; the independent depths 2 and 3 keep the (changed) top layer
+    assert len(calls) == 6 + 2
+    assert torch.equal(first.cascade_spearman, second.cascade_spearman)
     with torch.no_grad():
-        model[0].weight.mul_(2)  # the bottom layer changed: only full randomisation is reused
-    cascading_randomisation(model, images, targets, counting, reference, cache=cache)
-    assert len(calls) == 5 and len(cache) == 3
+        model[0].weight.mul_(2)  # the bottom layer changed
+    run()
+    # new: cascade depths 1 and 2, independent depth 2; the full randomisation, the control
+    # and independent depth 3 (the bottom layer re-initialised) are reused
+    assert len(calls) == 8 + 3
+
+
+def test_verdict_rule():
+    interval = Interval(
+        mean=torch.tensor([0.2, -0.2, 0.01, 0.0, float("nan")]),
+        low=torch.tensor([0.1, -0.3, -0.05, 0.0, float("nan")]),
+        high=torch.tensor([0.3, -0.1, 0.06, 0.0, float("nan")]),
+    )
+    verdict = randomisation_verdict(interval)
+    assert verdict[:4].tolist() == [FLAGGED, DEPENDS, INCONCLUSIVE, INCONCLUSIVE]
+    assert verdict[4].isnan()
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_cascade_equals_quantus_mprt():
+    quantus = pytest.importorskip("quantus")
+    from exigo.analyses.sanity import _SEED_OFFSET
+
+    model = small_cnn(batch_norm=True).eval()
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(6, 1, 8, 8, generator=generator)
+    targets = torch.tensor([0, 1, 2, 0, 1, 2])
+
+    def explain_numpy(model, inputs, targets, **kwargs):
+        maps = gradient_maps(model, torch.as_tensor(inputs), torch.as_tensor(targets))
+        return maps[0][:, None].numpy()
+
+    reference = gradient_maps(model, images, targets)
+    metric = quantus.MPRT(layer_order="top_down", seed=42, disable_warnings=True)
+    theirs = metric(
+        model=model,
+        x_batch=images.numpy(),
+        y_batch=targets.numpy(),
+        a_batch=reference[0][:, None].numpy(),
+        explain_func=explain_numpy,
+        softmax=False,
+        device="cpu",
+    )
+    ours = randomisation_checks(
+        model,
+        images,
+        targets,
+        gradient_maps,
+        reference,
+        names=["saliency"],
+        seed=42 + 1 - _SEED_OFFSET,
+        ignore_joint_zeros=False,
+    )
+    for depth, layer in enumerate(ours.layers):
+        assert ours.cascade_spearman[depth, 0].tolist() == pytest.approx(theirs[layer], abs=1e-6)

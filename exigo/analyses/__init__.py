@@ -10,13 +10,15 @@ from exigo.analyses import (
     attributions,
     class_models,
     confusion,
+    drift,
     errors,
     faithfulness,
     projection,
+    road,
     saliency,
     sanity,
 )
-from exigo.analyses.attributions import AttributionAnalysis
+from exigo.analyses.attributions import AttributionAnalysis, AttributionSettings
 from exigo.analyses.class_models import ClassModelAnalysis
 from exigo.analyses.confusion import ConfusionAnalysis
 from exigo.analyses.errors import ErrorAnalysis
@@ -30,9 +32,11 @@ __all__ = [
     "class_models",
     "confusion",
     "default_analyses",
+    "drift",
     "errors",
     "faithfulness",
     "projection",
+    "road",
     "saliency",
     "sanity",
 ]
@@ -42,8 +46,9 @@ def default_analyses(config: Config) -> list[Analysis]:
     """The per-epoch analyses for `config`, in call order.
 
     Args:
-        config: the run's settings; `confusion_normalize`, `seed`, `attribution_checks` and
-            `projection_limit` (0 leaves the projection out) choose and configure the analyses.
+        config: the run's settings; `confusion_normalize`, `seed`, `attribution_checks`,
+            `check_size` and `projection_limit` (0 leaves the projection out) choose and
+            configure the analyses.
 
     Returns:
         The t-SNE projection (when enabled) first: its t-SNE runs in the figure helper
@@ -58,5 +63,6 @@ def default_analyses(config: Config) -> list[Analysis]:
     analyses.append(ClassModelAnalysis(seed=config.seed))
     analyses.append(ErrorAnalysis())
     if config.attribution_checks:
-        analyses.append(AttributionAnalysis(seed=config.seed))
+        settings = AttributionSettings(check_size=config.check_size)
+        analyses.append(AttributionAnalysis(settings=settings, seed=config.seed))
     return analyses

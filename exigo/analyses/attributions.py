@@ -1,4 +1,4 @@
-r"""Six attribution methods compared on the probe images every epoch, and checked for trust.
+r"""Six attribution methods compared every epoch, and checked: can their maps be trusted?
 
 With $f_c$ the logit of the true class $c$, $x$ the image and $x'$ the blank image (zero
 intensity, normalised like the data; zeros when the normalisation is unknown):
@@ -21,15 +21,26 @@ colour channels to one value per pixel. SmoothGrad's noise is drawn from a fixed
 same image gets the same noise every epoch and every randomised model: drift and the sanity
 check measure the model, not the noise.
 
-Every epoch, `AttributionAnalysis` also measures whether the maps can be trusted:
-faithfulness by deletion and insertion curves (`exigo.analyses.faithfulness`, Petsiuk et al. 2018),
-dependence on the weights by cascading model randomisation (`exigo.analyses.sanity`, Adebayo et al.
-2018), and drift: the Spearman rank correlation of each method's $|a|$ with its previous
-epoch's, from which the log names the epoch after which explanations settle.
+`AttributionAnalysis` draws the maps of the display probes, and checks every method on a
+separate **check set** (100 held-out images by default, stratified by class, the same every
+epoch), each number a mean over the check images with a 95% bootstrap interval
+(`exigo.analyses._bootstrap`):
+
+- **faithfulness**: deletion and insertion curves (`exigo.analyses.faithfulness`, Petsiuk et
+  al. 2018) and ROAD (`exigo.analyses.road`, Rong et al. 2022), each against a random pixel
+  order with a paired Wilcoxon signed-rank test;
+- **randomisation**: cascading and independent model randomisation (`exigo.analyses.sanity`,
+  Adebayo et al. 2018) against the image control. The verdict, per method, on the
+  difference $d_n = \rho_n(a, \tilde a) - \rho_n(a, |x - x'|)$ between image $n$'s rank
+  correlation with the fully randomised model's map and with the image itself: **flagged**
+  (the maps do not depend on the weights) when the interval of the mean $d$ lies above 0,
+  **depends on the weights** when it lies below 0, **inconclusive** otherwise;
+- **drift** and the stability of the faithfulness ranking (`exigo.analyses.drift`).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -40,11 +51,34 @@ import torch
 from torch import Tensor, nn
 
 from exigo._modes import evaluation_mode
-from exigo.analyses._random import seeded
-from exigo.analyses.faithfulness import FaithfulnessCurves, deletion_insertion
-from exigo.analyses.sanity import RandomisationResult, cascading_randomisation, spearman
+from exigo.analyses._bootstrap import Bootstrap, Interval
+from exigo.analyses.drift import (
+    faithfulness_score,
+    plot_drift,
+    ranking_stability,
+    settled_after,
+)
+from exigo.analyses.faithfulness import (
+    FaithfulnessCurves,
+    better_than_random,
+    deletion_insertion,
+    plot_faithfulness,
+)
+from exigo.analyses.projection import stratified_indices
+from exigo.analyses.road import RoadCurves, road_curves
+from exigo.analyses.sanity import (
+    DEPENDS,
+    FLAGGED,
+    INCONCLUSIVE,
+    RandomisationChecks,
+    image_control_map,
+    plot_randomisation,
+    randomisation_checks,
+    randomisation_verdict,
+    spearman,
+)
 from exigo.analysis import Analysis, EpochContext, FigureInfo
-from exigo.data import blank_image
+from exigo.data import blank_image, dataset_targets, gather
 from exigo.figures.tiles import TileBlock, TileRow, tile_figure
 
 if TYPE_CHECKING:
@@ -57,16 +91,16 @@ __all__ = [
     "AttributionMethod",
     "AttributionSettings",
     "attribution_maps",
+    "channels_last_copy",
+    "choose_check_set",
     "default_methods",
     "grad_cam",
     "input_x_gradient",
     "integrated_gradients",
     "last_conv_layer",
     "occlusion",
-    "plot_attribution_checks",
     "plot_attributions",
     "saliency",
-    "settled_after",
     "smoothgrad",
 ]
 
@@ -87,10 +121,10 @@ METHOD_LABELS = {
 
 @dataclass(frozen=True)
 class AttributionSettings:
-    """Cost and thresholds of the attribution analysis (defaults fit 10 MNIST probe images).
+    """Costs, sizes and thresholds of the attribution analysis."""
 
-    The defaults keep the whole analysis near 1 s per epoch on a 2-core CPU (see the README).
-    """
+    check_size: int = 100
+    """Held-out images the checks run on (stratified by class, the same every epoch)."""
 
     ig_steps: int = 16
     """Gauss-Legendre points of the Integrated Gradients path integral."""
@@ -110,23 +144,54 @@ class AttributionSettings:
     batch_size: int = 256
     """Images per forward/backward pass inside every method and curve."""
 
-    deletion_steps: int = 10
-    """Steps k of the deletion/insertion curves (k + 1 points; AUCs within 0.02 of k = 28)."""
+    deletion_steps: int = 56
+    """Steps k of the deletion/insertion curves (k + 1 points; 56 removes 14 of 784 pixels
+    per step, so Quantus' `PixelFlipping` with `features_in_step=14` has the same points)."""
 
-    randomisation_stages: int = 2
-    """Cascade depths evaluated: top layer, then all layers."""
+    road_fractions: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    """Removed fractions of the ROAD curves (the paper's 10% steps)."""
 
-    unchanged_threshold: float = 0.7
-    """Flag a method whose |map| Spearman after full randomisation is at least this.
+    road_noise: float = 0.01
+    """Standard deviation of ROAD's imputation noise, in the model's input units."""
 
-    A map copied from the image scores 1, the gradient about 0.1; on MNIST the methods tied to
-    the ink (Occlusion, Integrated Gradients, Input x Gradient) stay at 0.35-0.6 although their
-    maps changed. 0.7 flags maps that come through the destruction of every weight mostly
-    intact.
-    """
+    independent: bool = True
+    """Also randomise each layer alone (Adebayo et al.'s independent randomisation)."""
+
+    bootstrap_resamples: int = 2000
+    """Resamples of the check images behind every interval."""
+
+    confidence: float = 0.95
+    """Coverage of the intervals."""
+
+    significance: float = 0.05
+    """Family-wise level of the better-than-random tests (Bonferroni over the methods)."""
 
     settled_threshold: float = 0.8
-    """Settled: every method's drift Spearman >= this."""
+    """A method's maps have settled once its drift stays at or above this."""
+
+
+def choose_check_set(
+    targets: Tensor, size: int, seed: int, exclude: Tensor | None = None
+) -> Tensor:
+    """The check set: `size` held-out positions, stratified by class, seeded.
+
+    Args:
+        targets: int64 tensor [N], the held-out labels.
+        size: images wanted.
+        seed: seed of the draw within each class (`projection.stratified_indices`).
+        exclude: int64 tensor of positions to leave out (the display probes), when enough
+            others remain.
+
+    Returns:
+        int64 tensor [min(size, candidates)], ascending positions in `targets`.
+    """
+    candidates = torch.arange(targets.numel())
+    if exclude is not None and exclude.numel():
+        keep = torch.ones(targets.numel(), dtype=torch.bool)
+        keep[exclude.cpu()] = False
+        candidates = candidates[keep]
+    chosen = stratified_indices(targets[candidates], size, seed)
+    return candidates[chosen]
 
 
 def _with_gradient(images: Tensor) -> Tensor:
@@ -219,10 +284,12 @@ def smoothgrad(
 ) -> Tensor:
     r"""SmoothGrad of the gradient magnitude (Smilkov et al. 2017).
 
-    $\sigma$ = `noise` times the value range of the data. The noise comes from `seed` and the
-    global random state is restored afterwards: the same call gives the same map. (The draws
-    are shared out over the images of the call, so an image's map also depends on which
-    images are attributed with it; `attribution_maps` always passes the same chunks.)
+    $\sigma$ = `noise` times the value range of the data. The noise comes from a generator
+    seeded with `seed`, so the same call gives the same map, and torch's global random state
+    is neither read nor changed (Captum's `NoiseTunnel` draws from it, which a run training on
+    another thread would see). The draws are shared out over the images of the call, so an
+    image's map also depends on which images are attributed with it; `attribution_maps`
+    always passes the same chunks.
 
     Args:
         model: classifier, in eval mode.
@@ -237,25 +304,23 @@ def smoothgrad(
     Returns:
         Float tensor [N, C, H, W], non-negative.
     """
-    from captum.attr import NoiseTunnel, Saliency
+    from captum.attr import Saliency
 
     if value_range is None:
         value_range = float(images.max() - images.min())
     sigma = noise * value_range
-    with seeded(seed, images.device):
-        return (
-            NoiseTunnel(Saliency(model))
-            .attribute(
-                _with_gradient(images),
-                nt_type="smoothgrad",
-                nt_samples=samples,
-                nt_samples_batch_size=max(1, batch_size // images.shape[0]),
-                stdevs=sigma,
-                target=targets,
-                abs=True,
-            )
-            .detach()
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.randn((samples, *images.shape), generator=generator)
+    noisy = (images.detach()[None] + draws.to(images) * sigma).flatten(0, 1)  # (S * N, C, H, W)
+    labels = targets.repeat(samples)
+    explainer = Saliency(model)
+    gradients = [
+        explainer.attribute(_with_gradient(chunk), target=chunk_labels, abs=True).detach()
+        for chunk, chunk_labels in zip(
+            noisy.split(batch_size), labels.split(batch_size), strict=True
         )
+    ]
+    return torch.cat(gradients).view(samples, *images.shape).mean(dim=0)
 
 
 def occlusion(
@@ -400,6 +465,7 @@ def attribution_maps(
     methods: Mapping[str, AttributionMethod],
     *,
     batch_size: int = 256,
+    errors: dict[str, str] | None = None,
 ) -> Tensor:
     """Every method's map of every image, channels summed.
 
@@ -413,45 +479,33 @@ def attribution_maps(
         methods: `{key: method}`, e.g. `default_methods(...)`.
         batch_size: images handed to a method at once (each method batches its own inner
             work with its settings' batch size).
+        errors: when given, a method that raises on a batch of images does not stop the
+            others: its maps are NaN and `errors[key]` says what happened (its first
+            failure). When None, the exception propagates.
 
     Returns:
         Float tensor [M, N, H, W] on the CPU, in the order of `methods`.
     """
+    height, width = images.shape[-2:]
     per_method = []
     with evaluation_mode(model):
-        for method in methods.values():
-            parts = [
-                method(model, image_batch, target_batch).sum(dim=1).float().cpu()
-                for image_batch, target_batch in zip(
-                    images.split(batch_size), targets.split(batch_size), strict=True
-                )
-            ]
+        for key, method in methods.items():
+            parts = []
+            for start in range(0, images.shape[0], batch_size):
+                image_batch = images[start : start + batch_size]
+                try:
+                    part = method(model, image_batch, targets[start : start + batch_size])
+                    parts.append(part.sum(dim=1).float().cpu())
+                except Exception as error:  # reported through `errors`
+                    if errors is None:
+                        raise
+                    last = start + image_batch.shape[0] - 1
+                    errors.setdefault(
+                        key, f"{type(error).__name__}: {error} (check images {start}-{last})"
+                    )
+                    parts.append(torch.full((image_batch.shape[0], height, width), float("nan")))
             per_method.append(torch.cat(parts))
     return torch.stack(per_method)
-
-
-def settled_after(epochs: Sequence[int], drift: Tensor, threshold: float) -> int | None:
-    """The epoch after which every method's maps stay within `threshold` of the previous ones.
-
-    Args:
-        epochs: the epochs at which drift was measured (each compared with the one before).
-        drift: float tensor [E, M], Spearman of |maps| with the previous epoch's, per method.
-        threshold: the rank correlation that counts as unchanged.
-
-    Returns:
-        The epoch e such that every drift measured after e is at least `threshold` (and the
-        one at e is not, or e is the first compared epoch), or None if the last drift is below
-        the threshold or none was measured.
-    """
-    if drift.numel() == 0:
-        return None
-    stable = (drift >= threshold).all(dim=1).tolist()
-    if not stable[-1]:
-        return None
-    first = len(stable) - 1
-    while first > 0 and stable[first - 1]:
-        first -= 1
-    return epochs[first] - 1  # drift at epochs[first] compares it with the epoch before
 
 
 def _two_lines(label: str) -> str:
@@ -525,94 +579,71 @@ def plot_attributions(
     )
 
 
-def plot_attribution_checks(
-    curves: FaithfulnessCurves,
-    randomisation: RandomisationResult,
-    unchanged_threshold: float,
-    title: str,
-) -> Figure:
-    """Mean deletion and insertion curves, and the rank correlation along the randomisation.
+def channels_last_copy(model: nn.Module, sample: Tensor) -> nn.Module | None:
+    """A copy of `model` in channels-last memory format, for the checks' many CPU passes.
+
+    oneDNN's convolutions take that layout natively: on a 2-core CPU the checks' maps and
+    curves of the default MNIST CNN ran 1.4-1.6 times faster with it (logits equal to 1e-6).
+    Only on the CPU (CUDA's float32 convolutions gain little), and only when the copy gives
+    the model's logits on `sample` (a model that calls `.view` on a convolution's output
+    cannot take the layout).
 
     Args:
-        curves: the epoch's deletion/insertion curves (last order: random).
-        randomisation: the cascading randomisation of the same methods.
-        unchanged_threshold: the Spearman above which a method is flagged.
-        title: the figure's title.
+        model: the trained classifier (not modified).
+        sample: float tensor [B, C, H, W], a few of the images it will see.
 
     Returns:
-        A matplotlib Figure with three panels.
+        The copy, in eval mode; None when the device is not the CPU or the copy fails.
     """
-    from matplotlib.figure import Figure
+    if sample.device.type != "cpu" or sample.ndim != 4:
+        return None
+    copied = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
+    with torch.no_grad(), evaluation_mode(model):
+        try:
+            same = torch.allclose(copied(sample), model(sample), rtol=1e-4, atol=1e-5)
+        except RuntimeError:  # e.g. `.view` of a non-contiguous activation
+            same = False
+    return copied if same else None
 
-    figure = Figure(figsize=(14, 4.2))
-    figure.subplots_adjust(left=0.05, right=0.98, bottom=0.17, top=0.86, wspace=0.22)
-    deletion_axes, insertion_axes, sanity_axes = figure.subplots(1, 3)
-    fractions = curves.fractions.numpy()
-    for axes, values, aucs, noun, verb, better in (
-        (deletion_axes, curves.deletion, curves.deletion_auc, "deletion", "deleted", "lower"),
-        (insertion_axes, curves.insertion, curves.insertion_auc, "insertion", "inserted", "higher"),
-    ):
-        for index, key in enumerate(curves.names):
-            random_order = key == "random"
-            axes.plot(
-                fractions,
-                values[index].mean(dim=0).numpy(),
-                color="black" if random_order else f"C{index}",
-                linestyle="--" if random_order else "-",
-                linewidth=1.2,
-                label=f"{METHOD_LABELS.get(key, key)}  AUC {float(aucs[index]):.3f}",
-            )
-        axes.set_xlabel(f"fraction of pixels {verb}, most important first")
-        axes.set_ylabel("true-class probability, mean over images")
-        axes.set_title(f"{noun} (blank baseline): AUC {better} is better", fontsize=10)
-        axes.set_ylim(-0.02, 1.02)
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=7, loc="upper right" if verb == "deleted" else "lower right")
-    stages = list(range(randomisation.depth.numel() + 1))  # evenly spaced, labelled by depth
-    for index, key in enumerate(curves.names[:-1]):
-        rho = [1.0, *randomisation.spearman[:, index].tolist()]
-        sanity_axes.plot(
-            stages, rho, marker="o", color=f"C{index}", label=METHOD_LABELS.get(key, key)
-        )
-    sanity_axes.axhline(
-        unchanged_threshold,
-        color="red",
-        linestyle=":",
-        linewidth=1,
-        label=f"flag: unchanged (>= {unchanged_threshold:g})",
-    )
-    depth_labels = [
-        f"{depth} layer{'s' if depth > 1 else ''}\n(to {layer})"
-        for depth, layer in zip(randomisation.depth.tolist(), randomisation.layers, strict=True)
-    ]
-    sanity_axes.set_xticks(stages, ["none", *depth_labels], fontsize=8)
-    sanity_axes.set_xlabel(
-        f"layers re-initialised from the top down (of {randomisation.total_layers})"
-    )
-    sanity_axes.set_ylabel("Spearman of |map| with the trained model's, mean")
-    sanity_axes.set_ylim(-0.2, 1.05)
-    sanity_axes.set_xlim(-0.3, stages[-1] + 0.45)
-    sanity_axes.grid(alpha=0.3)
-    sanity_axes.set_title("model randomisation (Adebayo et al. 2018)", fontsize=10)
-    sanity_axes.legend(fontsize=7, loc="lower left")
-    figure.suptitle(title, fontsize=11)
-    return figure
+
+def _interval_metrics(metrics: dict[str, float], prefix: str, interval: Interval) -> None:
+    metrics[f"{prefix}/mean"] = float(interval.mean)
+    metrics[f"{prefix}/ci_low"] = float(interval.low)
+    metrics[f"{prefix}/ci_high"] = float(interval.high)
+
+
+def _p_text(p: float) -> str:
+    return f"{p:.0e}" if p < 1e-3 else f"{p:.3f}"
 
 
 class AttributionAnalysis(Analysis):
-    """Compare the attribution methods on the probe images and check them, every epoch.
+    """Compare the attribution methods on the probe images, and check them, every epoch.
 
-    Writes `plots/attributions_{epoch}.png` (maps; each row's colour scale is the running
-    maximum of |map| over the epochs so far, so later figures compare with earlier ones) and
-    `plots/attribution_checks_{epoch}.png` (curves), and adds these metrics per method key:
-    `faithfulness/deletion_auc/<key>`, `faithfulness/insertion_auc/<key>` (also for `random`),
-    `sanity/spearman/<key>`, `sanity/ssim/<key>` (after randomising every layer),
-    `sanity/unchanged/<key>` (1 when flagged), `attributions/drift/<key>` (from the second
-    epoch), and `attributions/seconds/<part>`.
+    Draws `plots/attributions_{epoch}.png` (the display probes' maps; each row's colour scale
+    is the running maximum of |map| over the epochs so far), and on the check set
+    `attribution_faithfulness`, `attribution_randomisation` and `attribution_drift`. Every
+    statistic is a mean over the check images with a bootstrap interval, in metrics.json as
+    `<name>/mean`, `<name>/ci_low`, `<name>/ci_high`; for each method key:
+
+    - `faithfulness/{deletion,insertion,road_morf,road_lerf}_auc/<key>/...` (also `random`),
+      `faithfulness/{deletion,insertion,road_morf,road_lerf}_p/<key>` (one-sided Wilcoxon
+      signed-rank against the random order), `faithfulness/rank/<key>` and, from the second
+      epoch, `faithfulness/ranking_tau/...`;
+    - `sanity/spearman/<key>/depth_<k>/...` (cascade, top k layers) and
+      `sanity/spearman_independent/<key>/depth_<k>/...` (the k-th layer alone),
+      `sanity/ssim/<key>/...` (every layer), `sanity/control_image/<key>/...`,
+      `sanity/control_seed/<key>/...`, `sanity/excess_over_image/<key>/...` and
+      `sanity/verdict/<key>` (1 flagged, 0 inconclusive, -1 depends on the weights);
+    - `attributions/drift/<key>/...` (from the second epoch) and
+      `attributions/settled_after/<key>`; `attributions/seconds/<part>`.
 
     Args:
-        settings: costs and thresholds.
-        seed: seeds SmoothGrad's noise, the random pixel order and the randomised weights.
+        settings: sizes, costs and thresholds.
+        seed: seeds the check set, SmoothGrad's noise, the random pixel orders, ROAD's noise,
+            the randomised weights and the bootstrap.
+        methods: the methods to compare and check, `{key: method}` with the call shape
+            `(model, images, targets) -> maps`; None: the six of `default_methods`, bound to
+            the blank image and the value range of the check images.
     """
 
     name = "attributions"
@@ -623,41 +654,72 @@ class AttributionAnalysis(Analysis):
             "Several attribution methods explaining the same probe images.",
         ),
         FigureInfo(
-            "attribution_checks",
-            "Attribution checks",
-            "Can the attributions be trusted: faithfulness (deleting or inserting the pixels "
-            "they rank first) and sensitivity to randomising the model's weights.",
+            "attribution_faithfulness",
+            "Attribution faithfulness",
+            "True-class probability as the pixels each method ranks first are deleted "
+            "(blank) or inserted, and as they are removed and imputed from their neighbours "
+            "(ROAD, most and least relevant first); mean over the check images with 95% "
+            "bootstrap bands. Dashed: a random pixel order.",
+        ),
+        FigureInfo(
+            "attribution_randomisation",
+            "Attribution randomisation",
+            "Rank correlation of each method's maps with the trained model's as its layers "
+            "are re-initialised from the top (cascade) or one at a time (independent), "
+            "against what the image alone explains. Bands: 95% bootstrap intervals.",
+        ),
+        FigureInfo(
+            "attribution_drift",
+            "Attribution drift and ranking",
+            "How much each method's maps changed since the epoch before, against the "
+            "held-out accuracy, and the methods' faithfulness ranking per epoch.",
         ),
     )
 
-    def __init__(self, settings: AttributionSettings | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        settings: AttributionSettings | None = None,
+        seed: int = 0,
+        methods: Mapping[str, AttributionMethod] | None = None,
+    ) -> None:
         self.settings = settings or AttributionSettings()
         self.seed = seed
+        self.methods = None if methods is None else dict(methods)
         self.method_keys: list[str] = []
         self.scales = torch.zeros(0)
-        self.previous_maps: Tensor | None = None
+        self.check_indices: Tensor | None = None
+        self.check_keys: list[str] = []
+        self.previous_maps: Tensor | None = None  # check maps of the last epoch [M, N, H, W]
+        self.previous_scores: Tensor | None = None  # faithfulness per image [M, N]
         self.previous_epoch = 0
-        self.drift_epochs: list[int] = []
-        self.drift = torch.zeros(0, 0)
-        self.randomised_maps: dict[str, Tensor] = {}  # not state: recomputed after a resume
+        self.accuracy: dict[int, float] = {}
+        self.drift: dict[str, list[tuple[int, float, float, float]]] = {}
+        self.ranks: dict[int, dict[str, int]] = {}
+        self.taus: list[tuple[int, float, float, float]] = []
+        self._cache: dict[Any, Any] = {}  # not state: randomised maps, recomputed on resume
+        self._check_data: tuple[Tensor, Tensor] | None = None
+        self.told_layout = False
 
     def state_dict(self) -> dict[str, Any]:
-        """What `--resume` needs: colour scales, last maps and the drift history.
+        """What `--resume` needs: the check set, colour scales, last maps and the history.
 
         Returns:
-            Plain lists, numbers and CPU tensors (a copy): `method_keys`, `scales` (float
-            [M]), `previous_epoch`, `drift_epochs`, `drift` (float [E, M]) and, once maps
-            exist, `previous_maps`.
+            Plain lists, dicts, numbers and CPU tensors (copies).
         """
         state: dict[str, Any] = {
             "method_keys": list(self.method_keys),
             "scales": self.scales.clone(),
+            "check_keys": list(self.check_keys),
             "previous_epoch": self.previous_epoch,
-            "drift_epochs": list(self.drift_epochs),
-            "drift": self.drift.clone(),
+            "accuracy": dict(self.accuracy),
+            "drift": {key: [list(row) for row in rows] for key, rows in self.drift.items()},
+            "ranks": {epoch: dict(ranks) for epoch, ranks in self.ranks.items()},
+            "taus": [list(row) for row in self.taus],
         }
-        if self.previous_maps is not None:
-            state["previous_maps"] = self.previous_maps.clone()
+        for name in ("check_indices", "previous_maps", "previous_scores"):
+            value = getattr(self, name)
+            if value is not None:
+                state[name] = value.clone()
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -669,48 +731,113 @@ class AttributionAnalysis(Analysis):
         """
         self.method_keys = list(state["method_keys"])
         self.scales = torch.as_tensor(state["scales"]).float().clone()
+        self.check_keys = list(state["check_keys"])
         self.previous_epoch = int(state["previous_epoch"])
-        self.drift_epochs = [int(epoch) for epoch in state["drift_epochs"]]
-        self.drift = torch.as_tensor(state["drift"]).float().clone()
-        previous = state.get("previous_maps")
-        self.previous_maps = None if previous is None else torch.as_tensor(previous).clone()
+        self.accuracy = {int(e): float(a) for e, a in state["accuracy"].items()}
+        self.drift = {
+            key: [(int(r[0]), float(r[1]), float(r[2]), float(r[3])) for r in rows]
+            for key, rows in state["drift"].items()
+        }
+        self.ranks = {
+            int(e): {k: int(v) for k, v in ranks.items()} for e, ranks in state["ranks"].items()
+        }
+        self.taus = [(int(r[0]), float(r[1]), float(r[2]), float(r[3])) for r in state["taus"]]
+        for name in ("check_indices", "previous_maps", "previous_scores"):
+            value = state.get(name)
+            setattr(self, name, None if value is None else torch.as_tensor(value).clone())
+        self._check_data = None
 
-    def _start(self, keys: list[str]) -> None:
-        if keys != self.method_keys:  # first call, or another set of methods: start afresh
-            self.method_keys = keys
-            self.scales = torch.zeros(len(keys))
-            self.previous_maps = None
-            self.drift_epochs = []
-            self.drift = torch.zeros(0, len(keys))
-            self.randomised_maps = {}
+    def _check_set(self, ctx: EpochContext) -> tuple[Tensor, Tensor]:
+        """The check images [N, C, H, W] and labels [N] on the device, chosen on first use."""
+        if self.check_indices is None:
+            targets = ctx.eval.targets if ctx.eval is not None else dataset_targets(ctx.val_data)
+            wanted = self.settings.check_size
+            self.check_indices = choose_check_set(targets, wanted, self.seed, ctx.probe.indices)
+            if self.check_indices.numel() < wanted:
+                ctx.log(
+                    f"attributions: --check-size {wanted} is more than the "
+                    f"{self.check_indices.numel()} held-out images besides the probes: "
+                    "checking all of them"
+                )
+        if self._check_data is None:
+            images, labels = gather(ctx.val_data, self.check_indices)
+            self._check_data = (images.to(ctx.device), labels.to(ctx.device))
+        return self._check_data
 
     def __call__(self, ctx: EpochContext) -> None:
-        """Compute, check, draw and log the attributions of `ctx.probe`."""
+        """Explain the probes, check every method on the check set, draw and log it all."""
         settings, probe, model = self.settings, ctx.probe, ctx.model
         seconds: dict[str, float] = {}
         clock = time.perf_counter()
 
-        baseline = blank_image(ctx.normalization, probe.images)
-        methods = default_methods(
+        def lap(part: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            seconds[part], clock = now - clock, now
+
+        images, labels = self._check_set(ctx)
+        fast = channels_last_copy(model, images[:8])
+        if fast is not None:
+            model = fast
+        elif images.device.type == "cpu" and not self.told_layout:
+            ctx.log(
+                "attributions: the model cannot run in channels-last memory format; the "
+                "checks use it as it is (about 1.5 times slower on the CPU)"
+            )
+            self.told_layout = True
+        baseline = blank_image(ctx.normalization, images)
+        methods = self.methods or default_methods(
             baseline,
             settings,
             seed=self.seed,
-            value_range=float(probe.images.max() - probe.images.min()),
+            value_range=float(images.max() - images.min()),
             grad_cam_layer=last_conv_layer(model) is not None,
         )
-        keys = list(methods)
-        self._start(keys)
         explain = functools.partial(
             attribution_maps, methods=methods, batch_size=settings.batch_size
         )
-        maps = explain(model, probe.images, probe.labels)  # (M, P, H, W)
-        self.scales = torch.maximum(self.scales, maps.abs().flatten(1).amax(dim=1))
-        seconds["maps"], clock = time.perf_counter() - clock, time.perf_counter()
+
+        display_errors: dict[str, str] = {}
+        display = explain(model, probe.images, probe.labels, errors=display_errors)
+        display_keys = [key for key in methods if key not in display_errors]
+        display = display[[list(methods).index(key) for key in display_keys]]
+        self._start(display_keys)
+        self.scales = torch.maximum(self.scales, display.abs().flatten(1).amax(dim=1))
+        with torch.no_grad(), evaluation_mode(model):
+            probe_probability = model(probe.images).float().softmax(dim=1)
+        probe_probability = probe_probability.gather(1, probe.labels[:, None]).squeeze(1)
+        ctx.draw_figure(
+            "attributions",
+            plot_attributions,
+            probe.pixels,
+            display,
+            self.scales,
+            display_keys,
+            probe.labels.tolist(),
+            probe_probability.tolist(),
+            ctx.class_names,
+            title=f"Attributions towards the true class, {ctx.when}",
+        )
+        lap("display")
+
+        errors: dict[str, str] = {}
+        maps = explain(model, images, labels, errors=errors)
+        keys = [key for key in methods if key not in errors]
+        maps = maps[[list(methods).index(key) for key in keys]]
+        kept_methods = {key: methods[key] for key in keys}
+        lap("maps")
+        for key, message in errors.items():
+            ctx.log(
+                f"attributions: {METHOD_LABELS.get(key, key)} failed, {message}; "
+                "left out of this epoch's checks"
+            )
+        if not keys:
+            return
 
         curves = deletion_insertion(
             model,
-            probe.images,
-            probe.labels,
+            images,
+            labels,
             maps,
             baseline,
             names=keys,
@@ -718,144 +845,342 @@ class AttributionAnalysis(Analysis):
             batch_size=settings.batch_size,
             generator=torch.Generator().manual_seed(self.seed),
         )
-        seconds["faithfulness"], clock = time.perf_counter() - clock, time.perf_counter()
-
-        randomisation = cascading_randomisation(
+        lap("deletion_insertion")
+        road = road_curves(
             model,
-            probe.images,
-            probe.labels,
-            explain,
+            images,
+            labels,
             maps,
-            stages=settings.randomisation_stages,
+            names=keys,
+            fractions=settings.road_fractions,
+            noise=settings.road_noise,
+            batch_size=settings.batch_size,
+            generator=torch.Generator().manual_seed(self.seed + 1),
+        )
+        lap("road")
+        randomisation = randomisation_checks(
+            model,
+            images,
+            labels,
+            functools.partial(
+                attribution_maps,
+                methods=kept_methods,
+                batch_size=settings.batch_size,
+                errors={},
+            ),
+            maps,
+            names=keys,
+            image_maps=image_control_map(images, baseline),
             seed=self.seed,
-            cache=self.randomised_maps,
+            control_seed=self.seed + 1,
+            independent=settings.independent,
+            cache=self._cache,
         )
-        seconds["sanity"], clock = time.perf_counter() - clock, time.perf_counter()
+        lap("randomisation")
 
-        drift = None
-        if self.previous_maps is not None and self.previous_maps.shape == maps.shape:
-            drift = (
-                spearman(
-                    maps.abs().flatten(0, 1),
-                    self.previous_maps.abs().flatten(0, 1),
-                    ignore_joint_zeros=True,
-                )
-                .view(len(keys), -1)
-                .mean(dim=1)
-            )
-            self.drift_epochs.append(ctx.epoch)
-            self.drift = torch.cat([self.drift, drift[None]])
-        previous_epoch, self.previous_maps, self.previous_epoch = (
-            self.previous_epoch,
-            maps,
-            ctx.epoch,
+        bootstrap = Bootstrap(
+            maps.shape[1], settings.bootstrap_resamples, settings.confidence, seed=self.seed
         )
-
-        ctx.draw_figure(
-            "attributions",
-            plot_attributions,
-            probe.pixels,
-            maps,
-            self.scales,
-            keys,
-            probe.labels.tolist(),
-            curves.deletion[0, :, 0].tolist(),
-            ctx.class_names,
-            title=f"Attributions towards the true class, {ctx.when}",
-        )
-        ctx.draw_figure(
-            "attribution_checks",
-            plot_attribution_checks,
-            curves,
-            randomisation,
-            settings.unchanged_threshold,
-            title=f"Can the attributions be trusted? {ctx.when.capitalize()}, "
-            f"{probe.labels.numel()} probe images",
-        )
-        seconds["figures"] = time.perf_counter() - clock
-
-        self._record(ctx, keys, curves, randomisation, drift, previous_epoch, seconds)
-
-    def _record(
-        self,
-        ctx: EpochContext,
-        keys: list[str],
-        curves: FaithfulnessCurves,
-        randomisation: RandomisationResult,
-        drift: Tensor | None,
-        previous_epoch: int,
-        seconds: dict[str, float],
-    ) -> None:
-        settings = self.settings
-        deletion, insertion = curves.deletion_auc.tolist(), curves.insertion_auc.tolist()
-        for key, deleted, inserted in zip(curves.names, deletion, insertion, strict=True):
-            ctx.metrics[f"faithfulness/deletion_auc/{key}"] = deleted
-            ctx.metrics[f"faithfulness/insertion_auc/{key}"] = inserted
-        random_deletion, random_insertion = deletion[-1], insertion[-1]
-        not_beating = [
-            METHOD_LABELS[key]
-            for key, deleted, inserted in zip(keys, deletion, insertion, strict=False)
-            if not (deleted < random_deletion and inserted > random_insertion)
-        ]
-        ctx.log(
-            "attributions, faithfulness (AUC deletion lower / insertion higher is better): "
-            + ", ".join(
-                f"{METHOD_LABELS[key]} {d:.2f}/{i:.2f}"
-                for key, d, i in zip(curves.names, deletion, insertion, strict=True)
-            )
-            + f"; not better than random on both: {', '.join(not_beating) or 'none'}"
-        )
-
-        if randomisation.depth.numel():
-            rho, similarity = randomisation.spearman[-1], randomisation.ssim[-1]
-            flagged = []
-            for index, key in enumerate(keys):
-                unchanged = float(rho[index]) >= settings.unchanged_threshold
-                ctx.metrics[f"sanity/spearman/{key}"] = float(rho[index])
-                ctx.metrics[f"sanity/ssim/{key}"] = float(similarity[index])
-                ctx.metrics[f"sanity/unchanged/{key}"] = float(unchanged)
-                if unchanged:
-                    flagged.append(METHOD_LABELS[key])
-            depth = int(randomisation.depth[-1])
-            ctx.log(
-                f"attributions, sanity (|map| Spearman / SSIM after randomising {depth} of "
-                f"{randomisation.total_layers} layers): "
-                + ", ".join(
-                    f"{METHOD_LABELS[key]} {float(rho[i]):.2f}/{float(similarity[i]):.2f}"
-                    for i, key in enumerate(keys)
-                )
-                + (
-                    f"; FLAGGED (Spearman >= {settings.unchanged_threshold}: the maps do not "
-                    f"depend on the weights): {', '.join(flagged)}"
-                    if flagged
-                    else "; none flagged"
-                )
-            )
-        else:
-            ctx.log("attributions, sanity: the model has no layer with reset_parameters()")
-
-        if drift is not None:
-            for key, value in zip(keys, drift.tolist(), strict=True):
-                ctx.metrics[f"attributions/drift/{key}"] = value
-            settled = settled_after(self.drift_epochs, self.drift, settings.settled_threshold)
-            threshold = settings.settled_threshold
-            moving = [
-                METHOD_LABELS[key]
-                for key, value in zip(keys, drift.tolist(), strict=True)
-                if value < threshold
-            ]
-            verdict = (
-                f"explanations settled after epoch {settled} (every method >= {threshold:g} since)"
-                if settled is not None
-                else f"explanations still moving (below {threshold:g}: {', '.join(moving)})"
-            )
-            ctx.log(
-                f"attributions, drift (|map| Spearman with epoch {previous_epoch}): "
-                + ", ".join(
-                    f"{METHOD_LABELS[key]} {value:.2f}"
-                    for key, value in zip(keys, drift.tolist(), strict=True)
-                )
-                + f"; {verdict}"
-            )
+        scores = self._faithfulness(ctx, bootstrap, keys, curves, road)
+        self._randomisation(ctx, bootstrap, keys, randomisation)
+        self._drift(ctx, bootstrap, keys, maps, scores)
+        lap("statistics")
         for part, value in seconds.items():
             ctx.metrics[f"attributions/seconds/{part}"] = value
+
+    def _start(self, keys: list[str]) -> None:
+        if keys != self.method_keys:  # first call, or another set of methods: start afresh
+            self.method_keys = keys
+            self.scales = torch.zeros(len(keys))
+
+    def _faithfulness(
+        self,
+        ctx: EpochContext,
+        bootstrap: Bootstrap,
+        keys: list[str],
+        curves: FaithfulnessCurves,
+        road: RoadCurves,
+    ) -> Tensor:
+        """Record, log and draw the curves; return the per-image scores [M, N] of `keys`."""
+        settings = self.settings
+        names = curves.names
+        per_image = {
+            "deletion": curves.image_deletion_auc,
+            "insertion": curves.image_insertion_auc,
+            "road_morf": road.image_morf_auc,
+            "road_lerf": road.image_lerf_auc,
+        }
+        lower_is_better = {
+            "deletion": True,
+            "insertion": False,
+            "road_morf": True,
+            "road_lerf": False,
+        }
+        intervals = {part: bootstrap.interval(values) for part, values in per_image.items()}
+        p_values = {
+            part: better_than_random(values[:-1], values[-1], lower_is_better=lower_is_better[part])
+            for part, values in per_image.items()
+        }
+        for part, interval in intervals.items():
+            for index, key in enumerate(names):
+                _interval_metrics(ctx.metrics, f"faithfulness/{part}_auc/{key}", interval[index])
+            for index, key in enumerate(keys):
+                ctx.metrics[f"faithfulness/{part}_p/{key}"] = float(p_values[part][index])
+        level = settings.significance / len(keys)
+        better = [
+            key
+            for index, key in enumerate(keys)
+            if float(p_values["deletion"][index]) < level
+            and float(p_values["insertion"][index]) < level
+        ]
+        label = functools.partial(METHOD_LABELS.get)
+        ctx.log(
+            f"attributions, faithfulness on {bootstrap.count} check images (mean AUC "
+            f"[{settings.confidence:.0%} CI], deletion lower / insertion higher is better, "
+            f"blank baseline, {settings.deletion_steps} steps): "
+            + ", ".join(
+                f"{label(key, key)} {intervals['deletion'][i].text()} / "
+                f"{intervals['insertion'][i].text()}"
+                for i, key in enumerate(names)
+            )
+        )
+        ctx.log(
+            "attributions, ROAD (noisy linear imputation; most relevant first lower / least "
+            "relevant first higher is better): "
+            + ", ".join(
+                f"{label(key, key)} {intervals['road_morf'][i].text()} / "
+                f"{intervals['road_lerf'][i].text()}"
+                for i, key in enumerate(names)
+            )
+        )
+        ctx.log(
+            "attributions, better than the random order on deletion and insertion (one-sided "
+            f"Wilcoxon signed-rank, paired over images, p < {level:.2g} each, Bonferroni): "
+            + (", ".join(label(key, key) for key in better) or "none")
+            + "; not: "
+            + (
+                ", ".join(
+                    f"{label(key, key)} (p {_p_text(float(p_values['deletion'][i]))} / "
+                    f"{_p_text(float(p_values['insertion'][i]))})"
+                    for i, key in enumerate(keys)
+                    if key not in better
+                )
+                or "none"
+            )
+        )
+
+        def legend(part: str) -> list[str]:
+            rows = []
+            for index, key in enumerate(names):
+                text = f"{label(key, key)}  {intervals[part][index].text()}"
+                if index < len(keys):
+                    text += f"  p {_p_text(float(p_values[part][index]))}"
+                rows.append(text)
+            return rows
+
+        ctx.draw_figure(
+            "attribution_faithfulness",
+            plot_faithfulness,
+            names,
+            {key: label(key, key) for key in names},
+            curves.fractions,
+            bootstrap.interval(curves.deletion.transpose(1, 2)),
+            bootstrap.interval(curves.insertion.transpose(1, 2)),
+            road.fractions,
+            bootstrap.interval(road.most_relevant_first.transpose(1, 2)),
+            bootstrap.interval(road.least_relevant_first.transpose(1, 2)),
+            {part: legend(part) for part in per_image},
+            title=f"Faithfulness {ctx.when}, {bootstrap.count} check images",
+        )
+        return faithfulness_score(per_image["deletion"][:-1], per_image["insertion"][:-1])
+
+    def _randomisation(
+        self,
+        ctx: EpochContext,
+        bootstrap: Bootstrap,
+        keys: list[str],
+        checks: RandomisationChecks,
+    ) -> None:
+        """Record, log and draw the randomisation check and its verdicts."""
+        label = functools.partial(METHOD_LABELS.get)
+        if not checks.layers:
+            ctx.log(
+                "attributions, randomisation: skipped, the model has no layer with "
+                "parameters and reset_parameters()"
+            )
+            return
+        for key, message in checks.errors.items():
+            ctx.log(f"attributions, randomisation: {label(key, key)} left out: {message}")
+        usable = [i for i, key in enumerate(keys) if key not in checks.errors]
+        cascade = bootstrap.interval(checks.cascade_spearman)  # [L, M]
+        independent = (
+            bootstrap.interval(checks.independent_spearman)
+            if checks.independent_spearman.numel()
+            else None
+        )
+        similarity = bootstrap.interval(checks.ssim)
+        image_control = bootstrap.interval(checks.image_control)
+        seed_control = bootstrap.interval(checks.seed_control)
+        excess = bootstrap.interval(checks.cascade_spearman[-1] - checks.image_control)
+        verdict = randomisation_verdict(excess)
+        verdicts: dict[str, float] = {}
+        for index in usable:
+            key = keys[index]
+            for depth in range(len(checks.layers)):
+                _interval_metrics(
+                    ctx.metrics, f"sanity/spearman/{key}/depth_{depth + 1}", cascade[depth, index]
+                )
+                if independent is not None:
+                    _interval_metrics(
+                        ctx.metrics,
+                        f"sanity/spearman_independent/{key}/depth_{depth + 1}",
+                        independent[depth, index],
+                    )
+            _interval_metrics(ctx.metrics, f"sanity/ssim/{key}", similarity[index])
+            _interval_metrics(ctx.metrics, f"sanity/control_image/{key}", image_control[index])
+            _interval_metrics(ctx.metrics, f"sanity/control_seed/{key}", seed_control[index])
+            _interval_metrics(ctx.metrics, f"sanity/excess_over_image/{key}", excess[index])
+            verdicts[key] = float(verdict[index])
+            ctx.metrics[f"sanity/verdict/{key}"] = verdicts[key]
+        words = {
+            FLAGGED: "FLAGGED",
+            DEPENDS: "depends on the weights",
+            INCONCLUSIVE: "inconclusive",
+        }
+        flagged = [label(key, key) for key, v in verdicts.items() if v == FLAGGED]
+        ctx.log(
+            f"attributions, randomisation (|map| Spearman with the trained model's after "
+            f"randomising all {len(checks.layers)} layers, against the image alone; "
+            "difference [CI]): "
+            + ", ".join(
+                f"{label(keys[i], keys[i])} {cascade[-1, i].text()} vs "
+                f"{image_control[i].text()}: {words[verdicts[keys[i]]]}"
+                + (f" ({excess[i].text()})" if verdicts[keys[i]] == INCONCLUSIVE else "")
+                for i in usable
+            )
+            + (
+                f"; FLAGGED (randomised maps resemble the trained ones more than the image "
+                f"does: they do not depend on the weights): {', '.join(flagged)}"
+                if flagged
+                else "; none flagged"
+            )
+        )
+        ctx.draw_figure(
+            "attribution_randomisation",
+            plot_randomisation,
+            [keys[i] for i in usable],
+            {key: label(key, key) for key in keys},
+            checks.layers,
+            cascade[:, usable],
+            None if independent is None else independent[:, usable],
+            image_control[usable],
+            seed_control[usable],
+            excess[usable],
+            [words[verdicts[keys[i]]] for i in usable],
+            title=f"Randomisation check {ctx.when}, {bootstrap.count} check images",
+        )
+
+    def _drift(
+        self,
+        ctx: EpochContext,
+        bootstrap: Bootstrap,
+        keys: list[str],
+        maps: Tensor,
+        scores: Tensor,
+    ) -> None:
+        """Drift since the last epoch, settling, the ranking and its stability."""
+        settings = self.settings
+        label = functools.partial(METHOD_LABELS.get)
+        if ctx.eval is not None:
+            self.accuracy[ctx.epoch] = float(ctx.eval.accuracy)
+        order = torch.argsort(scores.mean(dim=1), descending=True).tolist()
+        self.ranks[ctx.epoch] = {keys[i]: rank + 1 for rank, i in enumerate(order)}
+        for key, rank in self.ranks[ctx.epoch].items():
+            ctx.metrics[f"faithfulness/rank/{key}"] = float(rank)
+        messages = []
+        previous_keys = self.check_keys
+        common = [key for key in keys if key in previous_keys]
+        if (
+            self.previous_maps is not None
+            and common
+            and self.previous_maps.shape[1:] == maps.shape[1:]
+        ):
+            now = maps[[keys.index(k) for k in common]]
+            before = self.previous_maps[[previous_keys.index(k) for k in common]]
+            rho = spearman(
+                now.abs().flatten(0, 1), before.abs().flatten(0, 1), ignore_joint_zeros=True
+            ).view(len(common), -1)
+            drift = bootstrap.interval(rho)
+            for index, key in enumerate(common):
+                row = (
+                    ctx.epoch,
+                    float(drift.mean[index]),
+                    float(drift.low[index]),
+                    float(drift.high[index]),
+                )
+                self.drift.setdefault(key, []).append(row)
+                _interval_metrics(ctx.metrics, f"attributions/drift/{key}", drift[index])
+            if self.previous_scores is not None and len(common) > 1:
+                tau = ranking_stability(
+                    self.previous_scores[[previous_keys.index(k) for k in common]],
+                    scores[[keys.index(k) for k in common]],
+                    bootstrap,
+                )
+                self.taus.append((ctx.epoch, float(tau.mean), float(tau.low), float(tau.high)))
+                _interval_metrics(ctx.metrics, "faithfulness/ranking_tau", tau)
+                messages.append(f"ranking Kendall τ with epoch {self.previous_epoch} {tau.text()}")
+            moving = []
+            settled: dict[str, int | None] = {}
+            for key in common:
+                rows = self.drift[key]
+                settled[key] = settled_after(
+                    [row[0] for row in rows],
+                    torch.tensor([[row[1]] for row in rows]),
+                    settings.settled_threshold,
+                )
+                if settled[key] is None:
+                    moving.append(label(key, key))
+                else:
+                    ctx.metrics[f"attributions/settled_after/{key}"] = float(settled[key])
+            ctx.log(
+                f"attributions, drift (|map| Spearman with epoch {self.previous_epoch}): "
+                + ", ".join(f"{label(k, k)} {drift[i].text()}" for i, k in enumerate(common))
+                + "; settled (>= "
+                + f"{settings.settled_threshold:g} since): "
+                + (
+                    ", ".join(
+                        f"{label(k, k)} after epoch {settled[k]}"
+                        for k in common
+                        if settled[k] is not None
+                    )
+                    or "none"
+                )
+                + (f"; still moving: {', '.join(moving)}" if moving else "")
+            )
+        ctx.log(
+            "attributions, ranking by faithfulness (insertion - deletion AUC): "
+            + " > ".join(label(keys[i], keys[i]) for i in order)
+            + (f"; {messages[0]}" if messages else "")
+        )
+        settled_now = {
+            key: settled_after(
+                [r[0] for r in rows],
+                torch.tensor([[r[1]] for r in rows]),
+                settings.settled_threshold,
+            )
+            for key, rows in self.drift.items()
+        }
+        ctx.draw_figure(
+            "attribution_drift",
+            plot_drift,
+            {key: label(key, key) for key in keys},
+            dict(self.accuracy),
+            {key: list(rows) for key, rows in self.drift.items()},
+            settled_now,
+            settings.settled_threshold,
+            {epoch: dict(ranks) for epoch, ranks in self.ranks.items()},
+            list(self.taus),
+            title=f"Explanation drift and faithfulness ranking, {ctx.when}",
+        )
+        self.previous_maps, self.previous_scores = maps, scores
+        self.check_keys, self.previous_epoch = list(keys), ctx.epoch
