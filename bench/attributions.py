@@ -12,7 +12,7 @@
    - SmoothGrad: Spearman of |map| with a 64-sample map (how converged the average is);
    - Occlusion: deletion AUC of its maps (lower is better);
    - deletion/insertion steps: the AUCs at k steps against k = 28;
-   - randomisation: seconds per number of cascade stages.
+   - randomisation: seconds with and without the independent variant.
 
 Times are medians; other processes share the 2 CPU cores, so they are noisy. Under load,
 `--threads 1` and the CPU-time lines are the better guide: CPU seconds of one thread do not
@@ -111,14 +111,14 @@ def fmt(values: list[float]) -> str:
 def settings_sweep(model: torch.nn.Module, data_dir: Path, repeats: int) -> None:
     from exigo.analyses import attributions as A
     from exigo.analyses.faithfulness import deletion_insertion
-    from exigo.analyses.sanity import cascading_randomisation, spearman
-    from exigo.data import MNIST_NORMALIZATION, load_mnist
+    from exigo.analyses.sanity import randomisation_checks, spearman
     from exigo.analysis import select_probe
+    from exigo.data import MNIST_NORMALIZATION, blank_image, load_mnist
 
     _, held_out = load_mnist(data_dir, download=False)
     index = select_probe(held_out.targets, 10, 10)
     images, targets = held_out.images[index], held_out.targets[index]
-    baseline = A.blank_baseline(MNIST_NORMALIZATION, images)
+    baseline = blank_image(MNIST_NORMALIZATION, images)
     with torch.no_grad():
         gap = (model(images) - model(baseline.expand_as(images)))[torch.arange(10), targets]
 
@@ -182,12 +182,19 @@ def settings_sweep(model: torch.nn.Module, data_dir: Path, repeats: int) -> None
         )
         print(f"  {steps:>3}: {median_seconds(call, repeats):.3f} s, {error:.3f}")
 
-    print("\ncascading randomisation (stages: seconds)")
-    for stages in (1, 2, 3, 6):
+    print("\nrandomisation, every depth and the seed control (independent too: seconds)")
+    for independent in (False, True):
         call = functools.partial(
-            cascading_randomisation, model, images, targets, explain, maps, stages=stages
+            randomisation_checks,
+            model,
+            images,
+            targets,
+            explain,
+            maps,
+            names=list(methods),
+            independent=independent,
         )
-        print(f"  {stages}: {median_seconds(call, repeats):.3f} s")
+        print(f"  {independent}: {median_seconds(call, repeats):.3f} s")
 
 
 def main() -> None:

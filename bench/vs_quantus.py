@@ -12,8 +12,8 @@ class) and the same Saliency maps:
    bootstrap intervals of every curve point and AUC; Quantus computes the deletion curve only.
 2. Model randomisation: Quantus' `MPRT` (top-down cascade, Spearman of |maps| over every
    pixel, seed 42) against exigo's `randomisation_checks` (the same layers, the same random
-   weights, `ignore_joint_zeros=False`, the independent variant off; it also computes the
-   second-seed control: one more pass of the maps).
+   weights, `ignore_joint_zeros=False`, the independent variant off, 2 draws of the random
+   weights at full depth: one more pass of the maps than Quantus).
 
 It reports the largest difference between the two libraries' values (curve points; per-image
 correlations at every depth), the wall time of each, per image and per model pass (an image
@@ -147,6 +147,7 @@ def compare(model, held_out, size: int, repeats: int) -> dict:
             seed=42 + 1 - _SEED_OFFSET,
             ignore_joint_zeros=False,
             independent=False,
+            draws=2,
         )
         bootstrap = Bootstrap(count, seed=0)
         bootstrap.interval(checks.cascade_spearman)

@@ -218,6 +218,7 @@ SMALL = AttributionSettings(
     deletion_steps=8,
     road_fractions=(0.0, 0.5),
     bootstrap_resamples=200,
+    randomisation_draws=3,
 )
 
 

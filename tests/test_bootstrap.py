@@ -74,8 +74,24 @@ def test_kendall_tau_equals_scipy_with_ties():
     generator = torch.Generator().manual_seed(0)
     first = torch.randint(0, 4, (20, 6), generator=generator).float()
     second = torch.randint(0, 4, (20, 6), generator=generator).float()
-    expected = [kendalltau(a.numpy(), b.numpy()).statistic for a, b in zip(first, second)]
+    expected = [
+        kendalltau(a.numpy(), b.numpy()).statistic for a, b in zip(first, second, strict=True)
+    ]
     assert kendall_tau(first, second).tolist() == pytest.approx(expected, abs=1e-6)
     assert float(kendall_tau(torch.arange(5.0), torch.arange(5.0))) == pytest.approx(1.0)
     assert float(kendall_tau(torch.arange(5.0), -torch.arange(5.0))) == pytest.approx(-1.0)
     assert float(kendall_tau(torch.ones(5), torch.arange(5.0))) == 0.0  # no ranking
+
+
+def test_interval_over_draws_also_covers_the_spread_between_draws():
+    generator = torch.Generator().manual_seed(0)
+    # 5 draws whose means differ by much more than the images within a draw
+    values = torch.randn(5, 1, generator=generator) + 0.05 * torch.randn(5, 80, generator=generator)
+    bootstrap = Bootstrap(80, seed=0)
+    both = bootstrap.interval_over_draws(values[None])  # [1]
+    images_only = bootstrap.interval(values.mean(dim=0, keepdim=True))
+    assert float(both.mean) == pytest.approx(float(values.mean()), abs=1e-6)
+    assert float(both.high - both.low) > 5 * float(images_only.high - images_only.low)
+    constant = bootstrap.interval_over_draws(torch.full((2, 3, 80), 0.25))
+    assert torch.allclose(constant.low, torch.full((2,), 0.25))
+    assert torch.allclose(constant.high, torch.full((2,), 0.25))

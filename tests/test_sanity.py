@@ -157,10 +157,10 @@ def test_cascade_and_independent_share_each_layers_random_weights():
         seen.append({k: v.clone() for k, v in model.state_dict().items()})
         return gradient_maps(model, images, targets)
 
-    result = checks(model, images, targets, recording, seed=2, control_seed=5)
+    result = checks(model, images, targets, recording, seed=2, draws=2)
     assert result.layers == ["4", "1", "0"]
     assert result.cascade_spearman.shape == result.independent_spearman.shape == (3, 1, 4)
-    # calls: the reference, cascade depths 1-3, independent 1-3, the control
+    # calls: the reference, cascade depths 1-3, independent 1-3, the second draw
     reference, cascade, independent, control = seen[0], seen[1:4], seen[4:7], seen[7]
     trained = model.state_dict()
     for depth, layer in enumerate(["4", "1", "0"]):
@@ -175,7 +175,9 @@ def test_cascade_and_independent_share_each_layers_random_weights():
         assert not torch.equal(cascade[-1][f"{layer}.weight"], trained[f"{layer}.weight"])
     assert torch.equal(result.cascade_spearman[0], result.independent_spearman[0])
     assert not torch.equal(control["4.weight"], cascade[-1]["4.weight"])  # another seed
-    again = checks(model, images, targets, gradient_maps, seed=2, control_seed=5)
+    assert torch.equal(result.full_spearman[0], result.cascade_spearman[-1])  # draw 0
+    assert result.full_spearman.shape == (2, 1, 4)
+    again = checks(model, images, targets, gradient_maps, seed=2, draws=2)
     assert torch.equal(again.cascade_spearman, result.cascade_spearman)
     assert torch.equal(again.seed_control, result.seed_control)
 
@@ -251,22 +253,41 @@ def test_cache_reuses_the_maps_of_identical_randomised_models():
         reference,
         names=["s"],
         cache=cache,
+        draws=2,
     )
     first = run()
-    assert len(calls) == 3 + 2 + 1  # cascade, independent (depth 1 is the cascade's), control
+    assert len(calls) == 3 + 2 + 1  # cascade, independent (depth 1 is the cascade's), draw 2
     with torch.no_grad():
         model[4].weight.mul_(2)  # "another epoch": only the top layer differs
     second = run()
-    # the cascade re-initialises the top layer first: every cascade state and the control
-    # are as before; the independent depths 2 and 3 keep the (changed) top layer
+    # the cascade re-initialises the top layer first: every cascade state and the second
+    # draw are as before; the independent depths 2 and 3 keep the (changed) top layer
     assert len(calls) == 6 + 2
     assert torch.equal(first.cascade_spearman, second.cascade_spearman)
     with torch.no_grad():
         model[0].weight.mul_(2)  # the bottom layer changed
     run()
-    # new: cascade depths 1 and 2, independent depth 2; the full randomisation, the control
-    # and independent depth 3 (the bottom layer re-initialised) are reused
+    # new: cascade depths 1 and 2, independent depth 2; both full randomisations and
+    # independent depth 3 (the bottom layer re-initialised) are reused
     assert len(calls) == 8 + 3
+
+
+def test_excess_floors_a_negative_image_control_at_zero():
+    from exigo.analyses.sanity import RandomisationChecks, excess_over_image
+
+    full = torch.tensor([[[0.5, -0.1]], [[0.3, 0.1]]])  # (D=2, M=1, N=2)
+    checks_ = RandomisationChecks(
+        layers=["a"],
+        cascade_spearman=full[:1],
+        full_spearman=full,
+        ssim=torch.zeros(1, 2),
+        independent_spearman=full[:1],
+        image_control=torch.tensor([[0.2, -0.4]]),
+        seed_control=torch.zeros(1, 2),
+        errors={},
+    )
+    excess = excess_over_image(checks_)  # (M, D, N)
+    assert torch.allclose(excess, torch.tensor([[[0.3, -0.1], [0.1, 0.1]]]))
 
 
 def test_verdict_rule():

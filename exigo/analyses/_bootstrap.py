@@ -79,7 +79,9 @@ class Bootstrap:
         counts.scatter_add_(1, drawn, torch.ones_like(drawn, dtype=torch.float64))
         self.count = count
         self.confidence = confidence
+        self.seed = seed
         self.weights = counts / count  # (B, N): each row sums to 1
+        self._draw_weights: dict[int, Tensor] = {}
 
     def means(self, values: Tensor) -> Tensor:
         """The resampled means of every statistic.
@@ -105,6 +107,36 @@ class Bootstrap:
             `Interval` of tensors [...] (float32, CPU).
         """
         return self.interval_of(values.detach().cpu().double().mean(dim=-1), self.means(values))
+
+    def interval_over_draws(self, values: Tensor) -> Interval:
+        """The mean over draws and images, with an interval that resamples both.
+
+        For statistics measured on D independent random draws (of a model's random weights)
+        of every image: each resample draws D of the draws and the N images with replacement
+        (a two-stage bootstrap, Davison and Hinkley 1997, section 3.8), so the interval also
+        covers how much the statistic changes from one draw to another.
+
+        Args:
+            values: float tensor [..., D, N].
+
+        Returns:
+            `Interval` of tensors [...] (float32, CPU).
+        """
+        *lead, draws, count = values.shape
+        if count != self.count:
+            raise ValueError(f"expected {self.count} images on the last axis, got {values.shape}")
+        if draws not in self._draw_weights:
+            generator = torch.Generator().manual_seed(self.seed + 1)
+            drawn = torch.randint(draws, (self.weights.shape[0], draws), generator=generator)
+            counts = torch.zeros(self.weights.shape[0], draws, dtype=torch.float64)
+            counts.scatter_add_(1, drawn, torch.ones_like(drawn, dtype=torch.float64))
+            self._draw_weights[draws] = counts / draws
+        flat = values.detach().cpu().double().reshape(-1, draws, count)  # (K, D, N)
+        over_images = self.weights @ flat.permute(2, 0, 1).reshape(count, -1)  # (B, K * D)
+        over_images = over_images.view(-1, flat.shape[0], draws)
+        resampled = (over_images * self._draw_weights[draws][:, None, :]).sum(dim=-1)
+        estimate = flat.mean(dim=(1, 2)).reshape(lead)
+        return self.interval_of(estimate, resampled.reshape(-1, *lead))
 
     def interval_of(self, estimate: Tensor, resampled: Tensor) -> Interval:
         """The percentile interval of any statistic from its value on each resample.

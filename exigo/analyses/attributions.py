@@ -71,6 +71,7 @@ from exigo.analyses.sanity import (
     FLAGGED,
     INCONCLUSIVE,
     RandomisationChecks,
+    excess_over_image,
     image_control_map,
     plot_randomisation,
     randomisation_checks,
@@ -156,6 +157,10 @@ class AttributionSettings:
 
     independent: bool = True
     """Also randomise each layer alone (Adebayo et al.'s independent randomisation)."""
+
+    randomisation_draws: int = 5
+    """Independent draws of the random weights behind the verdict (every layer randomised;
+    their maps are computed in the first epoch only, then cached)."""
 
     bootstrap_resamples: int = 2000
     """Resamples of the check images behind every interval."""
@@ -631,7 +636,8 @@ class AttributionAnalysis(Analysis):
       epoch, `faithfulness/ranking_tau/...`;
     - `sanity/spearman/<key>/depth_<k>/...` (cascade, top k layers) and
       `sanity/spearman_independent/<key>/depth_<k>/...` (the k-th layer alone),
-      `sanity/ssim/<key>/...` (every layer), `sanity/control_image/<key>/...`,
+      `sanity/spearman_all_draws/<key>/...` and `sanity/ssim/<key>/...` (every layer, every
+      draw of the random weights), `sanity/control_image/<key>/...`,
       `sanity/control_seed/<key>/...`, `sanity/excess_over_image/<key>/...` and
       `sanity/verdict/<key>` (1 flagged, 0 inconclusive, -1 depends on the weights);
     - `attributions/drift/<key>/...` (from the second epoch) and
@@ -872,7 +878,7 @@ class AttributionAnalysis(Analysis):
             names=keys,
             image_maps=image_control_map(images, baseline),
             seed=self.seed,
-            control_seed=self.seed + 1,
+            draws=settings.randomisation_draws,
             independent=settings.independent,
             cache=self._cache,
         )
@@ -1021,7 +1027,9 @@ class AttributionAnalysis(Analysis):
         similarity = bootstrap.interval(checks.ssim)
         image_control = bootstrap.interval(checks.image_control)
         seed_control = bootstrap.interval(checks.seed_control)
-        excess = bootstrap.interval(checks.cascade_spearman[-1] - checks.image_control)
+        draws = checks.full_spearman.shape[0]
+        full = bootstrap.interval_over_draws(checks.full_spearman.transpose(0, 1))  # [M]
+        excess = bootstrap.interval_over_draws(excess_over_image(checks))  # [M]
         verdict = randomisation_verdict(excess)
         verdicts: dict[str, float] = {}
         for index in usable:
@@ -1036,6 +1044,7 @@ class AttributionAnalysis(Analysis):
                         f"sanity/spearman_independent/{key}/depth_{depth + 1}",
                         independent[depth, index],
                     )
+            _interval_metrics(ctx.metrics, f"sanity/spearman_all_draws/{key}", full[index])
             _interval_metrics(ctx.metrics, f"sanity/ssim/{key}", similarity[index])
             _interval_metrics(ctx.metrics, f"sanity/control_image/{key}", image_control[index])
             _interval_metrics(ctx.metrics, f"sanity/control_seed/{key}", seed_control[index])
@@ -1050,10 +1059,10 @@ class AttributionAnalysis(Analysis):
         flagged = [label(key, key) for key, v in verdicts.items() if v == FLAGGED]
         ctx.log(
             f"attributions, randomisation (|map| Spearman with the trained model's after "
-            f"randomising all {len(checks.layers)} layers, against the image alone; "
-            "difference [CI]): "
+            f"randomising all {len(checks.layers)} layers, {draws} draws, against the image "
+            "alone; difference [CI]): "
             + ", ".join(
-                f"{label(keys[i], keys[i])} {cascade[-1, i].text()} vs "
+                f"{label(keys[i], keys[i])} {full[i].text()} vs "
                 f"{image_control[i].text()}: {words[verdicts[keys[i]]]}"
                 + (f" ({excess[i].text()})" if verdicts[keys[i]] == INCONCLUSIVE else "")
                 for i in usable
@@ -1073,6 +1082,8 @@ class AttributionAnalysis(Analysis):
             checks.layers,
             cascade[:, usable],
             None if independent is None else independent[:, usable],
+            full[usable],
+            draws,
             image_control[usable],
             seed_control[usable],
             excess[usable],
