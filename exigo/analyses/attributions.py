@@ -31,9 +31,10 @@ epoch), each number a mean over the check images with a 95% bootstrap interval
   order with a paired Wilcoxon signed-rank test;
 - **randomisation**: cascading and independent model randomisation (`exigo.analyses.sanity`,
   Adebayo et al. 2018) against the image control. The verdict, per method, on the
-  difference $d_n = \rho_n(a, \tilde a) - \rho_n(a, |x - x'|)$ between image $n$'s rank
-  correlation with the fully randomised model's map and with the image itself: **flagged**
-  (the maps do not depend on the weights) when the interval of the mean $d$ lies above 0,
+  difference $d_{kn} = \rho_{kn}(a, \tilde a) - \max(\rho_n(a, |x - x'|), 0)$ between image
+  $n$'s rank correlation with the map of the model fully randomised by draw $k$ of the
+  random weights and with the image itself: **flagged** (the maps do not depend on the
+  weights) when the interval of the mean $d$ (draws and images resampled) lies above 0,
   **depends on the weights** when it lies below 0, **inconclusive** otherwise;
 - **drift** and the stability of the faithfulness ranking (`exigo.analyses.drift`).
 """

@@ -46,8 +46,9 @@ Neural Network Explanations", CVPR). Two references, per method and image:
   models with different seeds: the similarity that image and architecture give any two
   weight settings.
 
-The verdict (`exigo.analyses.attributions`) compares the similarity after randomising every
-layer with the image control, image by image.
+The verdict (`randomisation_verdict`) compares the similarity after randomising every layer,
+over several draws of the random weights, with the image control (floored at 0), image by
+image (`excess_over_image`).
 
 A layer is one module that owns parameters and has `reset_parameters()`; re-initialising it is
 exactly what constructing it did. BatchNorm's `reset_parameters()` also resets its running
