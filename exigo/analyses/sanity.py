@@ -556,7 +556,7 @@ def plot_randomisation(
     rows = -(-len(keys) // columns) or 1
     figure = Figure(figsize=(5.2 * columns, 3.9 * rows + 1.0))
     figure.subplots_adjust(
-        left=0.06, right=0.98, bottom=0.1 + 0.1 / rows, top=0.9, wspace=0.22, hspace=0.55
+        left=0.06, right=0.98, bottom=0.12 + 0.1 / rows, top=0.9, wspace=0.22, hspace=0.55
     )
     grid = figure.subplots(rows, columns, squeeze=False)
     depth = list(range(len(layers) + 1))
@@ -661,12 +661,13 @@ def plot_randomisation(
         0.5,
         0.012,
         "x: layers re-initialised, from the top (k = 1 is the output layer); curves: one draw of "
-        "the random weights; black diamond: every layer, mean over all draws. Rule, per method: "
-        "d = Spearman after randomising every layer - max(Spearman of the trained map with the "
-        "image itself, 0),\nimage by image and draw by draw. FLAGGED when the 95% bootstrap "
-        "interval (images and draws resampled) of the mean d lies above 0 (randomised maps "
-        "resemble the trained ones more than the image does: they do not depend on the "
-        "weights); depends on the weights when it lies below 0; inconclusive otherwise.",
+        "the random weights; black diamond: every layer, mean over all draws.\nRule, per "
+        "method: d = Spearman after randomising every layer - max(Spearman of the trained map "
+        "with the image itself, 0), image by image and draw by draw.\nFLAGGED when the 95% "
+        "bootstrap interval (images and draws resampled) of the mean d lies above 0 "
+        "(randomised maps resemble the trained ones more than the image does: they do not "
+        "depend on the weights);\ndepends on the weights when it lies below 0; inconclusive "
+        "otherwise.",
         ha="center",
         fontsize=7.5,
         color="0.25",
