@@ -115,7 +115,12 @@ def plot_drift(
     accuracy_axes = drift_axes.twinx()
     epochs = sorted(accuracy)
     accuracy_axes.plot(
-        epochs, [100 * accuracy[e] for e in epochs], color="0.55", linewidth=2.5, alpha=0.5
+        epochs,
+        [100 * accuracy[e] for e in epochs],
+        color="0.55",
+        linewidth=2.5,
+        marker="o",
+        alpha=0.5,
     )
     accuracy_axes.set_ylabel("held-out accuracy, % (grey line)", color="0.4")
     for index, (key, label) in enumerate(labels.items()):
