@@ -46,3 +46,32 @@ def test_run_prints_the_closing_line_last_unbroken_at_80_columns(tmp_path):
     quiet = io.StringIO()
     result = _run(tmp_path / "quiet", Console(file=quiet, width=80), verbose=False)
     assert result.closing_line not in quiet.getvalue() and "report.html" not in quiet.getvalue()
+
+
+def test_attribution_summaries_never_break_a_method_name_at_80_columns(tmp_path):
+    from exigo.analyses.attributions import (
+        METHOD_LABELS,
+        AttributionAnalysis,
+        AttributionSettings,
+        summary_block,
+    )
+
+    screen = io.StringIO()
+    console = Console(file=screen, width=80, force_terminal=False, color_system=None)
+    torch.manual_seed(0)
+    config = Config(epochs=2, batch_size=16, lr=1e-2, save_dir=tmp_path / "save", probe_size=3)
+    analysis = AttributionAnalysis(AttributionSettings(ig_steps=4, smoothgrad_samples=2))
+    train, held_out = make_blobs(48, seed=0), make_blobs(12, seed=1)
+    run(config, TinyNet(), train, held_out, [analysis], console=console)
+    text = screen.getvalue()
+    assert "attributions, faithfulness" in text and "attributions, drift" in text
+    flat = " ".join(text.split())  # what the lines say without the terminal's breaks
+    for label in METHOD_LABELS.values():
+        shown = flat.count(label)
+        assert shown >= (1 if label == METHOD_LABELS["random"] else 3), label  # 3 blocks
+        assert text.count(label) == shown, f"{label!r} broken across lines"
+    assert max(len(line) for line in text.splitlines() if line.startswith("  ")) <= 80
+    # a verdict naming every method goes one name per line rather than past 80 columns
+    long = summary_block("h", [("a", "1")], "verdict", list(METHOD_LABELS.values()))
+    assert all(len(line) <= 78 for line in long.splitlines())
+    assert summary_block("h", [("a", "1")], "verdict", []).endswith("verdict: none")

@@ -69,6 +69,7 @@ __all__ = [
     "saliency",
     "settled_after",
     "smoothgrad",
+    "summary_block",
 ]
 
 #: `method(model, images [N, C, H, W], targets [N]) -> attributions [N, C or 1, H, W]`.
@@ -602,6 +603,37 @@ def plot_attribution_checks(
     return figure
 
 
+def summary_block(
+    heading: str,
+    rows: Sequence[tuple[str, str]],
+    verdict: str,
+    names: Sequence[str] | None,
+) -> str:
+    """A console block: the heading, one aligned line per method, then the verdict.
+
+    One method per line, so no terminal of 80 columns or more breaks a line inside a method's
+    name (a sentence of six methods with their numbers did: "Input ×" / "Gradient").
+
+    Args:
+        heading: what the numbers are.
+        rows: `(method label, its numbers)` per method.
+        verdict: the verdict's label ("not better than random on both").
+        names: the methods the verdict names (`[]`: "none"); None: `verdict` is the whole line.
+
+    Returns:
+        The block, lines joined with newlines.
+    """
+    width = max((len(label) for label, _ in rows), default=0)
+    lines = [f"{heading}:", *(f"  {label:<{width}}  {numbers}" for label, numbers in rows)]
+    if names is None:
+        lines.append(f"  {verdict}")
+    else:
+        lines.append(f"  {verdict}: {', '.join(names) or 'none'}")
+        if len(lines[-1]) > 78:  # one name per line rather than a break inside one
+            lines[-1:] = [f"  {verdict}:", *(f"    {name}" for name in names)]
+    return "\n".join(lines)
+
+
 class AttributionAnalysis(Analysis):
     """Compare the attribution methods on the probe images and check them, every epoch.
 
@@ -861,12 +893,15 @@ class AttributionAnalysis(Analysis):
             if not (deleted < random_deletion and inserted > random_insertion)
         ]
         ctx.log(
-            "attributions, faithfulness (AUC deletion lower / insertion higher is better): "
-            + ", ".join(
-                f"{METHOD_LABELS[key]} {d:.2f}/{i:.2f}"
-                for key, d, i in zip(curves.names, deletion, insertion, strict=True)
+            summary_block(
+                "attributions, faithfulness (AUC deletion lower / insertion higher is better)",
+                [
+                    (METHOD_LABELS[key], f"{d:.2f} / {i:.2f}")
+                    for key, d, i in zip(curves.names, deletion, insertion, strict=True)
+                ],
+                "not better than random on both",
+                not_beating,
             )
-            + f"; not better than random on both: {', '.join(not_beating) or 'none'}"
         )
 
         if randomisation.depth.numel():
@@ -881,17 +916,16 @@ class AttributionAnalysis(Analysis):
                     flagged.append(METHOD_LABELS[key])
             depth = int(randomisation.depth[-1])
             ctx.log(
-                f"attributions, sanity (|map| Spearman / SSIM after randomising {depth} of "
-                f"{randomisation.total_layers} layers): "
-                + ", ".join(
-                    f"{METHOD_LABELS[key]} {float(rho[i]):.2f}/{float(similarity[i]):.2f}"
-                    for i, key in enumerate(keys)
-                )
-                + (
-                    f"; FLAGGED (Spearman >= {settings.unchanged_threshold}: the maps do not "
-                    f"depend on the weights): {', '.join(flagged)}"
-                    if flagged
-                    else "; none flagged"
+                summary_block(
+                    f"attributions, sanity (|map| Spearman / SSIM after randomising {depth} of "
+                    f"{randomisation.total_layers} layers)",
+                    [
+                        (METHOD_LABELS[key], f"{float(rho[i]):.2f} / {float(similarity[i]):.2f}")
+                        for i, key in enumerate(keys)
+                    ],
+                    f"FLAGGED (Spearman >= {settings.unchanged_threshold}: the maps do not "
+                    "depend on the weights)",
+                    flagged,
                 )
             )
         else:
@@ -907,18 +941,22 @@ class AttributionAnalysis(Analysis):
                 for key, value in zip(keys, drift.tolist(), strict=True)
                 if value < threshold
             ]
-            verdict = (
-                f"explanations settled after epoch {settled} (every method >= {threshold:g} since)"
-                if settled is not None
-                else f"explanations still moving (below {threshold:g}: {', '.join(moving)})"
-            )
-            ctx.log(
-                f"attributions, drift (|map| Spearman with epoch {previous_epoch}): "
-                + ", ".join(
-                    f"{METHOD_LABELS[key]} {value:.2f}"
-                    for key, value in zip(keys, drift.tolist(), strict=True)
+            rows = [
+                (METHOD_LABELS[key], f"{value:.2f}")
+                for key, value in zip(keys, drift.tolist(), strict=True)
+            ]
+            heading = f"attributions, drift (|map| Spearman with epoch {previous_epoch})"
+            if settled is not None:
+                verdict = (
+                    f"explanations settled after epoch {settled} "
+                    f"(every method >= {threshold:g} since)"
                 )
-                + f"; {verdict}"
-            )
+                ctx.log(summary_block(heading, rows, verdict, None))
+            else:
+                ctx.log(
+                    summary_block(
+                        heading, rows, f"explanations still moving, below {threshold:g}", moving
+                    )
+                )
         for part, value in seconds.items():
             ctx.metrics[f"attributions/seconds/{part}"] = value
