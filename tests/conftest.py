@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,12 @@ from exigo.figures.pool import FigurePool
 from browser import browser, chromium  # noqa: F401  (fixtures for the page tests)
 
 REPO = Path(__file__).resolve().parents[1]
+
+# A job started in the background of a non-interactive shell (a CI runner may start the tests
+# so) inherits SIGINT ignored, and exigo leaves an ignored signal ignored: the tests that stop a
+# run with Ctrl-C's signal need its usual handler, here and in the processes they start.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 SHARED_MNIST = REPO.parent / "shared" / "mnist"
 
 
