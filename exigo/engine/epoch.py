@@ -23,6 +23,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
@@ -505,7 +506,7 @@ class Background:
         if running is not None:
             started = time.perf_counter()
             try:
-                running.result()
+                _result_seeing_signals(running)
             finally:
                 self.session.timed("waiting for analyses", started)
 
@@ -523,13 +524,38 @@ class Background:
                 self.wait()
             else:  # the loop's own error wins; the background still ends before we leave
                 running, self._running = self._running, None
-                background = None if running is None else running.exception()
+                background = None if running is None else _exception_seeing_signals(running)
                 if isinstance(error, RunInterrupted) and isinstance(background, RunInterrupted):
                     error.cut_short = error.cut_short or background.cut_short
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
+
+
+#: How often a thread waiting for the background wakes up: a signal that the OS delivered to
+#: another thread runs its Python handler only when the main thread runs Python code, and the
+#: background (an analysis) waits for that handler's flag.
+_WAKE_SECONDS = 0.1
+
+
+def _result_seeing_signals(running: Future[None]) -> None:
+    """`running.result()`, waking up every `_WAKE_SECONDS` so signal handlers run meanwhile."""
+    while True:
+        try:
+            running.result(timeout=_WAKE_SECONDS)
+            return
+        except FutureTimeout:
+            continue
+
+
+def _exception_seeing_signals(running: Future[None]) -> BaseException | None:
+    """`running.exception()`, waking up every `_WAKE_SECONDS` so signal handlers run meanwhile."""
+    while True:
+        try:
+            return running.exception(timeout=_WAKE_SECONDS)
+        except FutureTimeout:
+            continue
 
 
 def _write_report(session: Session, epoch: int) -> None:
