@@ -236,7 +236,11 @@ def _epochs(session: Session) -> RunResult:
                 trained, evaluation = fit(session, epoch)
                 if epoch == first_epoch and background.overlap:  # nothing ran beside it
                     background.overlap = _training_draws_no_random_numbers(session, randomness)
-                background.wait()  # epoch - 1 analysed and committed: one copy alive at a time
+                try:  # epoch - 1 analysed and committed: one copy alive at a time
+                    background.wait()
+                except RunInterrupted as interrupt:  # the others wait in `stop_together`
+                    world.tell_stop(interrupt.signal_number)
+                    raise
                 if world.is_main:  # rank 0 analyses and writes; beside the next epoch if overlapped
                     ended = EpochEnd.capture(
                         session, epoch, trained, evaluation, started, copy_state=background.overlap

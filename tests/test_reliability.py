@@ -511,4 +511,5 @@ def test_memory_stays_flat_over_epochs(tmp_path):
     # with the page, whose size is bounded (15 MB), and with nothing else
     kept = max(resident.report[6:]) - resident.report[5]
     growth = max(resident.bytes[6:]) - settled - kept
-    assert growth < 4 * 2**20, [round(b / 2**20, 1) for b in resident.bytes]
+    # a leaked 6 x 6 inch figure would add 1.4 MB an epoch, 11 MB over these 8 epochs
+    assert growth < 8 * 2**20, [round(b / 2**20, 1) for b in resident.bytes]
