@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.text import Text
 from PIL import Image
 
+from exigo.analyses.attributions import plot_attributions
 from exigo.analyses.class_models import ClassModels, choose_classes, plot_class_models
 from exigo.analyses.confusion import confusion_matrix, plot_confusion
 from exigo.analyses.errors import Confusion, ErrorSaliency, plot_errors
@@ -160,15 +161,60 @@ def test_saliency_figure_fits(classes, shape):
         assert f"first {PROBE_SIZE} of {classes} classes" in footnote
 
 
-def test_saliency_source_row_of_a_red_image_is_red():
+def test_saliency_source_and_overlay_rows_of_a_red_image_are_red():
     labels = torch.tensor([0, 1])
     maps = synthetic_saliency(labels, (3, 32, 32))
+    # overlay 0 on the square's left half: the image shows through there, undimmed
+    overlay = maps.overlay.clone()
+    overlay[..., :16] = 0.0
+    maps = SaliencyMaps(**{**maps.__dict__, "overlay": overlay})
     pixels = render(plot_saliency(maps, labels, labels, ["a", "b"]), "saliency_red")
     red = (pixels[..., 0] > 200) & (pixels[..., 1] < 60) & (pixels[..., 2] < 60)
     # the two red squares (16 x 16 data pixels each, drawn at ~3 screen pixels per pixel)
     assert red.sum() > 2 * 16 * 16 * 4
     rows = np.nonzero(red.any(axis=1))[0]
-    assert rows.max() - rows.min() < pixels.shape[0] / 5  # in one row, the source row only
+    gaps = np.nonzero(np.diff(rows) > 1)[0]
+    assert len(gaps) == 1  # two bands of rows: the source row and the overlay row
+    source, shown = rows[: gaps[0] + 1], rows[gaps[0] + 1 :]
+    assert source.max() < pixels.shape[0] / 3 < shown.min()  # first row, and the last one
+    assert red[shown].sum() > 2 * 8 * 16 * 4  # the left halves of both squares
+
+
+def test_a_grey_image_has_no_backdrop_under_its_overlay():
+    labels = torch.tensor([0, 1])
+    maps = synthetic_saliency(labels, (1, 28, 28))
+    figure = plot_saliency(maps, labels, labels, ["a", "b"])
+    render(figure, "saliency_grey_overlay")
+    assert "drawn over the image" not in "\n".join(t.get_text() for t in figure.texts)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_attribution_outline_only_where_it_is_the_objects_edge(shape):
+    count = 4
+    pixels = red_images(count, shape)
+    maps = torch.randn(2, count, *shape[1:], generator=torch.Generator().manual_seed(3))
+    figure = plot_attributions(
+        pixels,
+        maps,
+        torch.tensor([1.0, 2.0]),
+        ["saliency", "occlusion"],
+        [0, 1, 0, 1],
+        [0.5] * count,
+        ["a", "b"],
+        "Attributions towards the true class, after epoch 1",
+    )
+    rendered = render(figure, f"attributions_{shape[0]}ch")
+    assert_fits(figure)
+    footnote = "\n".join(t.get_text() for t in figure.texts)
+    contours = sum(len(axes.collections) for axes in figure.axes)
+    grey = shape[0] == 1  # bright squares on black: an outline is the object's edge
+    assert (contours > 0) == grey
+    assert ("outline" in footnote) == grey
+    assert "ink" not in footnote and "digit" not in footnote
+    assert ("3 channels' attributions summed" in footnote) == (not grey)
+    if not grey:  # the image row in colour
+        red = (rendered[..., 0] > 200) & (rendered[..., 1] < 60) & (rendered[..., 2] < 60)
+        assert red.sum() > count * 16 * 16 * 4
 
 
 def test_grey_image_on_a_light_background_gets_no_outline():

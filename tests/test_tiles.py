@@ -97,3 +97,26 @@ def test_figure_labels_rows_columns_and_bars_and_renders():
     with Image.open(io.BytesIO(render_png(figure, 80))) as png:
         width, height = png.size
     assert width == round(figure.get_figwidth() * 80) and height > width / 2
+
+
+def test_a_backdrop_shows_where_the_map_is_zero_and_is_covered_at_the_limit():
+    from matplotlib import colormaps
+
+    values = np.array([[[0.0, 1.0, -0.5, 4.0]]])  # one 1 x 4 tile
+    backdrop = np.zeros((1, 1, 4, 3))
+    backdrop[..., 0] = 1.0  # red
+    row = TileRow("m", values, "RdBu_r", (-2.0, 2.0), backdrop=backdrop)
+    rgb = block_canvas(TileBlock([row])).rgb[0].astype(float) / 255
+    cmap = colormaps["RdBu_r"]
+
+    def expected(value: float, opacity: float) -> np.ndarray:
+        return (1 - opacity) * np.array([1.0, 0.0, 0.0]) + opacity * np.array(
+            cmap(np.clip((value + 2) / 4, 0, 1))[:3]
+        )
+
+    for column, (value, opacity) in enumerate([(0.0, 0.0), (1.0, 0.5), (-0.5, 0.25), (4.0, 1.0)]):
+        np.testing.assert_allclose(rgb[column], expected(value, opacity), atol=1 / 255)
+    grey = TileRow("m", values, "RdBu_r", (-2.0, 2.0), backdrop=np.full((1, 1, 4), 0.5))
+    np.testing.assert_allclose(
+        block_canvas(TileBlock([grey])).rgb[0, 0] / 255, [0.5, 0.5, 0.5], atol=1 / 255
+    )

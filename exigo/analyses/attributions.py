@@ -46,7 +46,7 @@ from exigo.analyses.faithfulness import FaithfulnessCurves, deletion_insertion
 from exigo.analyses.sanity import RandomisationResult, cascading_randomisation, spearman
 from exigo.analysis import Analysis, CostShape, EpochContext, FigureInfo
 from exigo.data import blank_image
-from exigo.figures.tiles import TileBlock, TileRow, tile_figure
+from exigo.figures.tiles import TileBlock, TileRow, display_tiles, object_outline, tile_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -480,7 +480,9 @@ def plot_attributions(
     """One row per method, one column per probe image, one colour bar per row.
 
     Drawn as one picture (`exigo.figures.tiles`): separate axes for 70 maps and 6 colour bars would
-    take most of the analysis' time to render. A grey line over each map marks the ink.
+    take most of the analysis' time to render. A grey line over each map marks the object's
+    outline where that is one (`exigo.figures.tiles.object_outline`: one channel, dark
+    background); otherwise there is none, and the footnote does not mention one.
 
     Args:
         pixels: float tensor [N, C, H, W] in [0, 1], the images as seen.
@@ -495,9 +497,9 @@ def plot_attributions(
     Returns:
         A matplotlib Figure.
     """
-    display = pixels.detach().float().cpu().permute(0, 2, 3, 1).clamp(0, 1).numpy()
-    ink = display.mean(axis=-1)  # (N, H, W)
-    tiles = display[..., 0] if display.shape[-1] == 1 else display
+    seen = pixels.detach().float().cpu().clamp(0, 1).numpy()  # (N, C, H, W)
+    outline = object_outline(seen)  # None for colour or light-background images
+    tiles = display_tiles(seen)
     values = maps.detach().float().cpu().numpy()
     rows = [TileRow("image", tiles)]
     for name, method_maps, scale in zip(names, values, scales.tolist(), strict=True):
@@ -509,7 +511,7 @@ def plot_attributions(
                 "RdBu_r",
                 (-limit, limit),
                 bar=True,
-                outline=ink,
+                outline=outline,
             )
         )
     block = TileBlock(
@@ -523,7 +525,14 @@ def plot_attributions(
         [block],
         title,
         "p: the model's probability of the true class.  Red raises the true class's logit, "
-        "blue lowers it.  Grey line: outline of the ink.\nEach row's colour scale is "
+        "blue lowers it."
+        + ("  Grey line: the object's outline (intensity 0.5)." if outline is not None else "")
+        + (
+            f"  Maps: the {seen.shape[1]} channels' attributions summed at every pixel."
+            if seen.shape[1] > 1
+            else ""
+        )
+        + "\nEach row's colour scale is "
         "± the largest |attribution| of that method in any epoch so far, so later epochs "
         "compare with earlier ones.",
     )

@@ -318,6 +318,8 @@ def plot_saliency(
             (-overlay_limit, overlay_limit),
             bar=True,
             clipped=(True, True),
+            # colour images stay in colour beneath the map (grey ones as before: white ground)
+            backdrop=display_tiles(pixels) if channels > 1 else None,
         ),
     ]
     block = TileBlock(
@@ -339,7 +341,8 @@ def plot_saliency(
     if channels > 1:
         notes.append(
             f"Maps: at every pixel, the largest |value| over the {channels} channels (signed "
-            "for delta and overlay); overlay = delta × intensity per channel, then combined."
+            "for delta and overlay); overlay = delta × intensity per channel, then combined, "
+            "drawn over the image: opaque where |overlay| reaches the scale's end."
         )
     notes.append(
         "Colour scales are shared along each row and clipped at the "

@@ -63,6 +63,10 @@ class TileRow:
             then read "≤ low" and "≥ high".
         outline: float array [N, H, W] in [0, 1], or None: the ink of the image each tile
             explains; a grey line is drawn where it crosses 0.5.
+        backdrop: float array [N, H, W] (grey) or [N, H, W, 3] (RGB) in [0, 1], or None: the
+            image each value tile explains, drawn beneath it. The map's colour covers it with
+            opacity `a = min(1, |v| / max(|low|, |high|))`: pixel = `(1 - a) * backdrop +
+            a * cmap(v)`, so the image shows where the map is near 0 (values only).
     """
 
     label: str
@@ -72,6 +76,7 @@ class TileRow:
     bar: bool = False
     clipped: tuple[bool, bool] = (False, False)
     outline: np.ndarray | None = None
+    backdrop: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,19 @@ def _colour(values: np.ndarray, cmap: str, limits: tuple[float, float]) -> np.nd
     return colormaps[cmap](np.clip(position, 0.0, 1.0))[..., :3]
 
 
+def _over_backdrop(
+    coloured: np.ndarray, values: np.ndarray, backdrop: np.ndarray, limits: tuple[float, float]
+) -> np.ndarray:
+    """Map colours [N, H, W, 3] laid over `backdrop` with opacity |value| / the larger |limit|."""
+    under = np.clip(backdrop.astype(float), 0.0, 1.0)
+    if under.ndim == 3:  # grey: the same value in R, G and B
+        under = np.repeat(under[..., None], 3, axis=-1)
+    reach = max(abs(limits[0]), abs(limits[1]))
+    opacity = np.clip(np.abs(values) / reach, 0.0, 1.0) if reach > 0 else np.zeros_like(values)
+    opacity = opacity[..., None]
+    return (1.0 - opacity) * under[..., :3] + opacity * coloured
+
+
 def block_canvas(block: TileBlock, columns: int | None = None) -> BlockCanvas:
     """Colour a block's tiles and bars into one RGB canvas.
 
@@ -173,6 +191,8 @@ def block_canvas(block: TileBlock, columns: int | None = None) -> BlockCanvas:
             if tiles.ndim == 4
             else _colour(tiles, row.cmap, row.limits)
         )  # (N, H, W, 3)
+        if row.backdrop is not None and tiles.ndim == 3:
+            coloured = _over_backdrop(coloured, tiles, row.backdrop, row.limits)
         for column in range(count):
             where = (
                 slice(top, top + height),
