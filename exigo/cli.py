@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import errno
 import gc
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
     import torch
     from rich.console import Console
     from torch import nn
+
+    from exigo.figures.pool import FigurePool
 
 __all__ = ["build_parser", "config_from_args", "default_model", "main", "run_and_exit"]
 
@@ -338,7 +341,39 @@ _ENVIRONMENT_ERRNOS = {
 }
 
 
+#: What the figure worker `_run` starts imports before its first figure: torch (the figures'
+#: data arrive as tensors) and the default analyses' `worker_imports` (tested to match).
+WORKER_IMPORTS = ("torch", "openTSNE")
+
+
 def _run(config: Config, console: Console, err: Console) -> int:
+    pool = _early_figure_pool(console)
+    try:
+        return _run_with(config, console, err, pool)
+    finally:
+        if pool is not None:  # `run` closed it, unless it never started
+            pool.close()
+
+
+def _early_figure_pool(console: Console) -> FigurePool | None:
+    """The figure worker, started before this process imports torch, or None.
+
+    Its imports (torch, matplotlib, openTSNE: about 3 s of CPU) then run on the second CPU
+    while this process imports torch and loads the data, instead of while the first epoch
+    trains, and its first figure does not wait for them. Only on a machine with two CPUs or
+    more, and not on the other processes of a torchrun job (rank 0 draws every figure).
+    """
+    from exigo._system import available_cpus
+    from exigo.figures.pool import FigurePool
+
+    if os.environ.get("RANK", "0") != "0" or available_cpus() < 2:
+        return None
+    pool = FigurePool(workers=1, preload=WORKER_IMPORTS, log=console.print)
+    pool.start()
+    return pool
+
+
+def _run_with(config: Config, console: Console, err: Console, pool: FigurePool | None) -> int:
     import torch
 
     from exigo.analyses import default_analyses
@@ -406,7 +441,15 @@ def _run(config: Config, console: Console, err: Console) -> int:
         console = Console(quiet=True)  # rank 0 reports progress and results
 
     try:
-        result = run(config, model, train_data, val_data, default_analyses(config), console=console)
+        result = run(
+            config,
+            model,
+            train_data,
+            val_data,
+            default_analyses(config),
+            console=console,
+            figure_pool=pool,
+        )
     except (SaveDirError, ResumeError, CheckpointError, PreflightError, ModelError) as error:
         return fail(error, 2)
     except RunInterrupted as interrupt:

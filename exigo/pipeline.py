@@ -110,6 +110,7 @@ def run(
     embedding_layer: str | None = None,
     console: Console | None = None,
     verbose: bool = True,
+    figure_pool: FigurePool | None = None,
 ) -> RunResult:
     """Train `model` for `config.epochs` epochs and analyse it after each one.
 
@@ -139,6 +140,12 @@ def run(
         verbose: print the closing line when the run ends (`RunResult.closing_line`: the
             report, the best model, the TensorBoard command); `console=Console(quiet=True)`
             silences everything.
+        figure_pool: where the figures are drawn: a `FigurePool` the caller started early
+            (`runner.py` starts its worker before it imports torch, so the worker's imports
+            overlap its own); `run` closes it when it ends, as its own. It should preload the
+            analyses' `worker_imports`, or its first figure imports them. Default: one
+            worker on rank 0 when two CPUs or more are available (none otherwise). Ignored
+            (closed at once) on the other torchrun processes, which draw nothing.
 
     Returns:
         The `RunResult`.
@@ -181,7 +188,12 @@ def run(
             if world.is_main:
                 stack.callback(lock_save_dir(save_dir).release)
         # the worker's imports overlap ours (torch._dynamo with the optimiser)
-        figures = stack.enter_context(_figure_pool(analyses, world, console))
+        if figure_pool is not None and world.is_main:
+            figures = stack.enter_context(figure_pool)  # closed when the run ends
+        else:
+            if figure_pool is not None:
+                figure_pool.close()
+            figures = stack.enter_context(_figure_pool(analyses, world, console))
         stop = stack.enter_context(StopSignals())
         stack.enter_context(torch_threads(config.threads))  # as runner.py; restored after
         with world.all_or_none("starting the run"):

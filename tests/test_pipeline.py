@@ -2,7 +2,7 @@ import json
 
 import torch
 
-from exigo.analysis import Analysis, EpochContext, select_probe
+from exigo.analysis import Analysis, EpochContext, FigureInfo, select_probe
 from exigo.config import Config
 from exigo.engine.checkpoint import load_checkpoint
 from exigo.pipeline import run
@@ -116,3 +116,57 @@ def test_the_default_model_is_channels_last_on_the_cpu_only(tmp_path):
     plain.load_state_dict(model.state_dict())  # checkpoints load across formats
     model.eval(), plain.eval()
     assert torch.allclose(model(images), plain(images), atol=1e-5)
+
+
+class Curve(Analysis):
+    """One figure per epoch, drawn in whatever pool the run uses."""
+
+    name = "curve"
+    figures = (FigureInfo("curve", "A line", "A line per epoch."),)
+
+    def __call__(self, ctx: EpochContext) -> None:
+        ctx.draw_figure("curve", _draw_line, ctx.epoch)
+
+
+def _draw_line(epoch: int):
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(2, 2))
+    figure.add_subplot().plot([0, 1], [0, epoch])
+    return figure
+
+
+def test_a_pool_the_caller_started_draws_the_figures_and_is_closed(blobs, tmp_path):
+    from exigo.figures.pool import FigurePool
+
+    class Counting(FigurePool):
+        submitted, closed = 0, 0
+
+        def submit(self, *args, **kwargs):
+            Counting.submitted += 1
+            return super().submit(*args, **kwargs)
+
+        def close(self):
+            Counting.closed += 1
+            super().close()
+
+    train, held_out = blobs
+    pool = Counting(workers=1)
+    pool.start()  # as runner.py does, before the data
+    config = Config(epochs=2, batch_size=16, lr=1e-2, save_dir=tmp_path / "save", probe_size=4)
+    torch.manual_seed(0)
+    result = run(config, TinyNet(), train, held_out, [Curve()], figure_pool=pool)
+    assert Counting.submitted == 2 and Counting.closed >= 1
+    assert sorted(p.name for p in (tmp_path / "save" / "plots").glob("curve_*.png")) == [
+        "curve_1.png",
+        "curve_2.png",
+    ]
+    assert not result.failed_analyses
+
+
+def test_the_cli_worker_preloads_what_the_default_analyses_ask_for():
+    from exigo.analyses import default_analyses
+    from exigo.cli import WORKER_IMPORTS
+
+    wanted = {m for analysis in default_analyses(Config()) for m in analysis.worker_imports}
+    assert wanted <= set(WORKER_IMPORTS)
