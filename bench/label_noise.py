@@ -59,8 +59,8 @@ from exigo.analyses.examples import ExampleAnalysis  # noqa: E402
 from exigo.cli import default_model  # noqa: E402
 from exigo.config import Config  # noqa: E402
 from exigo.data import TensorImageDataset, load_mnist  # noqa: E402
+from exigo.engine.devices import resolve_device  # noqa: E402
 from exigo.engine.training import TrainingDynamics, evaluate, train_epoch  # noqa: E402
-from exigo.engine.world import resolve_device  # noqa: E402
 from exigo.pipeline import run  # noqa: E402
 
 FOLDS = 5

@@ -113,7 +113,7 @@ def in_process(data_dir: Path, save_dir: Path, runner_args: list[str], verbose: 
     import exigo.cli
     import exigo.data
     import exigo.pipeline
-    from exigo.engine.world import resolve_device
+    from exigo.engine.devices import resolve_device
 
     imported_exigo = time.perf_counter()
 

@@ -84,7 +84,7 @@ def main(argv: Sequence[str]) -> int:
 
     from exigo.cli import default_model
     from exigo.data import load_mnist
-    from exigo.engine.world import resolve_device
+    from exigo.engine.devices import resolve_device
     from exigo.pipeline import run
 
     config = parse_runner_options(argv)

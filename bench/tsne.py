@@ -36,6 +36,7 @@ def embeddings_after_epochs(data_dir: Path, cache: Path) -> dict[str, torch.Tens
         return torch.load(cache, weights_only=True)
     from rich.console import Console
 
+    from exigo.analysis import Analysis
     from exigo.config import Config
     from exigo.data import load_mnist
     from exigo.models import MnistCNN
@@ -43,7 +44,7 @@ def embeddings_after_epochs(data_dir: Path, cache: Path) -> dict[str, torch.Tens
 
     kept: dict[str, torch.Tensor] = {}
 
-    class Keep:
+    class Keep(Analysis):
         name = "keep"
 
         def __call__(self, ctx):

@@ -379,11 +379,12 @@ def _run_with(config: Config, console: Console, err: Console, pool: FigurePool |
     from exigo.analyses import default_analyses
     from exigo.data import DataError, load_dataset
     from exigo.engine.checkpoint import CheckpointError
+    from exigo.engine.devices import resolve_device, set_threads
     from exigo.engine.preflight import PreflightError
     from exigo.engine.resume import ResumeError
     from exigo.engine.run_dir import SaveDirError, check_replaceable, check_save_dir
     from exigo.engine.signals import RunInterrupted
-    from exigo.engine.world import DistributedError, World, join, resolve_device, set_threads
+    from exigo.engine.world import DistributedError, World, join
     from exigo.models import ModelError, check_model_name, torchvision_model
     from exigo.pipeline import RunDiverged, run
 

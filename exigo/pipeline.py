@@ -57,6 +57,7 @@ from exigo.config import Config
 from exigo.data import Normalization, class_names_of, gather
 from exigo.engine.budget import plan_budget
 from exigo.engine.checkpoint import capture_rng
+from exigo.engine.devices import torch_threads
 from exigo.engine.epoch import Background, EpochEnd, analyse, context, fit, same_random_state
 from exigo.engine.events import EventLog
 from exigo.engine.resume import ResumeError
@@ -64,7 +65,7 @@ from exigo.engine.run_dir import SaveDirError, lock_save_dir, prepare_save_dir
 from exigo.engine.session import RunResult, Session
 from exigo.engine.signals import RunInterrupted, StopSignals
 from exigo.engine.training import DivergenceError
-from exigo.engine.world import World, open_world, torch_threads
+from exigo.engine.world import World, open_world
 from exigo.figures.pool import FigurePool
 from exigo.models import OutputFn, check_model
 

@@ -93,7 +93,7 @@ UNUSABLE_DEVICES = ["xpu", "hpu", "xla", "vulkan", "ipu", "mtia", "privateuseone
 
 @pytest.mark.parametrize("device", UNUSABLE_DEVICES)
 def test_devices_this_torch_cannot_use_exit_2_listing_the_usable_ones(device, tmp_path, capsys):
-    from exigo.engine.world import usable_devices
+    from exigo.engine.devices import usable_devices
 
     if device in usable_devices():
         pytest.skip(f"{device} is usable on this machine")
@@ -317,9 +317,9 @@ def test_an_option_that_cannot_work_is_exit_2_and_keeps_the_previous_run(option,
 
 
 def test_the_trial_step_catches_what_passes_every_check_before_it(tmp_path, monkeypatch):
-    import exigo.engine.world
+    import exigo.engine.devices
 
-    monkeypatch.setattr(exigo.engine.world, "usable_devices", lambda: ["cpu", "meta"])
+    monkeypatch.setattr(exigo.engine.devices, "usable_devices", lambda: ["cpu", "meta"])
     torch.manual_seed(0)
     run(tiny_config(tmp_path, epochs=1), TinyNet(), *blobs_pair(), console=quiet())
     before = listing(tmp_path)

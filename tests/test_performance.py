@@ -3,7 +3,7 @@ import torch
 
 import exigo._system
 from exigo import cli
-from exigo.engine.world import set_threads
+from exigo.engine.devices import set_threads
 
 
 @pytest.fixture

@@ -31,6 +31,7 @@ from exigo.engine.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from exigo.engine.devices import set_threads
 from exigo.engine.preflight import trial_step
 from exigo.engine.resume import ResumeError, RunState, check_resumable, resumed_threads
 from exigo.engine.run_dir import (
@@ -42,7 +43,6 @@ from exigo.engine.run_dir import (
     recover_previous_run,
     run_info,
 )
-from exigo.engine.world import set_threads
 from exigo.models import unwrapped
 
 if TYPE_CHECKING:
