@@ -42,6 +42,7 @@ write nothing. The processes agree on a stop (signal) or a divergence, so they s
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -215,6 +216,7 @@ def run(
         if session.previous_run is not None:  # put back unless an epoch is committed
             stack.enter_context(session.previous_run)
         session.join()
+        stack.enter_context(_heap_frozen())
         _plan_budget(session)
         session.timed("setup", started)
         if session.state.epoch >= config.epochs:
@@ -274,6 +276,24 @@ def _epochs(session: Session) -> RunResult:
         message = session.where_things_are(f"{error}; --lr is {config.lr:g}")
         raise RunDiverged(message, session.result()) from None
     return session.result()
+
+
+@contextmanager
+def _heap_frozen() -> Iterator[None]:
+    """The objects alive as the epochs start stay out of the garbage collector's way till the end.
+
+    After every epoch's analyses `analyse` runs `gc.collect()` (matplotlib figures are
+    reference cycles), and Python runs full collections of its own as objects pile up. Each
+    walks every live object: 0.28 s for the ~400,000 that torch, torchvision, matplotlib and
+    the data leave (measured here), holding the interpreter lock against training. `gc.freeze()`
+    moves them out of those walks (the collection then takes milliseconds); `gc.unfreeze()`
+    gives them back when the run ends, so nothing stays frozen after `run()`.
+    """
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _plan_budget(session: Session) -> None:

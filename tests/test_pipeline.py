@@ -170,3 +170,23 @@ def test_the_cli_worker_preloads_what_the_default_analyses_ask_for():
 
     wanted = {m for analysis in default_analyses(Config()) for m in analysis.worker_imports}
     assert wanted <= set(WORKER_IMPORTS)
+
+
+def test_the_heap_is_frozen_during_the_epochs_and_given_back_after(blobs, tmp_path):
+    import gc
+
+    seen = []
+
+    class FreezeCount(Analysis):
+        name = "freeze_count"
+        before_training = True
+
+        def __call__(self, ctx: EpochContext) -> None:
+            seen.append(gc.get_freeze_count())
+
+    train, held_out = blobs
+    before = gc.get_freeze_count()
+    config = Config(epochs=2, batch_size=16, lr=1e-2, save_dir=tmp_path / "save", probe_size=4)
+    run(config, TinyNet(), train, held_out, [FreezeCount()])
+    assert len(seen) == 3 and all(count > before for count in seen)  # epochs 0, 1, 2
+    assert gc.get_freeze_count() == before
