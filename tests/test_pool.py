@@ -556,3 +556,52 @@ def test_a_worker_that_cannot_start_is_reported_in_one_line(tmp_path, monkeypatc
     (line,) = lines
     assert line.startswith("figures f1, f2: drawn in the run's process (the worker did not start")
     assert "TerminatedWorkerError" in line
+
+
+_ORPHAN_SCRIPT = """
+import os, sys, time
+from pathlib import Path
+from matplotlib.figure import Figure
+from exigo.figures.pool import Drawn, FigurePool
+
+def pid_figure():
+    return Drawn(Figure(figsize=(1, 1)), os.getpid())
+
+drawn_by = []
+pool = FigurePool(workers=1)
+pool.start()
+while not drawn_by or drawn_by[-1] == os.getpid():  # until the worker (not this process) drew
+    time.sleep(0.2)
+    pool.submit(pid_figure, (), {}, path=Path(sys.argv[1]), dpi=20, name="pid", step=0,
+                on_value=drawn_by.append)
+    pool.collect()
+print(drawn_by[-1], flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_worker_ends_when_its_run_is_killed(tmp_path):
+    import subprocess
+
+    script = tmp_path / "run.py"
+    script.write_text(_ORPHAN_SCRIPT)
+    run = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "pid.png")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        worker = int(run.stdout.readline())
+        assert worker != run.pid
+        os.kill(worker, 0)  # alive while the run is
+    finally:
+        run.kill()  # SIGKILL: the run cannot stop its worker itself
+        run.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return  # gone (reaped by init)
+        time.sleep(0.1)
+    pytest.fail(f"the worker {worker} outlived its killed run by 20 s")

@@ -39,6 +39,7 @@ import contextlib
 import functools
 import importlib
 import io
+import os
 import re
 import signal
 import sys
@@ -162,14 +163,36 @@ def _on_cpu(tree: Any) -> Any:
     return tree
 
 
+#: How often a worker checks that the process that started it is still alive.
+PARENT_CHECK_SECONDS = 0.5
+
+
 def _start_worker(preload: Sequence[str]) -> None:
-    """A worker's initializer: ignore Ctrl-C and import what the jobs will need."""
+    """A worker's initializer: ignore Ctrl-C, outlive no run, import what the jobs will need."""
     # Ctrl-C reaches the whole process group; the run decides when to stop its figures
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_with_parent(os.getppid())
     for module in ("matplotlib.figure", "matplotlib.backends.backend_agg", *preload):
         # a module that fails to import here fails again, visibly, in the job that needs it
         with contextlib.suppress(Exception):
             importlib.import_module(module)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this worker when `parent` (the run) is gone, on a daemon thread.
+
+    A run killed with SIGKILL (or by the out-of-memory killer) cannot stop its workers, and a
+    loky worker waiting for its next job would otherwise live on (600 MB with torch loaded):
+    once its parent has died the worker is someone else's child (`os.getppid()` changes) and
+    exits within `PARENT_CHECK_SECONDS`.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_SECONDS)
+        os._exit(0)  # no job of a dead run is worth finishing; nothing here to flush
+
+    threading.Thread(target=watch, name="exigo-parent-watch", daemon=True).start()
 
 
 def _draw_and_render(
