@@ -272,11 +272,15 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config(**{key: value for key, value in vars(args).items() if key in fields})
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, early_worker: bool = False) -> int:
     """Run the pipeline from the command line and return the process exit code.
 
     Args:
         argv: the options, as on the command line; None reads `sys.argv[1:]`.
+        early_worker: start the figure worker before torch is imported (`run_and_exit`, so
+            `runner.py`, does): its imports then overlap this process' start. Otherwise
+            `exigo.pipeline.run` starts it, and a call that stops at a bad option or missing
+            data starts none.
 
     Returns:
         0 when the run finished, 1 when an analysis or a write failed, 2 when nothing was
@@ -296,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
-        return _run(config, Console(), err)
+        return _run(config, Console(), err, early_worker=early_worker)
     except KeyboardInterrupt:  # while loading data: run() handles the signals once it starts
         err.print("[bold yellow]stopped:[/bold yellow] interrupted before training began")
         return 130
@@ -317,7 +321,7 @@ def run_and_exit(argv: Sequence[str] | None = None) -> NoReturn:
     Args:
         argv: the options, as on the command line; None reads `sys.argv[1:]`.
     """
-    code = main(argv)
+    code = main(argv, early_worker=True)
     gc.freeze()
     sys.exit(code)
 
@@ -346,8 +350,8 @@ _ENVIRONMENT_ERRNOS = {
 WORKER_IMPORTS = ("torch", "openTSNE")
 
 
-def _run(config: Config, console: Console, err: Console) -> int:
-    pool = _early_figure_pool(console)
+def _run(config: Config, console: Console, err: Console, *, early_worker: bool) -> int:
+    pool = _early_figure_pool(config, console) if early_worker else None
     try:
         return _run_with(config, console, err, pool)
     finally:
@@ -355,7 +359,7 @@ def _run(config: Config, console: Console, err: Console) -> int:
             pool.close()
 
 
-def _early_figure_pool(console: Console) -> FigurePool | None:
+def _early_figure_pool(config: Config, console: Console) -> FigurePool | None:
     """The figure worker, started before this process imports torch, or None.
 
     Its imports (torch, matplotlib, openTSNE: about 3 s of CPU) then run on the second CPU
@@ -368,7 +372,9 @@ def _early_figure_pool(console: Console) -> FigurePool | None:
 
     if os.environ.get("RANK", "0") != "0" or available_cpus() < 2:
         return None
-    pool = FigurePool(workers=1, preload=WORKER_IMPORTS, log=console.print)
+    # no projection, no t-SNE: openTSNE (and scikit-learn, 1 s) need not be imported
+    preload = [m for m in WORKER_IMPORTS if m != "openTSNE" or config.projection_limit]
+    pool = FigurePool(workers=1, preload=preload, log=console.print)
     pool.start()
     return pool
 

@@ -172,8 +172,10 @@ def run(
     from rich.console import Console
 
     started = time.perf_counter()
-    _check_analyses(analyses)
     with ExitStack() as stack:
+        if figure_pool is not None:  # closed however the run ends (close() is idempotent)
+            stack.callback(figure_pool.close)
+        _check_analyses(analyses)
         world = stack.enter_context(open_world(config.device, config.dist_timeout))
         console = (console or Console()) if world.is_main else Console(quiet=True)
         with world.all_or_none("preparing --save-dir"):  # rank 0's failure stops all
@@ -191,7 +193,7 @@ def run(
                 stack.callback(lock_save_dir(save_dir).release)
         # the worker's imports overlap ours (torch._dynamo with the optimiser)
         if figure_pool is not None and world.is_main:
-            figures = stack.enter_context(figure_pool)  # closed when the run ends
+            figures = figure_pool
         else:
             if figure_pool is not None:
                 figure_pool.close()
@@ -287,8 +289,12 @@ def _heap_frozen() -> Iterator[None]:
     walks every live object: 0.28 s for the ~400,000 that torch, torchvision, matplotlib and
     the data leave (measured here), holding the interpreter lock against training. `gc.freeze()`
     moves them out of those walks (the collection then takes milliseconds); `gc.unfreeze()`
-    gives them back when the run ends, so nothing stays frozen after `run()`.
+    gives them back when the run ends, so nothing stays frozen after `run()`. A process that
+    froze its heap itself is left as it is (`gc.unfreeze` does not nest).
     """
+    if gc.get_freeze_count():  # the caller froze its heap (say before forking): theirs to undo
+        yield
+        return
     gc.freeze()
     try:
         yield

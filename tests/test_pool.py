@@ -591,17 +591,34 @@ def test_a_worker_ends_when_its_run_is_killed(tmp_path):
         text=True,
     )
     try:
+        import select
+
+        ready, _, _ = select.select([run.stdout], [], [], 120)
+        assert ready, "the worker drew no figure in 2 minutes"
         worker = int(run.stdout.readline())
         assert worker != run.pid
-        os.kill(worker, 0)  # alive while the run is
+        assert alive(worker)  # while the run is
     finally:
         run.kill()  # SIGKILL: the run cannot stop its worker itself
         run.wait()
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        try:
-            os.kill(worker, 0)
-        except ProcessLookupError:
-            return  # gone (reaped by init)
+        if not alive(worker):
+            return
         time.sleep(0.1)
     pytest.fail(f"the worker {worker} outlived its killed run by 20 s")
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs: a zombie (ended, not yet reaped by whoever adopted it) does not."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (macOS): ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    return state != "Z"

@@ -74,10 +74,15 @@ class SignalAfterEpoch(Analysis):
             for _ in range(self.times):
                 os.kill(os.getpid(), self.signal_number)
             # Python runs the handler in the main thread, at its next bytecode: beside the next
-            # epoch (this is the analyses' thread) give it that moment, so the signal lands
-            # during the analyses as a Ctrl-C here would, not after them (the analyses' end
-            # once took 0.3 s of garbage collection, which hid the race)
-            time.sleep(0.3)
+            # epoch (this is the analyses' thread) wait until it has, so the signal lands during
+            # the analyses as a Ctrl-C here would, not after them (the analyses' end once took
+            # 0.3 s of garbage collection, which hid the race)
+            stops = getattr(signal.getsignal(self.signal_number), "__self__", None)
+            deadline = time.monotonic() + 10
+            while stops is not None and time.monotonic() < deadline:
+                if stops.received is not None and (self.times < 2 or stops.stopping):
+                    break
+                time.sleep(0.01)
         self.finished.append(ctx.epoch)
 
 

@@ -528,7 +528,9 @@ def plot_attributions(
         "blue lowers it."
         + ("  Grey line: the object's outline (intensity 0.5)." if outline is not None else "")
         + (
-            f"  Maps: the {seen.shape[1]} channels' attributions summed at every pixel."
+            f"  Maps: at every pixel, the sum over the {seen.shape[1]} colour channels "
+            "(Occlusion's window covers all of them, so its value counts once per channel; "
+            "Grad-CAM has one map, upsampled)."
             if seen.shape[1] > 1
             else ""
         )

@@ -257,7 +257,9 @@ def plot_saliency(
     (`exigo.figures.colour_scale`) so that a few hot pixels do not wash out the rest; a grey line
     over the delta row marks the object's outline where that is meaningful
     (`exigo.figures.tiles.object_outline`: one channel, dark background), and the footnote
-    says so. For colour images the footnote says how the maps combine the channels. Each
+    says so. For colour images the footnote says how the maps combine the channels, and the
+    overlay row is drawn over the image washed out to half its contrast (`TileRow.backdrop`:
+    the map covers it where |overlay| nears the scale's end). Each
     column is headed by its true and predicted label (in red when they differ). The maps are
     drawn as one picture (`exigo.figures.tiles`), five times faster than an Axes per map.
 
@@ -319,7 +321,8 @@ def plot_saliency(
             bar=True,
             clipped=(True, True),
             # colour images stay in colour beneath the map (grey ones as before: white ground)
-            backdrop=display_tiles(pixels) if channels > 1 else None,
+            # washed out (half-way to white), so no image colour passes for the map's
+            backdrop=0.5 + 0.5 * display_tiles(pixels) if channels > 1 else None,
         ),
     ]
     block = TileBlock(
@@ -342,7 +345,8 @@ def plot_saliency(
         notes.append(
             f"Maps: at every pixel, the largest |value| over the {channels} channels (signed "
             "for delta and overlay); overlay = delta × intensity per channel, then combined, "
-            "drawn over the image: opaque where |overlay| reaches the scale's end."
+            "drawn over the image washed out to half its contrast, opaque where |overlay| "
+            "reaches the scale's end."
         )
     notes.append(
         "Colour scales are shared along each row and clipped at the "

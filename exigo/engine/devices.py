@@ -3,8 +3,8 @@
 - `usable_devices` / `resolve_device`: `--device` checked against what the running torch can
   use on this machine (`auto`: CUDA, then MPS, then the CPU).
 - `threads_for` / `set_threads` / `torch_threads`: the `--threads` rule (default half the
-  CPUs, the other half draws the figures), applied once by `runner.py` and for a run's length
-  by `exigo.pipeline.run`.
+  CPUs, the other half draws the figures), applied by `exigo.cli` before it loads the data
+  and for a run's length by `exigo.pipeline.run`.
 
 The process layout (one process or torchrun's) is `exigo.engine.world`'s.
 """

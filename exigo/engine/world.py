@@ -57,7 +57,13 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, DistributedSampler
 
-from exigo.engine.devices import resolve_device
+from exigo.engine.devices import (  # the last four re-exported: their import path before the split
+    resolve_device,
+    set_threads,
+    threads_for,
+    torch_threads,
+    usable_devices,
+)
 from exigo.engine.signals import RunInterrupted, StopSignals
 from exigo.engine.training import (
     DivergenceError,
@@ -87,7 +93,12 @@ __all__ = [
     "open_world",
     "process_group",
     "reduce_train_result",
+    "resolve_device",
+    "set_threads",
+    "threads_for",
+    "torch_threads",
     "training_indices",
+    "usable_devices",
     "wrap",
 ]
 

@@ -167,11 +167,15 @@ def _on_cpu(tree: Any) -> Any:
 PARENT_CHECK_SECONDS = 0.5
 
 
-def _start_worker(preload: Sequence[str]) -> None:
-    """A worker's initializer: ignore Ctrl-C, outlive no run, import what the jobs will need."""
+def _start_worker(preload: Sequence[str], run: int | None = None) -> None:
+    """A worker's initializer: ignore Ctrl-C, outlive no run, import what the jobs will need.
+
+    `run` is the pid of the process that created the pool: read there, not here, so a run
+    that died before its worker started is noticed too.
+    """
     # Ctrl-C reaches the whole process group; the run decides when to stop its figures
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _exit_with_parent(os.getppid())
+    _exit_with_parent(os.getppid() if run is None else run)
     for module in ("matplotlib.figure", "matplotlib.backends.backend_agg", *preload):
         # a module that fails to import here fails again, visibly, in the job that needs it
         with contextlib.suppress(Exception):
@@ -184,7 +188,8 @@ def _exit_with_parent(parent: int) -> None:
     A run killed with SIGKILL (or by the out-of-memory killer) cannot stop its workers, and a
     loky worker waiting for its next job would otherwise live on (600 MB with torch loaded):
     once its parent has died the worker is someone else's child (`os.getppid()` changes) and
-    exits within `PARENT_CHECK_SECONDS`.
+    exits within `PARENT_CHECK_SECONDS`. POSIX only: on Windows a process' parent id does not
+    change when the parent dies, so there the watch never fires.
     """
 
     def watch() -> None:
@@ -421,7 +426,7 @@ class FigurePool:
         executor = ProcessPoolExecutor(
             max_workers=self.workers,
             initializer=_start_worker,
-            initargs=(self.preload,),
+            initargs=(self.preload, os.getpid()),
             env={"OMP_NUM_THREADS": "1"},  # it shares the CPUs with training
         )
         self._executor, self._ready, self._started_at = executor, False, time.monotonic()
