@@ -45,3 +45,11 @@ def test_scalars_and_a_png_read_back_by_tensorboard(tmp_path):
     assert [(e.step, e.value) for e in events.Scalars("loss/eval")] == [(3, 0.25)]
     image = events.Images("curve")[0]
     assert (image.step, image.encoded_image_string) == (3, png)
+
+
+def test_a_pure_python_crc_is_said(tmp_path, monkeypatch):
+    import google_crc32c
+
+    monkeypatch.setattr(google_crc32c, "implementation", "python")
+    with pytest.warns(RuntimeWarning, match="without its C extension"):
+        EventLog(tmp_path).close()
