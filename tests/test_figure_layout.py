@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.text import Text
 from PIL import Image
 
-from exigo.analyses.attributions import plot_attributions
+from exigo.analyses.attributions import plot_attribution_checks, plot_attributions
 from exigo.analyses.class_models import ClassModels, choose_classes, plot_class_models
 from exigo.analyses.confusion import confusion_matrix, plot_confusion
 from exigo.analyses.errors import Confusion, ErrorSaliency, plot_errors
@@ -96,6 +96,11 @@ def assert_fits(figure: Figure) -> None:
             captions.setdefault(round(text.get_position()[1], 6), []).append(text)
     groups.extend(captions.values())
     groups.append([axes.title for axes in figure.axes if axes.get_title()])
+    suptitle = getattr(figure, "_suptitle", None)  # the figure's title: clear of every axis text
+    if suptitle is not None and suptitle.get_text():
+        for axes in figure.axes:
+            labels = (axes.title, axes.xaxis.label, axes.yaxis.label)
+            groups.extend([suptitle, label] for label in labels if label.get_text())
     for group in groups:
         extents = [(t.get_text(), t.get_window_extent(renderer)) for t in group]
         for (first, a), (second, b) in combinations(extents, 2):
@@ -353,3 +358,31 @@ def test_no_figure_title_or_caption_says_digit():
     ):
         for info in analysis.figures:
             assert "digit" not in f"{info.title} {info.caption}".lower(), info
+
+
+def test_attribution_checks_figure_fits():
+    from exigo.analyses.faithfulness import FaithfulnessCurves
+    from exigo.analyses.sanity import RandomisationResult
+
+    names = ["saliency", "input_x_gradient", "integrated_gradients", "smoothgrad", "occlusion",
+             "grad_cam", "random"]  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    fractions = torch.linspace(0, 1, 11)
+    deletion = torch.rand(len(names), 10, 11, generator=generator)
+    curves = FaithfulnessCurves(names, fractions, deletion, 1 - deletion)
+    randomisation = RandomisationResult(
+        layers=["classifier", "features.0"],
+        depth=torch.tensor([1, 6]),
+        total_layers=6,
+        spearman=torch.rand(2, len(names) - 1, generator=generator),
+        ssim=torch.rand(2, len(names) - 1, generator=generator),
+        maps=torch.zeros(2, len(names) - 1, 10, 28, 28),
+    )
+    figure = plot_attribution_checks(
+        curves,
+        randomisation,
+        0.7,
+        "Can the attributions be trusted? After epoch 2, 10 probe images",
+    )
+    render(figure, "attribution_checks")
+    assert_fits(figure)  # the title was once crossed by the randomisation panel's y label

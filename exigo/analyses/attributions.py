@@ -560,7 +560,7 @@ def plot_attribution_checks(
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(14, 4.2))
-    figure.subplots_adjust(left=0.05, right=0.98, bottom=0.17, top=0.86, wspace=0.22)
+    figure.subplots_adjust(left=0.05, right=0.98, bottom=0.17, top=0.86, wspace=0.3)
     deletion_axes, insertion_axes, sanity_axes = figure.subplots(1, 3)
     fractions = curves.fractions.numpy()
     for axes, values, aucs, noun, verb, better in (
@@ -604,7 +604,7 @@ def plot_attribution_checks(
     sanity_axes.set_xlabel(
         f"layers re-initialised from the top down (of {randomisation.total_layers})"
     )
-    sanity_axes.set_ylabel("Spearman of |map| with the trained model's, mean")
+    sanity_axes.set_ylabel("Spearman of |map| with the\ntrained model's, mean")
     sanity_axes.set_ylim(-0.2, 1.05)
     sanity_axes.set_xlim(-0.3, stages[-1] + 0.45)
     sanity_axes.grid(alpha=0.3)
