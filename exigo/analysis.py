@@ -279,7 +279,8 @@ class EpochContext:
         figures: the pipeline's figure pool.
         metrics: scalars the analyses add (name -> float); they land in metrics.json,
             TensorBoard and the report.
-        log: prints one line in the run's console.
+        log: prints one line in the run's console, never broken by the console (a long line
+            is the terminal's to wrap, so the paths in it stay whole).
         declared: figure names the analysis being called may draw (set by the pipeline).
         train: this epoch's training pass; when an analysis sets `training_dynamics`, its
             `dynamics` hold every training example's given-label probability and margin from

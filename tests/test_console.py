@@ -75,3 +75,23 @@ def test_attribution_summaries_never_break_a_method_name_at_80_columns(tmp_path)
     long = summary_block("h", [("a", "1")], "verdict", list(METHOD_LABELS.values()))
     assert all(len(line) <= 78 for line in long.splitlines())
     assert summary_block("h", [("a", "1")], "verdict", []).endswith("verdict: none")
+
+
+def test_an_analysis_line_longer_than_the_terminal_stays_one_line(tmp_path):
+    from exigo.analysis import Analysis
+
+    path = tmp_path / "a" / "rather" / "long" / "folder" / "name" / "label_issues.csv"
+
+    class Says(Analysis):
+        name = "says"
+
+        def __call__(self, ctx):
+            ctx.log(f"143 suspected label errors (top 1.4%: 108 training, 35 held-out): see {path}")
+
+    screen = io.StringIO()
+    console = Console(file=screen, width=80, force_terminal=False, color_system=None)
+    config = Config(epochs=1, batch_size=16, lr=1e-2, save_dir=tmp_path / "save", probe_size=3)
+    train, held_out = make_blobs(48, seed=0), make_blobs(12, seed=1)
+    run(config, TinyNet(), train, held_out, [Says()], console=console)
+    lines = [line for line in screen.getvalue().splitlines() if "suspected" in line]
+    assert len(lines) == 1 and lines[0].endswith(str(path))

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import math
 import time
@@ -163,7 +164,8 @@ def context(
         plots_dir=session.plots_dir,
         save_dir=session.save_dir,
         figures=session.figures,
-        log=session.console.print,
+        # one line stays one line (a path in it stays whole and copyable); the terminal wraps
+        log=functools.partial(session.console.print, soft_wrap=True),
         train=trained,
         train_data=session.train_data,
     )
