@@ -118,12 +118,14 @@ class FigureSeries:
         title: heading shown in the report.
         caption: one sentence saying what the figure shows ("" for unknown stems).
         frames: step -> PNG path; step 0 is before training, step k the end of epoch k.
+        analysis: the name of the analysis that draws it ("" when run.json does not say).
     """
 
     stem: str
     title: str
     caption: str
     frames: dict[int, Path]
+    analysis: str = ""
 
 
 @dataclass(frozen=True)
@@ -285,8 +287,8 @@ def discover_figures(
 
     Args:
         plots_dir: a run's `plots/` folder (it may be missing: no figures).
-        declared: figure name -> `{"title": ..., "caption": ...}`, in display order
-            (`run.json`'s `figures`).
+        declared: figure name -> `{"title": ..., "caption": ..., "analysis": ...}`, in
+            display order (`run.json`'s `figures`).
 
     Returns:
         One series per stem: declared stems in their order, then the others alphabetically
@@ -310,7 +312,9 @@ def discover_figures(
         text = declared.get(stem, {})
         title = str(text.get("title", stem.replace("_", " ").capitalize()))
         caption = str(text.get("caption", ""))
-        series.append(FigureSeries(stem, title, caption, dict(sorted(frames[stem].items()))))
+        analysis = str(text.get("analysis", ""))
+        frames_in_order = dict(sorted(frames[stem].items()))
+        series.append(FigureSeries(stem, title, caption, frames_in_order, analysis))
     return series
 
 
@@ -637,13 +641,23 @@ def run_flags(folder: RunFolder) -> list[Flag]:
     def section(stem: str) -> str:
         return f"series-{stem}" if stem in stems else "scalars"
 
+    # a figure may be missing on purpose (an analysis run every k epochs, no error to show):
+    # warn only for what the metrics row says failed at this epoch
+    failed = {str(name) for name in last.get("failed", ())}
     for series in folder.series:
-        if series.frames and epoch not in series.frames and max(series.frames) < epoch:
+        if epoch in series.frames:
+            continue
+        what = (
+            f"its analysis, {series.analysis}," if series.analysis in failed
+            else "its drawing" if f"figure {series.stem}" in failed
+            else None
+        )  # fmt: skip
+        if what is not None:
             warnings.append(
                 Flag(
                     "warning",
-                    f"No {series.title.lower()} figure for epoch {epoch}: its analysis or its "
-                    "drawing failed (the console says why).",
+                    f"No {series.title.lower()} figure for epoch {epoch}: {what} failed "
+                    "(the console says why).",
                     f"series-{series.stem}",
                 )
             )

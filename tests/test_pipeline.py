@@ -53,6 +53,7 @@ def test_run_writes_outputs_and_isolates_failing_analyses(blobs, tmp_path):
     rows = json.loads((tmp_path / "save" / "metrics.json").read_text())
     assert [row["epoch"] for row in rows] == [1, 2, 3]
     assert rows[-1]["recorder/accuracy_again"] == rows[-1]["eval_accuracy"]
+    assert [row.get("failed") for row in rows] == [["broken"]] * 3  # the report's warnings
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
     run_info = json.loads((tmp_path / "save" / "run.json").read_text())
     assert run_info["config"]["epochs"] == 3 and run_info["seed"] == 0
@@ -162,6 +163,10 @@ def test_a_pool_the_caller_started_draws_the_figures_and_is_closed(blobs, tmp_pa
         "curve_2.png",
     ]
     assert not result.failed_analyses
+    rows = json.loads((tmp_path / "save" / "metrics.json").read_text())
+    assert all("failed" not in row for row in rows)  # nothing failed: no key
+    figures = json.loads((tmp_path / "save" / "run.json").read_text())["figures"]
+    assert figures["curve"]["analysis"] == "curve"
 
 
 def test_the_cli_worker_preloads_what_the_default_analyses_ask_for():

@@ -147,7 +147,7 @@ def test_scalar_groups_gather_by_prefix_with_readable_labels():
     assert groups[4].members == {"lonely": "lonely"}
 
 
-def _flag_row(**extra: float) -> dict[str, Any]:
+def _flag_row(**extra: Any) -> dict[str, Any]:
     row = {"epoch": 3, "eval_loss": 0.30, "eval_accuracy": 0.9, "best": False,
            "recall/0": 0.95, "recall/1": 0.80, "precision/1": 0.85,
            "faithfulness/deletion_auc/saliency": 0.3, "faithfulness/insertion_auc/saliency": 0.8,
@@ -160,19 +160,23 @@ def _flag_row(**extra: float) -> dict[str, Any]:
 
 def test_run_flags_name_each_suspected_problem_and_link_its_section(tmp_path):
     rows = [{"epoch": 1, "eval_loss": 0.25, "best": True}, {"epoch": 2, "eval_loss": 0.27},
-            _flag_row()]  # fmt: skip
+            _flag_row(failed=["errors"])]  # fmt: skip
     checks = {1: tmp_path / "a_1.png", 3: tmp_path / "a_3.png"}
     series = [
         exigo.report.FigureSeries("attribution_checks", "Attribution checks", "", checks),
-        exigo.report.FigureSeries("errors", "Errors", "", {1: tmp_path / "e_1.png"}),
+        exigo.report.FigureSeries("errors", "Errors", "", {1: tmp_path / "e_1.png"}, "errors"),
+        # missing on purpose (drawn every other epoch, or nothing to show): no warning
+        exigo.report.FigureSeries("label_issues", "Issues", "", {1: tmp_path / "l_1.png"}, "x"),
     ]
     folder = exigo.report.RunFolder(tmp_path, {"class_names": ["zero", "one"]}, rows, series, 1)
     flags = run_flags(folder)
     texts = [f.text for f in flags]
     assert [f.level for f in flags] == ["warning"] * 4 + ["note"] * 2
     assert (
-        texts[0].startswith("No errors figure for epoch 3") and flags[0].target == "series-errors"
+        texts[0].startswith("No errors figure for epoch 3: its analysis, errors, failed")
+        and flags[0].target == "series-errors"
     )
+    assert not any("issues figure" in text for text in texts)
     assert "Eval loss rose to 0.3000" in texts[1] and "epoch 1" in texts[1]
     assert "Faithfulness: Grad-CAM ranks pixels no better than random" in texts[2]
     assert flags[2].target == "series-attribution_checks"

@@ -444,6 +444,9 @@ def commit(
         **metrics,
     }
     row["seconds"] = now - ended.started
+    failed = sorted({name for when, name, _ in session.failures if when == epoch})
+    if failed:  # what the report warns about (a figure may also be missing on purpose)
+        row["failed"] = failed
     state.history.append(row)
     state.epoch = epoch
     write_metrics(session.save_dir, state.history)

@@ -344,7 +344,7 @@ class Session:
                 else {"mean": list(self.normalization.mean), "std": list(self.normalization.std)},
             },
             figures={
-                info.name: {"title": info.title, "caption": info.caption}
+                info.name: {"title": info.title, "caption": info.caption, "analysis": analysis.name}
                 for analysis in self.analyses
                 for info in analysis.figures
             },
