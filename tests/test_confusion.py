@@ -298,3 +298,24 @@ def test_confusion_on_real_mnist(mnist_root, tmp_path):
     row = result.history[0]
     assert min(row[f"recall/{c}"] for c in range(10)) > 0.8
     assert all(0.8 < row[f"precision/{c}"] <= 1 for c in range(10))
+
+
+@pytest.mark.parametrize("classes", [300, 1000])
+def test_plot_confusion_names_which_classes_are_labelled_in_good_english(classes):
+    import re
+
+    from exigo._text import ordinal
+
+    matrix = torch.eye(classes, dtype=torch.long)
+    title = plot_confusion(matrix).axes[0].get_title()
+    step = int(re.search(r"every (\d+)\w\w class labelled", title)[1])
+    assert f"every {ordinal(step)} class labelled" in title  # "every 2nd", not "every 2th"
+
+
+def test_ordinal():
+    from exigo._text import ordinal
+
+    assert [ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 22, 23, 101, 102, 111)] == [
+        "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "23rd", "101st",
+        "102nd", "111th",
+    ]  # fmt: skip

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from exigo._text import ordinal
 from exigo.analysis import Analysis, EpochContext, FigureInfo
 
 if TYPE_CHECKING:
@@ -420,7 +421,7 @@ def plot_confusion(
     if error_norm is None and total:
         summary += " · no errors"
     if tick_step > 1:
-        summary += f"\nevery {tick_step}th class labelled"
+        summary += f"\nevery {ordinal(tick_step)} class labelled"
     axes.set_title(f"{title}\n{summary}", fontsize=min(12.0, 9 + grid_inches / 4))
     return figure
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from exigo._text import ordinal
 from exigo.analysis import Analysis, CostShape
 
 __all__ = ["FREE_PIXEL_PASSES", "MIN_SCALE", "plan_budget"]
@@ -73,7 +74,7 @@ def plan_budget(
         f"{name} {full[name]:,.0f} -> {lowered[name]:,.0f}" for name in sorted(lowered)
     )
     when = (
-        f"; still over, so they run after every {_ordinal(every)} epoch and after the last"
+        f"; still over, so they run after every {ordinal(every)} epoch and after the last"
         if every > 1
         else ""
     )
@@ -83,9 +84,3 @@ def plan_budget(
         f"passes (--analysis-budget {budget:g}); settings lowered to {scale:.0%} "
         f"(passes per epoch: {passes}){when}"
     )
-
-
-def _ordinal(number: int) -> str:
-    if number % 100 in (11, 12, 13):
-        return f"{number}th"
-    return f"{number}{ {1: 'st', 2: 'nd', 3: 'rd'}.get(number % 10, 'th') }"
