@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from exigo._io import STORAGE_ERRNOS
 from exigo.config import DATASETS, Config
 
 if TYPE_CHECKING:
@@ -334,15 +335,7 @@ def _leave_process_group() -> None:
 
 
 # errors of the machine, not of exigo: a message, not a traceback
-_ENVIRONMENT_ERRNOS = {
-    errno.ENOSPC,
-    errno.EDQUOT,
-    errno.EROFS,
-    errno.EIO,
-    errno.EFBIG,
-    errno.EACCES,
-    errno.EPERM,
-}
+_ENVIRONMENT_ERRNOS = STORAGE_ERRNOS | {errno.EACCES, errno.EPERM}
 
 
 #: What the figure worker `_run` starts imports before its first figure: torch (the figures'

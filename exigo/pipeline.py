@@ -259,10 +259,9 @@ def _epochs(session: Session) -> RunResult:
                     world.tell_stop(interrupt.signal_number)
                     raise
                 if world.is_main:  # rank 0 analyses and writes; beside the next epoch if overlapped
-                    ended = EpochEnd.capture(
-                        session, epoch, trained, evaluation, started, copy_state=background.overlap
+                    background.start(
+                        _epoch_end(session, background, epoch, trained, evaluation, started)
                     )
-                    background.start(ended)
                 world.stop_together(session.stop)
                 if not world.is_main:
                     session.state.epoch = epoch
@@ -300,6 +299,33 @@ def _heap_frozen() -> Iterator[None]:
         yield
     finally:
         gc.unfreeze()
+
+
+def _epoch_end(
+    session: Session,
+    background: Background,
+    epoch: int,
+    trained: Any,
+    evaluation: Any,
+    started: float,
+) -> EpochEnd:
+    """The epoch as it ended; a copy when it is analysed beside the next epoch.
+
+    A model that cannot be deep-copied (it holds a lock, a file, a non-leaf tensor) is
+    analysed after each epoch instead, and the run says so once.
+    """
+    if background.overlap:
+        try:
+            return EpochEnd.capture(session, epoch, trained, evaluation, started, copy_state=True)
+        except Exception as error:  # deepcopy raises TypeError, RuntimeError, pickle errors
+            background.overlap = False
+            session.console.print(
+                "analyses run after each epoch from now on, not beside the next one: the model "
+                f"cannot be copied ({type(error).__name__}: {error})",
+                highlight=False,
+                soft_wrap=True,
+            )
+    return EpochEnd.capture(session, epoch, trained, evaluation, started, copy_state=False)
 
 
 def _plan_budget(session: Session) -> None:

@@ -212,3 +212,39 @@ def test_a_second_signal_while_stopping_does_not_replace_the_first():
         os.kill(os.getpid(), signal.SIGINT)
         with pytest.raises(RunInterrupted):  # a second one before any check: at once
             os.kill(os.getpid(), signal.SIGINT)
+
+
+class LockedNet(TinyNet):
+    """A model that cannot be deep-copied (it holds a lock), as some real ones hold handles."""
+
+    def __init__(self):
+        super().__init__()
+        self.lock = threading.Lock()
+
+
+def two_blob_sets():
+    return make_blobs(48, seed=0), make_blobs(12, seed=1)
+
+
+def test_a_model_that_cannot_be_copied_is_analysed_after_each_epoch_and_says_so(tmp_path):
+    console, text = recorded()
+    torch.manual_seed(0)
+    result = run(
+        tiny(tmp_path / "save", epochs=2), LockedNet(), *two_blob_sets(), [Probabilities()],
+        console=console,
+    )  # fmt: skip
+    said = text.getvalue()
+    assert said.count("not beside the next one: the model cannot be copied (TypeError") == 1
+    assert [row["epoch"] for row in result.history] == [1, 2] and not result.failed_analyses
+
+
+def test_a_stop_between_two_analyses_names_none_as_cut_short(tmp_path):
+    from test_reliability import SignalAfterEpoch
+
+    config = tiny(tmp_path / "save", epochs=2, sequential=True)
+    sender = SignalAfterEpoch(1)  # SIGTERM, handled at once: it stops before the next analysis
+    with pytest.raises(RunInterrupted) as raised:
+        run(config, TinyNet(), *two_blob_sets(), [sender, Probabilities()], console=recorded()[0])
+    assert sender.finished == [1]
+    assert "interrupted by SIGTERM" in str(raised.value)
+    assert "cut the analysis" not in str(raised.value)  # the signal came between the two

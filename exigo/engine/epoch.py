@@ -206,11 +206,14 @@ def analyse(
             known = set(ctx.metrics)
             ctx.declared = frozenset(info.name for info in analysis.figures)
             start = time.perf_counter()
+            began = False
             try:
                 stop_check()
+                began = True
                 analysis(ctx)
             except RunInterrupted as interrupt:
-                interrupt.cut_short = analysis.name
+                if began:  # stopped inside it, not before it
+                    interrupt.cut_short = analysis.name
                 if not overlapped:
                     session.world.tell_stop(interrupt.signal_number)
                 raise

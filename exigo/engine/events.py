@@ -124,11 +124,15 @@ class EventLog:
         self._whole = 0  # bytes of whole records in the file
         self._framed = io.BytesIO()  # records framed, not yet in the file
         self._closed = False
-        self._add(Event(wall_time=time.time(), file_version="brain.Event:2"))
-        if purge_step is not None:
-            self._add(Event(step=purge_step, file_version="brain.Event:2"))
-            self._add(Event(step=purge_step, session_log=SessionLog(status=SessionLog.START)))
-        self.flush()  # TensorBoard lists the run from now on
+        try:
+            self._add(Event(wall_time=time.time(), file_version="brain.Event:2"))
+            if purge_step is not None:
+                self._add(Event(step=purge_step, file_version="brain.Event:2"))
+                self._add(Event(step=purge_step, session_log=SessionLog(status=SessionLog.START)))
+            self.flush()  # TensorBoard lists the run from now on
+        except BaseException:  # a full disk already: no descriptor left open
+            os.close(self._file)
+            raise
 
     def _add(self, event: Any, step: int | None = None, wall_time: float | None = None) -> None:
         if step is not None:

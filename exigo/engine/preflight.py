@@ -75,6 +75,7 @@ def trial_step(session: Session) -> None:
             batch_size=config.batch_size,
             device=device,
             label_smoothing=config.label_smoothing,
+            record_examples=False,  # one batch: no per-example record of the whole set
         )
         evaluate(
             model,
