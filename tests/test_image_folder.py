@@ -37,10 +37,11 @@ def test_class_folders_are_split_per_class_with_the_seed(tmp_path):
 
 def test_train_and_val_folders_are_the_split(tmp_path):
     write_image_folder(tmp_path / "train", CLASSES, per_class=4)
-    write_image_folder(tmp_path / "val", CLASSES[:2], per_class=2, seed=1)  # a class absent
+    # a class absent from val/: its own folder indices (0, 1) map to train's (0, 2)
+    write_image_folder(tmp_path / "val", [CLASSES[0], CLASSES[2]], per_class=2, seed=1)
     train, held_out = load_image_folder(tmp_path, log=lambda _line: None)
     assert len(train) == 12 and len(held_out) == 4
-    assert held_out.classes == CLASSES and held_out.targets.tolist() == [0, 0, 1, 1]
+    assert held_out.classes == CLASSES and held_out.targets.tolist() == [0, 0, 2, 2]
 
 
 def test_grey_images_stay_one_channel_and_odd_sizes_are_fitted(tmp_path):
@@ -87,3 +88,25 @@ def test_the_first_unreadable_image_is_named(tmp_path):
 def test_not_a_folder(tmp_path):
     with pytest.raises(DataError, match="is not a folder"):
         load_image_folder(tmp_path / "absent")
+
+
+def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):
+    import numpy as np
+
+    write_image_folder(tmp_path, CLASSES, per_class=4, size=8, mode="L")
+    for path in (tmp_path / "circle").iterdir():  # 16-bit PNGs, value 40000 of 65535
+        Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)).save(path)
+    train, _ = load_image_folder(tmp_path, val_fraction=0.25, log=lambda _line: None)
+    circles = [train.images[i] for i in range(len(train)) if train.targets[i] == 0]
+    pixels = train.normalization.denormalize(torch.stack(circles))
+    assert torch.allclose(pixels, torch.full_like(pixels, round(40000 / 257) / 255), atol=1e-4)
+
+
+def test_a_floating_point_image_is_refused_naming_it(tmp_path):
+    import numpy as np
+
+    write_image_folder(tmp_path, CLASSES, per_class=4, size=8, mode="L")
+    bad = tmp_path / "square" / "float.tiff"
+    Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32)).save(bad)
+    with pytest.raises(DataError, match=r"float\.tiff is not a readable image.*no fixed range"):
+        load_image_folder(tmp_path, val_fraction=0.25, log=lambda _line: None)

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ MEMORY_LIMIT = 2 * 1024**3
 #: Training images whose pixels give the normalisation of a streamed image folder.
 STATISTICS_SAMPLE = 2000
 
-_GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+_GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 
 
 class ImageFiles(StreamedImageDataset):
@@ -127,9 +128,12 @@ def load_image_folder(
     train_root = root / "train" if (root / "train").is_dir() else root
     try:
         train_folder = ImageFolder(str(train_root))
-        val_folder = ImageFolder(str(root / "val")) if given_split else None
     except FileNotFoundError as error:  # no class folder, or a class without image files
         raise DataError(f"image folder {train_root}: {error}") from None
+    try:
+        val_folder = ImageFolder(str(root / "val")) if given_split else None
+    except FileNotFoundError as error:
+        raise DataError(f"image folder {root / 'val'}: {error}") from None
     classes = list(train_folder.classes)
     if len(classes) < 2:
         raise DataError(
@@ -267,13 +271,33 @@ def _survey(paths: Sequence[str]) -> tuple[str, tuple[int, int], int]:
     return mode, (height, width), len(paths) - most
 
 
+def _eight_bit(image: Any) -> Any:
+    """A 16-bit grey image scaled to 8 bits (PIL's `convert("L")` would clip it at 255).
+
+    Raises:
+        ValueError: a 32-bit integer or float image: its range is not fixed, so exigo cannot
+            tell what is white (`_decode` names the file).
+    """
+    from PIL import Image
+
+    if image.mode.startswith("I;16"):
+        scaled = np.asarray(image, dtype=np.float64) / 257.0  # 65535 -> 255
+        return Image.fromarray(scaled.round().astype(np.uint8), mode="L")
+    if image.mode in ("I", "F"):
+        raise ValueError(
+            f"a {'32-bit integer' if image.mode == 'I' else 'floating-point'} image has no fixed "
+            "range; save it with 8 or 16 bits per channel"
+        )
+    return image
+
+
 def _decode(path: str, mode: str, size: tuple[int, int]) -> Tensor:
     """One image as uint8 [C, H, W] in `mode`, fitted to `size` (height, width) if needed."""
     from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as opened:
-            image = opened.convert(mode)
+            image = _eight_bit(opened).convert(mode)
             if image.size != (size[1], size[0]):
                 image = ImageOps.fit(image, (size[1], size[0]), Image.Resampling.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)
