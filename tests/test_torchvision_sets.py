@@ -80,11 +80,21 @@ def test_svhn_mat_files_map_ten_to_zero(tmp_path, monkeypatch):
     assert train.classes == [str(d) for d in range(10)] and held_out.images.shape[0] == 10
 
 
-def test_a_copy_that_fails_the_checksum_is_refused_by_name(tmp_path):
+@pytest.mark.parametrize("download", [False, True])
+def test_a_copy_that_fails_the_checksum_is_refused_by_name(tmp_path, monkeypatch, download):
+    import torchvision.datasets.cifar
+
+    fetched = []
+    monkeypatch.setattr(  # with download on, torchvision would fetch over the user's files
+        torchvision.datasets.cifar,
+        "download_and_extract_archive",
+        lambda *a, **k: fetched.append(a),
+    )
     write_cifar10(tmp_path)
     with pytest.raises(DataError, match="do not match torchvision's checksums") as raised:
-        load_dataset("cifar10", tmp_path, download=False)
+        load_dataset("cifar10", tmp_path, download=download)
     assert "cifar-10-batches-py" in str(raised.value)
+    assert fetched == []
 
 
 @pytest.mark.parametrize("name", sorted(TORCHVISION_SETS))

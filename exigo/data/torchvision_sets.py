@@ -148,6 +148,8 @@ def load_torchvision_set(
     dataset_class = getattr(torchvision.datasets, spec.torchvision_class)
     _check_idx_files(spec, root)
     created = _first_missing(root / spec.files[0])  # torchvision creates folders to download
+    # torchvision downloads over files that fail its checksum; exigo refuses them instead
+    download = download and any(not (root / name).is_file() for name in spec.files)
     splits = []
     try:
         for train in (True, False):
