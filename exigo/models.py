@@ -546,5 +546,12 @@ def check_model(
             f"build it with {num_classes} outputs, or pass run(..., output_fn=...) that returns "
             "the [N, num_classes] logits"
         )
-    plain = isinstance(output, Tensor) and output_fn is None and embedding_layer is None
+    # torchvision's GoogLeNet and Inception v3 with `aux_logits` return a tensor in eval mode
+    # (this check) but a named tuple in train mode: they go through the wrapper too
+    plain = (
+        isinstance(output, Tensor)
+        and output_fn is None
+        and embedding_layer is None
+        and not getattr(model, "aux_logits", False)
+    )
     return model if plain else classifier

@@ -212,3 +212,27 @@ def test_only_models_that_need_it_are_wrapped():
     assert isinstance(check_model(TupleNet(), images, 3), AsClassifier)
     named = check_model(plain, images, 3, embedding_layer="head.0")
     assert isinstance(named, AsClassifier) and embedding_module(named) is plain.head[0]
+
+
+class AuxHeads(torch.nn.Module):
+    """As torchvision's GoogLeNet with aux_logits: a tuple in train mode, a tensor in eval."""
+
+    aux_logits = True
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8))
+        self.fc = torch.nn.Linear(8, 4)
+        self.aux = torch.nn.Linear(8, 4)
+
+    def forward(self, images):
+        features = self.body(images)
+        logits = self.fc(features)
+        return (logits, self.aux(features)) if self.training else logits
+
+
+def test_a_model_whose_train_mode_output_is_a_tuple_is_wrapped():
+    model = AuxHeads()
+    checked = check_model(model, torch.randn(2, 3, 2, 2), 4)
+    checked.train()
+    assert isinstance(checked(torch.randn(5, 3, 2, 2)), torch.Tensor)  # training gets logits
