@@ -245,7 +245,7 @@ def torchvision_model(
             ) from None
         _replace_last_linear(model, name, num_classes)
     if in_channels != 3:
-        _adapt_first_convolution(model, name, in_channels)
+        _adapt_first_convolution(model, name, in_channels, pretrained=pretrained)
     return model
 
 
@@ -282,7 +282,15 @@ def _replace_last_linear(model: nn.Module, name: str, num_classes: int) -> None:
     _set_submodule(model, linears[-1], nn.Linear(old.in_features, num_classes))
 
 
-def _adapt_first_convolution(model: nn.Module, name: str, in_channels: int) -> None:
+def _adapt_first_convolution(
+    model: nn.Module, name: str, in_channels: int, *, pretrained: bool
+) -> None:
+    """Replace the first `nn.Conv2d` by one taking `in_channels` (see `torchvision_model`).
+
+    Pretrained RGB filters are averaged over their channels and repeated, scaled by
+    3 / in_channels; a randomly initialised model keeps the new layer's own initialisation
+    (repeating one averaged filter would give every input channel the same one).
+    """
     convolutions = [key for key, module in model.named_modules() if isinstance(module, nn.Conv2d)]
     if not convolutions:
         raise ModelError(f"--model {name} has no nn.Conv2d to take {in_channels}-channel images")
@@ -298,11 +306,12 @@ def _adapt_first_convolution(model: nn.Module, name: str, in_channels: int) -> N
         groups=old.groups,
         bias=old.bias is not None,
     )
-    with torch.no_grad():
-        mean = old.weight.mean(dim=1, keepdim=True)  # (out, 1, k, k)
-        new.weight.copy_(mean.repeat(1, in_channels, 1, 1) * (3 / in_channels))
-        if old.bias is not None:
-            new.bias.copy_(old.bias)  # type: ignore[union-attr]
+    if pretrained:
+        with torch.no_grad():
+            mean = old.weight.mean(dim=1, keepdim=True)  # (out, 1, k, k)
+            new.weight.copy_(mean.repeat(1, in_channels, 1, 1) * (3 / in_channels))
+            if old.bias is not None:
+                new.bias.copy_(old.bias)  # type: ignore[union-attr]
     _set_submodule(model, convolutions[0], new)
 
 

@@ -236,3 +236,22 @@ def test_a_model_whose_train_mode_output_is_a_tuple_is_wrapped():
     checked = check_model(model, torch.randn(2, 3, 2, 2), 4)
     checked.train()
     assert isinstance(checked(torch.randn(5, 3, 2, 2)), torch.Tensor)  # training gets logits
+
+
+@pytest.mark.parametrize("pretrained", [True, False])
+def test_the_first_convolution_for_other_channels(pretrained):
+    from torchvision.models import resnet18
+
+    from exigo.models import _adapt_first_convolution
+
+    torch.manual_seed(0)
+    model = resnet18(num_classes=4)
+    old = model.conv1.weight.detach().clone()
+    _adapt_first_convolution(model, "resnet18", 2, pretrained=pretrained)
+    new = model.conv1.weight.detach()
+    assert new.shape == (64, 2, 7, 7)
+    averaged = old.mean(dim=1, keepdim=True).repeat(1, 2, 1, 1) * 1.5  # 3 / 2 channels
+    if pretrained:  # the RGB filters' luminance response, kept across the 2 channels
+        assert torch.allclose(new, averaged)
+    else:  # a fresh layer: its two channels' filters differ
+        assert not torch.equal(new[:, 0], new[:, 1])
