@@ -586,9 +586,9 @@ def previous_and_attempt(save):
     return listing(save), PreviousRun
 
 
-@pytest.mark.parametrize("killed_after_moves", [0, 1, 3])
+@pytest.mark.parametrize("killed_after_moves", [0, 1, 3, 4])  # 4: run.json aside, report.html not
 def test_killed_while_setting_aside_then_recovered(killed_after_moves, tmp_path, monkeypatch):
-    from exigo.engine.run_dir import recover_previous_run
+    from exigo.engine.run_dir import check_replaceable, recover_previous_run
 
     before, previous_run = previous_and_attempt(tmp_path)
     real, moves = os.replace, []
@@ -604,6 +604,8 @@ def test_killed_while_setting_aside_then_recovered(killed_after_moves, tmp_path,
     with pytest.raises(KeyboardInterrupt):
         previous_run.set_aside(tmp_path, "r")
     monkeypatch.undo()
+    # the next run's early check sees an interrupted exigo run, not a stranger's folder
+    check_replaceable(tmp_path)
     assert "put back" in recover_previous_run(tmp_path)
     assert listing(tmp_path) == before
 

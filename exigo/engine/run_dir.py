@@ -219,6 +219,8 @@ def check_replaceable(save_dir: Path, data_dir: Path | None = None) -> None:
     """
     if not save_dir.is_dir() or is_exigo_run(save_dir):
         return
+    if (save_dir / PREVIOUS_RUN / _MANIFEST).is_file():
+        return  # a run killed while setting the previous one aside: the recovery puts it back
     present = [
         name
         for name in RUN_OUTPUTS
