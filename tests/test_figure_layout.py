@@ -386,3 +386,32 @@ def test_attribution_checks_figure_fits():
     )
     render(figure, "attribution_checks")
     assert_fits(figure)  # the title was once crossed by the randomisation panel's y label
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("classes", [2, 100])
+def test_label_issues_figure_fits_and_keeps_colour(classes, shape):
+    from exigo.analyses.examples import Suspects, plot_suspects
+
+    generator = torch.Generator().manual_seed(4)
+    eight = torch.arange(8)
+    blocks = [
+        Suspects(split, 40, eight, eight % classes, (eight + 1) % classes,
+                 torch.rand(8, generator=generator), torch.rand(8, generator=generator))
+        for split in ("train", "held_out")
+    ]  # fmt: skip
+    saliency = ErrorSaliency(
+        torch.randn(16, *shape[1:], generator=generator),
+        torch.randn(16, *shape[1:], generator=generator),
+    )
+    figure = plot_suspects(
+        blocks, red_images(16, shape), saliency, class_names(classes), title="Suspects, epoch 2"
+    )
+    pixels = render(figure, f"label_issues_{classes}_{shape[0]}ch")
+    assert_fits(figure)
+    footnote = "\n".join(t.get_text() for t in figure.texts)
+    assert ("outline" in footnote) == (shape[0] == 1)
+    assert ("of the 3." in footnote) == (shape[0] == 3)  # how the maps combine the channels
+    if shape[0] == 3:
+        red = (pixels[..., 0] > 200) & (pixels[..., 1] < 60) & (pixels[..., 2] < 60)
+        assert red.sum() > 16 * 16 * 16 * 4

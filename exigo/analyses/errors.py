@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +45,7 @@ __all__ = [
     "Confusion",
     "ErrorAnalysis",
     "ErrorSaliency",
+    "SaliencyPairs",
     "error_saliency",
     "frequent_confusions",
     "plot_errors",
@@ -155,6 +156,91 @@ def error_saliency(
     return ErrorSaliency(towards_true=maps[:count], towards_predicted=maps[count:])
 
 
+@dataclass(frozen=True)
+class SaliencyPairs:
+    """Images with their saliency towards two classes: the errors and label-issues figures' rows.
+
+    The image row, then a map towards each class on one shared colour scale clipped at the
+    `ROBUST_QUANTILE`, with the object's outline over the maps where it is one.
+
+    Attributes:
+        tiles: the images as tiles, grey [N, H, W] or RGB [N, H, W, 3].
+        first: float array [N, H, W], the maps towards the first class (the true or given).
+        second: float array [N, H, W], the maps towards the second (the predicted or rival).
+        limit: the colour scale's end, ± on both rows.
+        ink: float array [N, H, W] to outline, or None (`object_outline`).
+        channels: C of the images.
+    """
+
+    tiles: Any
+    first: Any
+    second: Any
+    limit: float
+    ink: Any
+    channels: int
+
+    @classmethod
+    def of(cls, pixels: Tensor, saliency: ErrorSaliency) -> SaliencyPairs:
+        """Colour and scale the maps of `pixels`.
+
+        Args:
+            pixels: float tensor [N, C, H, W] in [0, 1], the images for display.
+            saliency: their `ErrorSaliency` (towards the true or given class, and the other).
+
+        Returns:
+            The `SaliencyPairs`.
+        """
+        seen = pixels.detach().float().cpu().numpy()
+        return cls(
+            tiles=display_tiles(seen),
+            first=saliency.towards_true.detach().float().cpu().numpy(),
+            second=saliency.towards_predicted.detach().float().cpu().numpy(),
+            limit=colour_limit(saliency.towards_true, saliency.towards_predicted),
+            ink=object_outline(seen),
+            channels=seen.shape[1],
+        )
+
+    def rows(self, start: int, stop: int, first_label: str, second_label: str) -> list[TileRow]:
+        """The image row and the two map rows of images `start` to `stop`.
+
+        Args:
+            start: first image (index into the N).
+            stop: one past the last.
+            first_label: the first map row's title.
+            second_label: the second's.
+
+        Returns:
+            Three `TileRow`s.
+        """
+        maps = {
+            "cmap": "RdBu_r",
+            "limits": (-self.limit, self.limit),
+            "bar": True,
+            "clipped": (True, True),
+            "outline": None if self.ink is None else self.ink[start:stop],
+        }
+        return [
+            TileRow("image", self.tiles[start:stop]),
+            TileRow(first_label, self.first[start:stop], **maps),
+            TileRow(second_label, self.second[start:stop], **maps),
+        ]
+
+    @property
+    def outline_clause(self) -> str:
+        """The footnote's end of sentence: the outline where there is one, else a full stop."""
+        return "; grey line: the object's outline (intensity 0.5)." if self.ink is not None else "."
+
+    @property
+    def channels_note(self) -> str:
+        """How colour maps were made from the channels ("" for one channel)."""
+        if self.channels == 1:
+            return ""
+        return (
+            "Maps: at every pixel, the signed gradient of the channel of largest |gradient| "
+            f"of the {self.channels}."
+        )
+
+
 def plot_errors(
     confusions: Sequence[Confusion],
     pixels: Tensor,
@@ -191,35 +277,20 @@ def plot_errors(
     Raises:
         ValueError: no confusion to draw.
     """
-    pixels = pixels.detach().float().cpu()
-    towards_true = saliency.towards_true.detach().float().cpu().numpy()
-    towards_predicted = saliency.towards_predicted.detach().float().cpu().numpy()
-    limit = colour_limit(saliency.towards_true, saliency.towards_predicted)
-    tiles = display_tiles(pixels.numpy())  # grey [N, H, W] or RGB [N, H, W, 3]
-    ink = object_outline(pixels.numpy())  # (N, H, W) or None
     if not confusions:
         raise ValueError("plot_errors needs at least one confusion")
+    pairs = SaliencyPairs.of(pixels, saliency)
     blocks, start = [], 0
     for confusion in confusions:
         stop = start + confusion.indices.numel()
         true_name = class_names[confusion.true]
         predicted_name = class_names[confusion.predicted]
-        maps = {"cmap": "RdBu_r", "limits": (-limit, limit), "bar": True, "clipped": (True, True)}
-        rows = [
-            TileRow("image", tiles[start:stop]),
-            TileRow(
-                f"saliency\ntowards {true_name}\n(true)",
-                towards_true[start:stop],
-                outline=None if ink is None else ink[start:stop],
-                **maps,
-            ),
-            TileRow(
-                f"saliency\ntowards {predicted_name}\n(predicted)",
-                towards_predicted[start:stop],
-                outline=None if ink is None else ink[start:stop],
-                **maps,
-            ),
-        ]
+        rows = pairs.rows(
+            start,
+            stop,
+            f"saliency\ntowards {true_name}\n(true)",
+            f"saliency\ntowards {predicted_name}\n(predicted)",
+        )
         header = (
             f"true {true_name} predicted as {predicted_name}: {confusion.count} "
             f"image{'s' if confusion.count != 1 else ''}"
@@ -238,14 +309,11 @@ def plot_errors(
         start = stop
     notes = [
         "Saliency (∂ logit / ∂ pixel): red raises that class's logit, blue lowers it"
-        + ("; grey line: the object's outline (intensity 0.5)." if ink is not None else ".")
+        + pairs.outline_clause
         + " p(true), p(pred): probability of the true and of the predicted class."
     ]
-    if pixels.shape[1] > 1:
-        notes.append(
-            f"Maps: at every pixel, the signed gradient of the channel of largest |gradient| "
-            f"of the {pixels.shape[1]}."
-        )
+    if pairs.channels_note:
+        notes.append(pairs.channels_note)
     notes.append(
         f"One colour scale for every map, clipped at the {100 * ROBUST_QUANTILE:g}th "
         "percentile. The most confident mistakes first."

@@ -69,12 +69,12 @@ from torch import Tensor
 from torch.utils.data import IterableDataset
 
 from exigo._io import atomic_write_bytes
-from exigo.analyses.errors import ErrorSaliency, error_saliency
+from exigo.analyses.errors import ErrorSaliency, SaliencyPairs, error_saliency
 from exigo.analysis import Analysis, EpochContext, FigureInfo
 from exigo.data import display_pixels, gather
 from exigo.engine.training import given_label_scores
-from exigo.figures.colour_scale import ROBUST_QUANTILE, colour_limit
-from exigo.figures.tiles import TileBlock, TileRow, object_outline, tile_figure
+from exigo.figures.colour_scale import ROBUST_QUANTILE
+from exigo.figures.tiles import TileBlock, tile_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -603,14 +603,7 @@ def plot_suspects(
     """
     if not suspects:
         raise ValueError("plot_suspects needs at least one split with suspects")
-    pixels = pixels.detach().float().cpu()
-    towards_given = saliency.towards_true.detach().float().cpu().numpy()
-    towards_rival = saliency.towards_predicted.detach().float().cpu().numpy()
-    limit = colour_limit(saliency.towards_true, saliency.towards_predicted)
-    shown = pixels.permute(0, 2, 3, 1).numpy()  # (K, H, W, C)
-    tiles = shown[..., 0] if shown.shape[-1] == 1 else shown
-    ink = object_outline(pixels.numpy())  # (K, H, W), or None: no outline where it is wrong
-    maps = {"cmap": "RdBu_r", "limits": (-limit, limit), "bar": True, "clipped": (True, True)}
+    pairs = SaliencyPairs.of(pixels, saliency)  # drawn as the errors figure draws them
     blocks, start = [], 0
     for block in suspects:
         stop = start + block.indices.numel()
@@ -629,21 +622,9 @@ def plot_suspects(
                 strict=True,
             )
         ]
-        rows = [
-            TileRow("image", tiles[start:stop]),
-            TileRow(
-                "saliency\ntowards the\ngiven label",
-                towards_given[start:stop],
-                outline=None if ink is None else ink[start:stop],
-                **maps,
-            ),
-            TileRow(
-                "saliency\ntowards the\nrival class",
-                towards_rival[start:stop],
-                outline=None if ink is None else ink[start:stop],
-                **maps,
-            ),
-        ]
+        rows = pairs.rows(
+            start, stop, "saliency\ntowards the\ngiven label", "saliency\ntowards the\nrival class"
+        )
         header = (
             f"{name}: {block.count} suspected"
             + (
@@ -664,7 +645,8 @@ def plot_suspects(
         "Saliency (∂ logit / ∂ pixel) of the current model: red raises that class's logit, "
         f"blue lowers it; one colour scale, clipped at the {100 * ROBUST_QUANTILE:g}th "
         "percentile"
-        + ("; grey line: the object's outline (intensity 0.5)." if ink is not None else "."),
+        + pairs.outline_clause
+        + (f"\n{pairs.channels_note}" if pairs.channels_note else ""),
     )
 
 
