@@ -381,3 +381,19 @@ def test_planted_label_errors_dominate_the_top_of_the_ranking_on_mnist(mnist_roo
     issues = [row for row in read_csv(tmp_path / "label_issues.csv") if row["split"] == "train"]
     # measured: the first 100 suspects are all planted errors
     assert sum(int(row["index"]) in set(flipped.tolist()) for row in issues[:100]) >= 97
+
+
+def test_the_data_map_draws_every_suspect_when_it_samples():
+    from exigo.analyses.examples import plot_data_map
+
+    generator = torch.Generator().manual_seed(0)
+    count = 500
+    suspected = torch.zeros(count, dtype=torch.bool)
+    suspected[torch.randperm(count, generator=generator)[:60]] = True
+    figure = plot_data_map(
+        torch.rand(count, generator=generator), torch.rand(count, generator=generator) / 2,
+        torch.rand(count, generator=generator), suspected, title="map", epochs=2, limit=100,
+    )  # fmt: skip
+    all_points, rings = figure.axes[0].collections[:2]
+    assert len(all_points.get_offsets()) == 100 and len(rings.get_offsets()) == 60
+    assert "100 drawn: every suspect" in figure._suptitle.get_text()

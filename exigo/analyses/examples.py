@@ -475,8 +475,8 @@ def plot_data_map(
 ) -> Figure:
     """The data map: confidence against variability, coloured by correctness, suspects ringed.
 
-    With more than `limit` examples, a seeded random `limit` of them are drawn (every suspect
-    among them) and the subtitle says so.
+    With more than `limit` examples, every suspect is drawn and a seeded random sample of the
+    others fills up to `limit` points; the subtitle says so.
 
     Args:
         confidence: float [N], mean probability of the given label.
@@ -495,8 +495,14 @@ def plot_data_map(
 
     count = confidence.numel()
     shown = np.arange(count)
-    if count > limit:
-        shown = np.sort(np.random.default_rng(seed).choice(count, size=limit, replace=False))
+    if count > limit:  # every suspect, and a sample of the others (the legend counts them all)
+        flagged = np.flatnonzero(suspected.numpy())
+        others = np.flatnonzero(~suspected.numpy())
+        room = max(0, limit - flagged.size)
+        sample = np.random.default_rng(seed).choice(
+            others, size=min(room, others.size), replace=False
+        )
+        shown = np.sort(np.concatenate([flagged, sample]))
     x = variability.float().numpy()[shown]
     y = confidence.float().numpy()[shown]
     colour = correctness.float().numpy()[shown]
@@ -541,7 +547,7 @@ def plot_data_map(
     axes.legend(loc="lower right", fontsize=8)
     subtitle = f"{count:,} training examples"
     if count > limit:
-        subtitle += f", {limit:,} drawn at random"
+        subtitle += f", {shown.size:,} drawn: every suspect, the others at random"
     if epochs == 1:
         subtitle += "; one epoch: the variability needs two"
     figure.suptitle(f"{title}\n{subtitle}", fontsize=11)
