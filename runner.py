@@ -1,4 +1,4 @@
-"""Train a small CNN on MNIST and watch it learn (see `python runner.py --help`)."""
+"""Train an image classifier and watch it learn: MNIST by default (`python runner.py --help`)."""
 
 from exigo.cli import run_and_exit
 

@@ -23,9 +23,11 @@ What a run survives:
 
 - Another run on the same `save_dir`: it holds `save_dir/.lock` and the second run stops with
   `SaveDirError` before touching anything.
-- SIGINT (Ctrl-C) or SIGTERM: the run stops at the next batch or between two analyses,
-  drops the unfinished epoch, closes TensorBoard and raises `RunInterrupted`; a second signal
-  stops it at once. Every file is written atomically, so even `kill -9` leaves complete files.
+- SIGINT (Ctrl-C) or SIGTERM: the run stops at the next batch, between two analyses or at an
+  analysis' next forward pass, drops what is not committed (the epoch training and, beside
+  it, the epoch being analysed), closes TensorBoard and raises `RunInterrupted`; a second
+  signal stops it at once. Every file is written atomically, so even `kill -9` leaves complete
+  files.
 - A NaN or infinite loss: `RunDiverged` before any analysis sees the diverged model.
 - A failing analysis: logged with its traceback, skipped for that epoch, reported in
   `RunResult.failed_analyses`.

@@ -247,6 +247,7 @@ def test_second_process_on_the_same_save_dir_exits_2(tmp_path, tiny_cli, capsys)
     finally:
         holder.kill()
         holder.wait()
+        holder.stdout.close()
     assert main(args(tmp_path, "--epochs", "1")) == 0
 
 

@@ -691,6 +691,7 @@ def test_kill_9_in_the_first_epoch_then_the_next_run_puts_the_previous_one_back(
     finally:
         process.kill()  # SIGKILL: no handler, no cleanup
         process.wait()
+        process.stdout.close()
     capsys.readouterr()
     # the next run puts it back first, whatever it does next (here: an --lr that cannot work)
     assert main(args(tmp_path, "--epochs", "1", "--run-name", "r", "--lr", "1e39")) == 2

@@ -51,6 +51,7 @@ def test_lock_is_exclusive_between_processes_and_dies_with_its_holder(tmp_path):
     finally:
         holder.kill()  # SIGKILL: no chance to clean up
         holder.wait()
+        holder.stdout.close()
     with FolderLock(tmp_path) as lock:
         assert lock.held
         with pytest.raises(FolderLockedError):  # a second open file, even in one process

@@ -601,6 +601,7 @@ def test_a_worker_ends_when_its_run_is_killed(tmp_path):
     finally:
         run.kill()  # SIGKILL: the run cannot stop its worker itself
         run.wait()
+        run.stdout.close()
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if not alive(worker):

@@ -429,6 +429,7 @@ def test_second_run_refused_while_first_holds_the_folder(tmp_path):
     finally:
         holder.kill()  # dies without releasing anything itself
         holder.wait()
+        holder.stdout.close()
     result = run(tiny_config(tmp_path, epochs=1), TinyNet(), *make_blobs_pair(), console=quiet())
     assert len(result.history) == 1  # the dead holder's lock did not stay behind
 

@@ -8,10 +8,10 @@ $T$ training passes, budget $b$ (`--analysis-budget`) and $A$ the analyses' pass
   $F$ = `FREE_PIXEL_PASSES` / (pixels of one image) is an allowance every run has (about
   51,000 passes of a 28x28 image, 260 of a 3x224x224 one): a small run's analyses take
   seconds whatever their ratio to its training, and are never lowered;
-- otherwise every analysis that runs the model gets `scale` $s = \max(bT / A, 1/4)$ (it lowers
-  its own settings: fewer path steps, samples, ascent steps, coarser occlusion), and if the
-  lowered passes $A_s$ still exceed $bT$ they run every $k = \lceil A_s / bT \rceil$ epochs
-  (and after the last one).
+- otherwise every analysis that runs the model gets `scale` $s = \max((bT + F) / A, 1/4)$ (it
+  lowers its own settings: fewer path steps, samples, ascent steps, coarser occlusion), and if
+  the lowered passes $A_s$ still exceed $bT + F$ they run every
+  $k = \lceil A_s / (bT + F) \rceil$ epochs (and after the last one).
 
 `plan_budget` returns the one line the pipeline prints when it chose either.
 """

@@ -514,7 +514,9 @@ class Background:
         if running is not None:
             started = time.perf_counter()
             try:
-                _result_seeing_signals(running)
+                error = _exception_seeing_signals(running)
+                if error is not None:
+                    raise error
             finally:
                 self.session.timed("waiting for analyses", started)
 
@@ -545,16 +547,6 @@ class Background:
 #: another thread runs its Python handler only when the main thread runs Python code, and the
 #: background (an analysis) waits for that handler's flag.
 _WAKE_SECONDS = 0.1
-
-
-def _result_seeing_signals(running: Future[None]) -> None:
-    """`running.result()`, waking up every `_WAKE_SECONDS` so signal handlers run meanwhile."""
-    while True:
-        try:
-            running.result(timeout=_WAKE_SECONDS)
-            return
-        except FutureTimeout:
-            continue
 
 
 def _exception_seeing_signals(running: Future[None]) -> BaseException | None:
