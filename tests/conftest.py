@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from exigo.analysis import EpochContext
+from exigo.analysis import Analysis, EpochContext, FigureInfo
 from exigo.data import TensorImageDataset
 from exigo.figures.pool import FigurePool
 
@@ -132,3 +132,27 @@ def epoch_context(tmp_path: Path, analysis: object, **fields: object) -> EpochCo
         **fields,
     }
     return EpochContext(**values)
+
+
+def draw_card(text: str):
+    """A figure that shows `text` in large letters (module level: the figure worker imports it)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(3, 2))
+    axes = figure.add_subplot()
+    axes.set_axis_off()
+    axes.text(0.5, 0.5, text, ha="center", va="center", fontsize=20)
+    return figure
+
+
+class EpochCard(Analysis):
+    """Draws a card saying which epoch it is: each epoch's figure looks different."""
+
+    before_training = True
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.figures = (FigureInfo(name, name.capitalize(), f"A card for {name}."),)
+
+    def __call__(self, ctx: EpochContext) -> None:
+        ctx.draw_figure(self.name, draw_card, f"{self.name}\n{ctx.tag}", dpi=50)

@@ -9,36 +9,14 @@ from typing import Any
 
 import pytest
 import torch
-from matplotlib.figure import Figure
 
-from exigo.analysis import Analysis, EpochContext, FigureInfo
+from exigo.analysis import Analysis, EpochContext
 from exigo.compare import build_compare, main
 from exigo.config import Config
 from exigo.pipeline import run
 
 from browser import audit
-from conftest import TinyNet, make_blobs
-
-
-def draw_card(text: str) -> Figure:
-    figure = Figure(figsize=(3, 2))
-    axes = figure.add_subplot()
-    axes.set_axis_off()
-    axes.text(0.5, 0.5, text, ha="center", va="center", fontsize=20)
-    return figure
-
-
-class EpochCard(Analysis):
-    """Draws a card saying which epoch it is (as in test_report.py)."""
-
-    before_training = True
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.figures = (FigureInfo(name, name.capitalize(), f"A card for {name}."),)
-
-    def __call__(self, ctx: EpochContext) -> None:
-        ctx.draw_figure(self.name, draw_card, f"{self.name}\n{ctx.tag}", dpi=50)
+from conftest import EpochCard, TinyNet, make_blobs
 
 
 class Checks(Analysis):

@@ -352,7 +352,12 @@ def test_two_processes_record_every_example_and_resume_to_the_same_table(tmp_pat
 
 
 def flip_labels(targets: torch.Tensor, fraction: float, classes: int, seed: int):
-    """Flip `fraction` of the labels to another class chosen uniformly; (labels, flipped)."""
+    """Flip `fraction` of the labels to another class chosen uniformly; (labels, flipped).
+
+    The same flips as `bench/label_noise.py`'s `flip_labels` (keep them equal: the threshold
+    below quotes that benchmark); repeated rather than imported, as importing the benchmark
+    would run its path set-up.
+    """
     generator = torch.Generator().manual_seed(seed)
     count = round(fraction * targets.numel())
     flipped = torch.randperm(targets.numel(), generator=generator)[:count]

@@ -15,11 +15,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from matplotlib.figure import Figure
 from PIL import Image
 
 import exigo.report
-from exigo.analysis import Analysis, EpochContext, FigureInfo
 from exigo.config import Config
 from exigo.pipeline import run
 from exigo.report import (
@@ -40,7 +38,7 @@ from exigo.report import (
 )
 
 from browser import audit
-from conftest import TinyNet, make_blobs
+from conftest import EpochCard, TinyNet, make_blobs
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -356,27 +354,6 @@ def test_a_100_epoch_report_stays_bounded_and_each_rebuild_encodes_only_new_figu
 
 # ---------------------------------------------------------------------------------------------
 # in the pipeline
-
-
-def draw_card(text: str) -> Figure:
-    figure = Figure(figsize=(3, 2))
-    axes = figure.add_subplot()
-    axes.set_axis_off()
-    axes.text(0.5, 0.5, text, ha="center", va="center", fontsize=20)
-    return figure
-
-
-class EpochCard(Analysis):
-    """Draws a card saying which epoch it is: each epoch's figure looks different."""
-
-    before_training = True
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.figures = (FigureInfo(name, name.capitalize(), f"A card for {name}."),)
-
-    def __call__(self, ctx: EpochContext) -> None:
-        ctx.draw_figure(self.name, draw_card, f"{self.name}\n{ctx.tag}", dpi=50)
 
 
 def _tiny_run(save: Path, epochs: int = 3) -> Any:
