@@ -360,11 +360,10 @@ def _early_figure_pool(config: Config, console: Console) -> FigurePool | None:
     trains, and its first figure does not wait for them. Only on a machine with two CPUs or
     more, and not on the other processes of a torchrun job (rank 0 draws every figure).
     """
-    from exigo._system import available_cpus
-    from exigo.figures.pool import FigurePool
+    from exigo.figures.pool import FigurePool, figure_workers
 
-    if os.environ.get("RANK", "0") != "0" or available_cpus() < 2:
-        return None
+    if not figure_workers(is_main=os.environ.get("RANK", "0") == "0"):
+        return None  # run() says why the figures are drawn in the run's process
     # no projection, no t-SNE: openTSNE (and scikit-learn, 1 s) need not be imported
     preload = [m for m in WORKER_IMPORTS if m != "openTSNE" or config.projection_limit]
     pool = FigurePool(workers=1, preload=preload, log=console.print)

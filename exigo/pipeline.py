@@ -69,7 +69,7 @@ from exigo.engine.session import RunResult, Session
 from exigo.engine.signals import RunInterrupted, StopSignals
 from exigo.engine.training import DivergenceError
 from exigo.engine.world import World, open_world
-from exigo.figures.pool import FigurePool
+from exigo.figures.pool import FigurePool, figure_workers
 from exigo.models import OutputFn, check_model
 
 if TYPE_CHECKING:
@@ -401,7 +401,7 @@ def _event_log(session: Session) -> Iterator[None]:
 
 def _figure_pool(analyses: Sequence[Analysis], world: World, console: Console) -> FigurePool:
     """The run's figure pool: one worker process on rank 0 when there are two CPUs or more."""
-    workers = 1 if world.is_main and available_cpus() >= 2 else 0
+    workers = figure_workers(world.is_main)
     if world.is_main and not workers:
         console.print("figures are drawn in the run's process: only one CPU is available")
     preload = [module for analysis in analyses for module in analysis.worker_imports]

@@ -481,10 +481,10 @@ def test_mnist_layout_separates_the_digits(mnist_root, tmp_path):
 
 
 def test_the_layout_computed_in_the_helper_reaches_last_pt(tmp_path, monkeypatch):
-    from exigo import pipeline
+    from exigo import _system
     from exigo.engine.checkpoint import load_checkpoint
 
-    monkeypatch.setattr(pipeline, "available_cpus", lambda: 2)  # a figure worker, always
+    monkeypatch.setattr(_system, "available_cpus", lambda: 2)  # a figure worker, always
     train, held_out = make_blobs(96, seed=0), make_blobs(30, seed=1)
     projection = ProjectionAnalysis()
     config = Config(epochs=2, batch_size=16, lr=1e-2, save_dir=tmp_path / "save")

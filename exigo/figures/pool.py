@@ -62,7 +62,13 @@ if TYPE_CHECKING:
     from loky import ProcessPoolExecutor
     from matplotlib.figure import Figure
 
-__all__ = ["Drawn", "FigurePool", "RenderedFigure", "render_png"]
+__all__ = [
+    "Drawn",
+    "FigurePool",
+    "RenderedFigure",
+    "figure_workers",
+    "render_png",
+]
 
 
 @dataclass(frozen=True)
@@ -161,6 +167,24 @@ def _on_cpu(tree: Any) -> Any:
             return tree
         return values
     return tree
+
+
+def figure_workers(is_main: bool = True) -> int:
+    """How many figure worker processes a run's process gets: the one rule for every caller.
+
+    One on the process that draws (rank 0 under torchrun) when two CPUs or more are
+    available: it draws while the run trains on the other. None otherwise: the figures are
+    drawn in the run's process.
+
+    Args:
+        is_main: this process draws the run's figures.
+
+    Returns:
+        1 or 0.
+    """
+    from exigo._system import available_cpus
+
+    return 1 if is_main and available_cpus() >= 2 else 0
 
 
 #: How often a worker checks that the process that started it is still alive.
