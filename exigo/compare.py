@@ -41,10 +41,13 @@ from exigo.report import (
     embed_frames,
     embedding_plan,
     format_metric,
+    frame_costs,
     metric_label,
+    metric_points,
     read_run,
     render_page,
     size_text,
+    small_cost,
     step_label,
 )
 
@@ -152,18 +155,11 @@ def build_compare(run_a: str | Path, run_b: str | Path) -> str:
 
     series_a = [stems_a[stem] for stem in stems]
     series_b = [stems_b[stem] for stem in stems]
-    costs = {
-        step: sum(_base64(s.frames[step]) for s in [*series_a, *series_b] if step in s.frames)
-        for step in steps
-    }
+    both = [*series_a, *series_b]
     bests = [x for x in (a.folder.best, b.folder.best) if x in steps]
-
-    def small_cost(step: int) -> int:
-        return sum(
-            len(IMAGES.small(s.frames[step])) for s in [*series_a, *series_b] if step in s.frames
-        )
-
-    plan = embedding_plan(costs, bests[0] if bests else None, small_cost, also=bests[1:])
+    plan = embedding_plan(
+        frame_costs(both, steps), bests[0] if bests else None, small_cost(both), also=bests[1:]
+    )
     sections = [
         {
             "stem": stem,
@@ -277,12 +273,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _base64(path: Path) -> int:
-    from exigo._embed import base64_length
-
-    return base64_length(path.stat().st_size)
-
-
 def _scalars(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     names: list[str] = []
     for row in rows:
@@ -366,16 +356,11 @@ def _overlaid(
     *,
     percent: bool,
 ) -> Any:
-    def points(rows: Sequence[Mapping[str, Any]], key: str) -> list[tuple[int, float]]:
-        return [
-            (int(r["epoch"]), float(r[key])) for r in rows if isinstance(r.get(key), (int, float))
-        ]
-
     lines = [
-        ("A train", "series-0 dashed", points(rows_a, f"train_{metric}")),
-        ("A eval", "series-0", points(rows_a, f"eval_{metric}")),
-        ("B train", "series-1 dashed", points(rows_b, f"train_{metric}")),
-        ("B eval", "series-1", points(rows_b, f"eval_{metric}")),
+        ("A train", "series-0 dashed", metric_points(rows_a, f"train_{metric}")),
+        ("A eval", "series-0", metric_points(rows_a, f"eval_{metric}")),
+        ("B train", "series-1 dashed", metric_points(rows_b, f"train_{metric}")),
+        ("B eval", "series-1", metric_points(rows_b, f"eval_{metric}")),
     ]
     return chart(title, lines, percent=percent, width=520, height=230)
 

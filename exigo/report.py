@@ -70,13 +70,16 @@ __all__ = [
     "embed_frames",
     "embedding_plan",
     "format_metric",
+    "frame_costs",
     "line_chart",
     "metric_label",
+    "metric_points",
     "read_run",
     "render_page",
     "run_flags",
     "scalar_groups",
     "size_text",
+    "small_cost",
     "step_label",
     "write_animation",
     "write_report",
@@ -475,7 +478,7 @@ def line_chart(
         The laid-out `Chart`.
     """
     lines = [
-        (label, f"series-{index % 10}", _points(rows, key))
+        (label, f"series-{index % 10}", metric_points(rows, key))
         for index, (key, label) in enumerate(series.items())
     ]
     return chart(
@@ -489,7 +492,16 @@ def line_chart(
     )
 
 
-def _points(rows: Sequence[Mapping[str, Any]], key: str) -> list[tuple[int, float]]:
+def metric_points(rows: Sequence[Mapping[str, Any]], key: str) -> list[tuple[int, float]]:
+    """A chart line: `(epoch, value)` of every row where `key` is a finite number.
+
+    Args:
+        rows: metrics.json rows.
+        key: the metric.
+
+    Returns:
+        The points, in row order.
+    """
     return [(int(row["epoch"]), float(row[key])) for row in rows if _is_number(row.get(key))]
 
 
@@ -834,14 +846,32 @@ def _evenly_spaced(epochs: Sequence[int], most: int) -> list[int]:
     return sorted(chosen, key=lambda epoch: (-(epoch & -epoch), epoch))
 
 
-def _frame_costs(series: Sequence[FigureSeries], steps: Sequence[int]) -> dict[int, int]:
+def frame_costs(series: Sequence[FigureSeries], steps: Sequence[int]) -> dict[int, int]:
+    """Bytes each step's full-size figures add to a page (base64).
+
+    Args:
+        series: the figure series on the page.
+        steps: the page's steps.
+
+    Returns:
+        Step -> bytes.
+    """
     return {
         step: sum(base64_length(s.frames[step].stat().st_size) for s in series if step in s.frames)
         for step in steps
     }
 
 
-def _small_cost(series: Sequence[FigureSeries]) -> Callable[[int], int]:
+def small_cost(series: Sequence[FigureSeries]) -> Callable[[int], int]:
+    """What a step's half-size WebP copies would add to a page instead.
+
+    Args:
+        series: the figure series on the page.
+
+    Returns:
+        A function: step -> bytes.
+    """
+
     def cost(step: int) -> int:
         return sum(len(IMAGES.small(s.frames[step])) for s in series if step in s.frames)
 
@@ -1029,7 +1059,7 @@ def build_report(save_dir: str | Path) -> str:
     rows, series, best = folder.rows, folder.series, folder.best
     steps = folder.steps
     current = steps[-1] if steps else None
-    plan = embedding_plan(_frame_costs(series, steps), best, _small_cost(series))
+    plan = embedding_plan(frame_costs(series, steps), best, small_cost(series))
     sections = [
         {
             "stem": s.stem,
