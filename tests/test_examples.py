@@ -1,7 +1,6 @@
 """Training dynamics and suspected label errors: exact summaries, files, resume, torchrun, MNIST."""
 
 import csv
-import io
 import math
 import signal
 import textwrap
@@ -9,9 +8,8 @@ import textwrap
 import pytest
 import torch
 from PIL import Image
-from rich.console import Console
 from test_distributed import launch_two
-from test_reliability import SignalAt
+from test_reliability import SignalAt, quiet
 from torch.utils.data import IterableDataset
 
 from exigo.analyses import default_analyses
@@ -40,10 +38,6 @@ from exigo.engine.training import (
 from exigo.pipeline import RunInterrupted, run
 
 from conftest import TinyNet, epoch_context, make_blobs
-
-
-def quiet() -> Console:
-    return Console(file=io.StringIO(), width=200)
 
 
 def read_csv(path) -> list[dict[str, str]]:
