@@ -1,6 +1,9 @@
 import functools
 import math
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -65,6 +68,36 @@ def test_spearman_equals_scipy_row_by_row_with_ties_and_left_out_zeros():
         torch.testing.assert_close(actual, torch.tensor(expected, dtype=torch.float32))
     single = torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.0, 0.0, 5.0]])
     assert float(spearman(*single, ignore_joint_zeros=True)) == 0.0  # one value left
+
+
+def test_average_ranks_equal_scipy_rankdata_with_ties_and_left_out_positions():
+    from scipy.stats import rankdata
+
+    from exigo.analyses.sanity import _average_ranks
+
+    generator = np.random.default_rng(3)
+    rows = generator.integers(-3, 4, (7, 40)).astype(np.float64)  # blocks of ties, negatives
+    rows[1] = 5.0  # one block: every rank is (1 + 40) / 2
+    rows[2, ::3] = np.linspace(-1e-9, 1e-9, 14)  # distinct values a hair apart
+    kept = generator.random((7, 40)) > 0.3
+    kept[3] = False  # nothing kept: no rank to compare
+    kept[4] = True
+    ranks = _average_ranks(rows, kept)
+    for row, keep, got in zip(rows, kept, ranks, strict=True):
+        np.testing.assert_array_equal(got[keep], rankdata(row[keep], method="average"))
+    assert _average_ranks(np.empty((2, 0)), np.empty((2, 0), bool)).shape == (2, 0)
+
+
+def test_spearman_does_not_import_scipy_stats():
+    # 1 CPU-second of imports that held the interpreter lock against the training beside it
+    code = (
+        "import sys, torch\n"
+        "from exigo.analyses.sanity import spearman\n"
+        "spearman(torch.rand(3, 10), torch.rand(3, 10), ignore_joint_zeros=True)\n"
+        "assert 'scipy.stats' not in sys.modules, 'scipy.stats was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
 
 
 def test_ssim_closed_form_for_constant_images():
