@@ -111,21 +111,23 @@ def test_an_abbreviated_option_is_not_taken_for_a_longer_one(tmp_path, capsys):
     assert not (tmp_path / "save").exists()
 
 
-def test_the_largest_seed_reaches_the_t_sne_and_every_torch_seed(tmp_path):
-    from exigo.analyses._random import seeded
-    from exigo.analyses.projection import ProjectionAnalysis
-    from exigo.analyses.sanity import _SEED_OFFSET
+def test_the_largest_seed_reaches_every_seeded_analysis(tmp_path):
+    from exigo.analyses import default_analyses
 
-    seed = 2**63 - 1
-    config = tiny_config(tmp_path, epochs=1, seed=seed)
-    torch.manual_seed(config.seed)
-    projection = ProjectionAnalysis(limit=30, seed=seed)  # as default_analyses builds it
-    result = run(config, TinyNet(), *blobs_pair(), [projection], console=quiet())
+    seed = 2**63 - 1  # the largest the command line takes; numpy takes [0, 2**32)
+    config = tiny_config(tmp_path, epochs=1, seed=seed, projection_limit=30)
+    analyses = default_analyses(config)  # t-SNE, class models, examples, attribution checks
+    assert {type(a).__name__ for a in analyses} >= {
+        "ProjectionAnalysis",
+        "ClassModelAnalysis",
+        "ExampleAnalysis",
+        "AttributionAnalysis",
+    }
+    torch.manual_seed(0)
+    result = run(config, TinyNet(), *blobs_pair(), analyses, console=quiet())
     assert result.failed_analyses == []
-    assert (tmp_path / "plots" / "tsne_1.png").exists()
-    torch.Generator().manual_seed(seed)  # shuffling, class models' jitter
-    with seeded(_SEED_OFFSET + seed, torch.device("cpu")):  # the attribution checks' seed
-        torch.rand(1)
+    for name in ("tsne", "class_models", "data_map", "attribution_checks"):
+        assert (tmp_path / "plots" / f"{name}_1.png").exists(), name
 
 
 def test_numpy_seed_keeps_small_seeds_and_folds_large_ones():
