@@ -1,13 +1,15 @@
 """Benchmark exigo's t-SNE step (openTSNE) on real MNIST embeddings, and its warm start.
 
-    python bench/tsne.py --data-dir ../shared/mnist [--repeats 3] [--points 2000] [--only speed]
+    python bench/tsne.py --data-dir ../shared/mnist [--repeats 3] [--points 2000] [--only theta]
 
 1. Trains the default CNN for 2 epochs once (the embeddings are cached in --cache) and keeps
    the held-out embeddings [2000, 128] after epochs 1 and 2.
 2. speed: milliseconds per iteration for Barnes-Hut vs FFT gradients with 1 and 2 threads
    (interleaved rounds), exact vs Annoy neighbours, and the default step of epochs 1 and 2.
 3. iterations: quality of the first epoch's layout for shorter schedules.
-4. warm: epoch 2 started from epoch 1's layout, with and without early exaggeration and for
+4. theta: the Barnes-Hut angle of both epochs' default steps (CPU seconds, interleaved rounds,
+   and the quality measures below).
+5. warm: epoch 2 started from epoch 1's layout, with and without early exaggeration and for
    fewer iterations, against a fresh PCA start. Quality: KL divergence, the fraction of each
    point's 10 nearest neighbours in the embedding that stay among its 10 nearest in the layout,
    and the accuracy of a 10-nearest-neighbour vote on the true labels in the layout. Stability:
@@ -115,7 +117,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("/tmp/exigo-bench-tsne.pt"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--points", type=int, default=2000)
-    parser.add_argument("--only", choices=["speed", "iterations", "warm"], default=None)
+    parser.add_argument("--only", choices=["speed", "iterations", "theta", "warm"], default=None)
     args = parser.parse_args()
 
     kept = embeddings_after_epochs(args.data_dir, args.cache)
@@ -186,6 +188,37 @@ def main() -> None:
             print(
                 f"| {exaggerated} | {n_iter} | {median:.2f} | {kl:.3f} | {kept_fraction:.3f} | "
                 f"{label_accuracy:.3f} |"
+            )
+
+    if args.only in (None, "theta"):
+        print("\n## the Barnes-Hut angle theta (both epochs' default steps, one thread)\n")
+        print("Rounds interleaved; CPU seconds of this process, medians of --repeats.\n")
+        thetas = (0.5, 0.65, 0.8, 1.0)
+        cpu: dict[float, list[tuple[float, float]]] = {theta: [] for theta in thetas}
+        layouts: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+        for _ in range(args.repeats):
+            for theta in thetas:
+                started = time.process_time()
+                one = tsne_layout(first, seed=0, theta=theta, n_jobs=1)
+                middle = time.process_time()
+                two = tsne_layout(second, one, seed=0, theta=theta, n_jobs=1)
+                cpu[theta].append((middle - started, time.process_time() - middle))
+                layouts[theta] = (one, two)
+        print(
+            "| theta | epoch 1 CPU s | epoch 2 CPU s | kNN kept 1 / 2 | kNN label acc 1 / 2 | "
+            "KL 1 / 2 | moved / radius |"
+        )
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for theta in thetas:
+            one, two = layouts[theta]
+            kept_1, accuracy_1 = quality(first, one, labels)
+            kept_2, accuracy_2 = quality(second, two, labels)
+            print(
+                f"| {theta} | {statistics.median(c[0] for c in cpu[theta]):.2f} | "
+                f"{statistics.median(c[1] for c in cpu[theta]):.2f} | "
+                f"{kept_1:.3f} / {kept_2:.3f} | {accuracy_1:.3f} / {accuracy_2:.3f} | "
+                f"{kl_divergence(first, one, 30.0):.3f} / {kl_divergence(second, two, 30.0):.3f} | "
+                f"{moved(one, two):.3f} |"
             )
 
     if args.only in (None, "warm"):

@@ -127,6 +127,27 @@ def test_tsne_layout_separates_clusters_and_is_deterministic():
     )
 
 
+
+def test_tsne_layout_passes_the_barnes_hut_angle_to_opentsne():
+    import openTSNE
+
+    embeddings, labels = clusters()
+    seen = []
+    real = openTSNE.TSNEEmbedding
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("theta"))
+        return real(*args, **kwargs)
+
+    short = {"early_exaggeration_iter": 20, "n_iter": 20}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(openTSNE, "TSNEEmbedding", spy)
+        default = tsne_layout(embeddings, seed=0, **short)
+        exact = tsne_layout(embeddings, seed=0, theta=0.0, **short)
+    assert seen == [0.8, 0.0]  # the default, then exact repulsion
+    assert not torch.equal(default, exact)
+    assert knn_label_accuracy(exact, labels) == knn_label_accuracy(default, labels) == 1.0
+
 def test_tsne_layout_small_inputs():
     generator = torch.Generator().manual_seed(0)
     for count in (4, 5, 9):  # perplexity 30 lowered to (count - 1) / 3

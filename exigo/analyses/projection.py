@@ -157,6 +157,7 @@ def tsne_layout(
     n_iter: int | None = None,
     early_exaggeration_iter: int | None = None,
     negative_gradient_method: str = "bh",
+    theta: float = 0.8,
     neighbors: str = "exact",
     n_jobs: int | None = None,
 ) -> Tensor:
@@ -173,6 +174,12 @@ def tsne_layout(
     unless the embeddings moved them: on MNIST, points move a twentieth as far as with a fresh
     start, neighbours are preserved as well and the KL divergence is 6% higher
     (`bench/tsne.py`).
+    Barnes-Hut gradients treat a cell of points as one point at its centre when the cell's
+    size over its distance is below `theta`. 0.8 instead of openTSNE's 0.5, on 2,000 MNIST
+    points: 31% less CPU for the first epoch's step and 22% for a later one (the neighbour
+    search does not change), the same nearest-neighbour label accuracy (0.975), 0.2-0.4
+    points less neighbour preservation and a 3.5-4.3% higher KL divergence
+    (`bench/tsne.py --only theta`).
     The perplexity is lowered to what `K` points allow (`effective_perplexity`). The result
     depends only on the inputs and `seed` (exact neighbours, Barnes-Hut gradients computed
     point by point, whatever `n_jobs`).
@@ -188,6 +195,8 @@ def tsne_layout(
         early_exaggeration_iter: iterations of the exaggeration phase; None: 100 without
             `initialization`, 0 with it.
         negative_gradient_method: `"bh"` (Barnes-Hut, faster below ~10,000 points) or `"fft"`.
+        theta: the Barnes-Hut angle (0: exact repulsion; larger: coarser and faster); not used
+            by `"fft"`.
         neighbors: openTSNE's neighbour search, `"exact"` or `"annoy"`.
         n_jobs: threads openTSNE may use; None: half the CPUs this process may run on (its
             threads wait for each other every iteration, so on a busy machine more threads
@@ -239,6 +248,7 @@ def tsne_layout(
         start,
         affinities,
         negative_gradient_method=negative_gradient_method,
+        theta=theta,
         n_jobs=n_jobs,
         random_state=seed,
     )
