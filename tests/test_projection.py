@@ -127,7 +127,6 @@ def test_tsne_layout_separates_clusters_and_is_deterministic():
     )
 
 
-
 def test_tsne_layout_passes_the_barnes_hut_angle_to_opentsne():
     import openTSNE
 
@@ -147,6 +146,7 @@ def test_tsne_layout_passes_the_barnes_hut_angle_to_opentsne():
     assert seen == [0.8, 0.0]  # the default, then exact repulsion
     assert not torch.equal(default, exact)
     assert knn_label_accuracy(exact, labels) == knn_label_accuracy(default, labels) == 1.0
+
 
 def test_tsne_layout_small_inputs():
     generator = torch.Generator().manual_seed(0)
