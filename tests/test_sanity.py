@@ -70,6 +70,21 @@ def test_spearman_equals_scipy_row_by_row_with_ties_and_left_out_zeros():
     assert float(spearman(*single, ignore_joint_zeros=True)) == 0.0  # one value left
 
 
+def test_spearman_ranks_infinities_and_leaves_out_nans_as_scipy_does():
+    from scipy.stats import spearmanr
+
+    inf, nan = float("inf"), float("nan")
+    a = torch.tensor([[0.0, 0.0, 1.0, 2.0, inf, 3.0, -inf], [1.0, nan, 3.0, 2.0, 5.0, 4.0, 0.0]])
+    b = torch.tensor([[0.0, 0.0, 4.0, 3.0, 2.0, 1.0, 6.0], [2.0, 1.0, nan, 1.0, 4.0, 6.0, 3.0]])
+    for ignore in (False, True):
+        expected = []
+        for x, y in zip(a.double().numpy(), b.double().numpy(), strict=True):
+            kept = ~(np.isnan(x) | np.isnan(y)) & (((x != 0) | (y != 0)) if ignore else True)
+            expected.append(spearmanr(x[kept], y[kept]).statistic)
+        actual = spearman(a, b, ignore_joint_zeros=ignore)
+        torch.testing.assert_close(actual, torch.tensor(expected, dtype=torch.float32))
+
+
 def test_average_ranks_equal_scipy_rankdata_with_ties_and_left_out_positions():
     from scipy.stats import rankdata
 

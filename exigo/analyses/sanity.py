@@ -70,8 +70,10 @@ def spearman(first: Tensor, second: Tensor, *, ignore_joint_zeros: bool = False)
     r"""Spearman rank correlation of each row pair, with average ranks for ties.
 
     The Pearson correlation of the rows' average ranks (`_average_ranks`, all rows at once;
-    equal to `scipy.stats.spearmanr` row by row). A row that is constant (or has fewer than
-    two values left) has no ranking; its correlation is reported as 0, not NaN.
+    equal to `scipy.stats.spearmanr` row by row). Positions where either row is NaN are left
+    out (`spearmanr(..., nan_policy="omit")`); -inf and inf are ranked like other values. A
+    row that is constant (or has fewer than two values left) has no ranking; its correlation
+    is reported as 0, not NaN.
 
     Args:
         first: float tensor [N, ...]; each row is flattened.
@@ -90,6 +92,7 @@ def spearman(first: Tensor, second: Tensor, *, ignore_joint_zeros: bool = False)
     a_rows = first.detach().flatten(1).cpu().numpy().astype(np.float64)  # (N, D)
     b_rows = second.detach().flatten(1).cpu().numpy().astype(np.float64)
     kept = (a_rows != 0) | (b_rows != 0) if ignore_joint_zeros else np.ones(a_rows.shape, bool)
+    kept &= ~(np.isnan(a_rows) | np.isnan(b_rows))  # a NaN has no rank: its position is left out
     a_ranks, b_ranks = (_average_ranks(rows, kept) for rows in (a_rows, b_rows))
     mean_rank = (kept.sum(axis=1, keepdims=True) + 1) / 2  # that of any n average ranks
     a_centred = np.where(kept, a_ranks - mean_rank, 0.0)
@@ -109,7 +112,7 @@ def _average_ranks(rows: np.ndarray, kept: np.ndarray) -> np.ndarray:
     positions in sorted order) gets rank (s + e) / 2 + 1.
 
     Args:
-        rows: float array [N, D], finite where kept.
+        rows: float array [N, D], not NaN where kept (-inf and inf are ranked like any value).
         kept: bool array [N, D]; the other positions are left out (their rank is undefined).
 
     Returns:
@@ -118,7 +121,7 @@ def _average_ranks(rows: np.ndarray, kept: np.ndarray) -> np.ndarray:
     if rows.shape[1] == 0:
         return np.empty(rows.shape)
     positions = np.arange(rows.shape[1])
-    values = np.where(kept, rows, np.inf)  # left out: after every kept value
+    values = np.where(kept, rows, np.nan)  # left out: sorted after every kept value, inf too
     order = np.argsort(values, axis=1, kind="stable")
     ordered = np.take_along_axis(values, order, axis=1)
     starts = np.ones(ordered.shape, bool)  # where a block of equal values begins
