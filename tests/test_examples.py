@@ -22,6 +22,8 @@ from exigo.analyses.examples import (
     forgetting_events,
     issue_score,
     learned_epoch,
+    rescore,
+    rescore_count,
     summarise,
 )
 from exigo.cli import default_model
@@ -129,17 +131,35 @@ def test_the_training_pass_records_every_example_at_its_dataset_position(blobs):
 # ---------------------------------------------------------------- the analysis, by hand
 
 
+def lookup_net(classes: int = 3, size: int = 8) -> torch.nn.Sequential:
+    """Logits = the first `classes` pixels of the image's top row: hand-made end-of-epoch logits."""
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(size * size, classes, bias=False))
+    with torch.no_grad():
+        net[1].weight.zero_()
+        net[1].weight[:, :classes] = torch.eye(classes)
+    return net
+
+
 def hand_made_epoch(tmp_path, epoch: int, logged: list[str], **fields):
-    """A context for epoch `epoch`: 12 training and 6 held-out 8x8 images, 3 classes."""
+    """A context for epoch `epoch`: 12 training and 6 held-out 8x8 images, 3 classes.
+
+    Training pass: examples 4 and 7 lose to another class (margin 2 - 5 = -3), the rest win by
+    2. End-of-epoch model (`lookup_net` reads the logits from the images): 7 is learned (margin
+    2), 0 now loses to class 1 (margin 0 - 4 = -4), the rest as in the training pass.
+    """
     generator = torch.Generator().manual_seed(epoch)
-    train = TensorImageDataset(
-        torch.randn(12, 1, 8, 8, generator=generator), torch.arange(12) % 3, ["a", "b", "c"]
-    )
+    targets = torch.arange(12) % 3
+    train_logits = torch.nn.functional.one_hot(targets, 3).float() * 2
+    train_logits[[4, 7], (targets[[4, 7]] + 1) % 3] = 5.0  # 4 and 7: another class wins
+    end_logits = train_logits.clone()
+    end_logits[7] = torch.nn.functional.one_hot(targets[7], 3).float() * 2
+    end_logits[0] = torch.tensor([0.0, 4.0, 0.0])
+    images = 0.1 * torch.randn(12, 1, 8, 8, generator=generator)
+    images[:, 0, 0, :3] = end_logits
+    train = TensorImageDataset(images, targets, ["a", "b", "c"])
     held_out = TensorImageDataset(
         torch.randn(6, 1, 8, 8, generator=generator), torch.arange(6) % 3, ["a", "b", "c"]
     )
-    train_logits = torch.nn.functional.one_hot(train.targets, 3).float() * 2
-    train_logits[[4, 7], (train.targets[[4, 7]] + 1) % 3] = 5.0  # 4 and 7: another class wins
     dynamics = TrainingDynamics.empty(12)
     dynamics.record(torch.arange(12), train_logits, train.targets)
     val_logits = torch.nn.functional.one_hot(held_out.targets, 3).float() * 3
@@ -157,7 +177,7 @@ def hand_made_epoch(tmp_path, epoch: int, logged: list[str], **fields):
     torch.manual_seed(0)
     values = dict(
         epoch=epoch,
-        model=TinyNet(),
+        model=lookup_net(),
         eval=evaluation,
         train=TrainResult(loss=1.0, accuracy=0.8, seconds=1.0, images=12, dynamics=dynamics),
         train_data=train,
@@ -186,13 +206,38 @@ def test_analysis_writes_both_files_with_the_documented_columns(tmp_path):
     assert by_key["train", 4]["predicted"] == "2" and by_key["train", 4]["suspected"] == "1"
     assert float(by_key["train", 4]["score"]) == pytest.approx(-3.0, abs=1e-3)  # 2 - 5
     assert by_key["train", 0]["learned_epoch"] == "1" and by_key["train", 4]["learned_epoch"] == ""
+    # the lowest ceil(20% of 12) = 3 training scores (4, 7, then 0 first of the ties at 2) are
+    # re-scored by the end-of-epoch model: 0 now loses to class 1, 7 is learned
+    assert [int(by_key["train", i]["rescored"]) for i in range(12)] == [1] + [0] * 3 + [1] + [
+        0
+    ] * 2 + [1] + [0] * 4
+    assert float(by_key["train", 0]["score"]) == pytest.approx(-4.0, abs=1e-3)  # 0 - 4
+    assert by_key["train", 0]["predicted"] == "1" and by_key["train", 0]["suspected"] == "1"
+    assert float(by_key["train", 7]["score"]) == pytest.approx(2.0, abs=1e-3)
+    assert by_key["train", 7]["predicted"] == "1" and by_key["train", 7]["suspected"] == "0"
+    assert by_key["train", 7]["learned_epoch"] == ""  # the summaries keep the training records
+    # ranks follow the new scores; ties (score 2) in index order
+    assert [int(by_key["train", i]["rank"]) for i in range(12)] == [
+        1,
+        3,
+        4,
+        5,
+        2,
+        6,
+        7,
+        8,
+        9,
+        10,
+        11,
+        12,
+    ]
     assert by_key["held_out", 2]["predicted"] == "0"
     assert float(by_key["held_out", 2]["score"]) == pytest.approx(-1.0, abs=1e-3)  # 3 - 4
     issues = read_csv(tmp_path / "label_issues.csv")
     assert tuple(issues[0]) == ISSUE_COLUMNS
     assert [(row["split"], row["index"], row["given"], row["predicted"]) for row in issues] == [
+        ("train", "0", "0", "1"),
         ("train", "4", "1", "2"),
-        ("train", "7", "1", "2"),
         ("held_out", "2", "2", "0"),
     ]
     assert [row["rank"] for row in issues] == ["1", "2", "1"]
@@ -215,6 +260,37 @@ def test_analysis_writes_both_files_with_the_documented_columns(tmp_path):
     # an epoch recorded again (a resumed run repeats it) replaces that epoch and later ones
     analysis(hand_made_epoch(tmp_path, 2, logged))
     assert analysis.state_dict()["train"]["epochs"] == [1, 2]
+
+
+def test_without_the_rescore_the_training_records_rank_alone(tmp_path):
+    logged: list[str] = []
+    analysis = ExampleAnalysis(rescore_fraction=0.0)
+    for epoch in (1, 2):
+        analysis(hand_made_epoch(tmp_path, epoch, logged))
+    issues = read_csv(tmp_path / "label_issues.csv")
+    assert [(row["split"], row["index"], row["predicted"], row["rank"]) for row in issues] == [
+        ("train", "4", "2", "1"),
+        ("train", "7", "2", "2"),
+        ("held_out", "2", "0", "1"),
+    ]
+    rows = read_csv(tmp_path / "examples.csv")
+    assert all(row["rescored"] == "0" for row in rows)
+    with pytest.raises(ValueError, match="rescore_fraction must lie in"):
+        ExampleAnalysis(rescore_fraction=1.5)
+
+
+def test_rescore_count_and_rescore_on_hand_made_scores():
+    scores = torch.tensor([0.5, -1.0, math.nan, 3.0, 2.0, -2.0])
+    summary = summarise(scores[None].clone(), scores[None].clone())  # one epoch: score = margin
+    assert summary.rank.tolist() == [3, 2, 6, 5, 4, 1]  # NaN (never recorded) last
+    # ceil(rho * 5 recorded examples), at most 5; 0.2 * 5 is exactly 1 in floating point too
+    assert [rescore_count(summary, rho) for rho in (0.0, 0.2, 0.21, 0.6, 1.0)] == [0, 1, 2, 3, 5]
+    again = rescore(summary, torch.tensor([5, 1]), torch.tensor([4.0, -0.5]))
+    assert again.score.tolist()[:2] == [0.5, -0.5] and again.score[5] == 4.0
+    assert again.rank.tolist() == [2, 1, 6, 4, 3, 5]
+    assert again.suspected.tolist() == [False, True, False, False, False, False]
+    assert again.rescored.tolist() == [False, True, False, False, False, True]
+    assert again.aum is summary.aum and not summary.rescored.any()  # the rest is kept
 
 
 def test_an_iterable_dataset_skips_the_analysis_with_one_line(tmp_path):
