@@ -145,7 +145,8 @@ def hand_made_epoch(tmp_path, epoch: int, logged: list[str], **fields):
 
     Training pass: examples 4 and 7 lose to another class (margin 2 - 5 = -3), the rest win by
     2. End-of-epoch model (`lookup_net` reads the logits from the images): 7 is learned (margin
-    2), 0 now loses to class 1 (margin 0 - 4 = -4), the rest as in the training pass.
+    2), 0 loses to class 1 (margin 0 - 4 = -4; not re-scored, as its training margin is 2), the
+    rest as in the training pass.
     """
     generator = torch.Generator().manual_seed(epoch)
     targets = torch.arange(12) % 3
@@ -206,44 +207,29 @@ def test_analysis_writes_both_files_with_the_documented_columns(tmp_path):
     assert by_key["train", 4]["predicted"] == "2" and by_key["train", 4]["suspected"] == "1"
     assert float(by_key["train", 4]["score"]) == pytest.approx(-3.0, abs=1e-3)  # 2 - 5
     assert by_key["train", 0]["learned_epoch"] == "1" and by_key["train", 4]["learned_epoch"] == ""
-    # the lowest ceil(20% of 12) = 3 training scores (4, 7, then 0 first of the ties at 2) are
-    # re-scored by the end-of-epoch model: 0 now loses to class 1, 7 is learned
-    assert [int(by_key["train", i]["rescored"]) for i in range(12)] == [1] + [0] * 3 + [1] + [
-        0
-    ] * 2 + [1] + [0] * 4
-    assert float(by_key["train", 0]["score"]) == pytest.approx(-4.0, abs=1e-3)  # 0 - 4
-    assert by_key["train", 0]["predicted"] == "1" and by_key["train", 0]["suspected"] == "1"
+    # the suspected training examples, 4 and 7 (at most ceil(20% of 12) = 3), are re-scored by
+    # the end-of-epoch model: 7 is learned; 0, which the training pass got right, is not re-scored
+    assert [i for i in range(12) if by_key["train", i]["rescored"] == "1"] == [4, 7]
     assert float(by_key["train", 7]["score"]) == pytest.approx(2.0, abs=1e-3)
     assert by_key["train", 7]["predicted"] == "1" and by_key["train", 7]["suspected"] == "0"
     assert by_key["train", 7]["learned_epoch"] == ""  # the summaries keep the training records
+    assert float(by_key["train", 0]["score"]) == pytest.approx(2.0, abs=1e-3)
+    assert by_key["train", 0]["predicted"] == "0" and by_key["train", 0]["suspected"] == "0"
     # ranks follow the new scores; ties (score 2) in index order
-    assert [int(by_key["train", i]["rank"]) for i in range(12)] == [
-        1,
-        3,
-        4,
-        5,
-        2,
-        6,
-        7,
-        8,
-        9,
-        10,
-        11,
-        12,
-    ]
+    ranks = [int(by_key["train", i]["rank"]) for i in range(12)]
+    assert ranks == [2, 3, 4, 5, 1, 6, 7, 8, 9, 10, 11, 12]
     assert by_key["held_out", 2]["predicted"] == "0"
     assert float(by_key["held_out", 2]["score"]) == pytest.approx(-1.0, abs=1e-3)  # 3 - 4
     issues = read_csv(tmp_path / "label_issues.csv")
     assert tuple(issues[0]) == ISSUE_COLUMNS
     assert [(row["split"], row["index"], row["given"], row["predicted"]) for row in issues] == [
-        ("train", "0", "0", "1"),
         ("train", "4", "1", "2"),
         ("held_out", "2", "2", "0"),
     ]
-    assert [row["rank"] for row in issues] == ["1", "2", "1"]
-    assert ctx.metrics == {"examples/suspected_train": 2, "examples/suspected_held_out": 1}
+    assert [row["rank"] for row in issues] == ["1", "1"]
+    assert ctx.metrics == {"examples/suspected_train": 1, "examples/suspected_held_out": 1}
     assert logged == [
-        f"3 suspected label errors (top 17%: 2 training, 1 held-out): see "
+        f"2 suspected label errors (top 11%: 1 training, 1 held-out): see "
         f"{tmp_path / 'label_issues.csv'}"
     ]
     for name in ("data_map", "label_issues"):
@@ -262,19 +248,30 @@ def test_analysis_writes_both_files_with_the_documented_columns(tmp_path):
     assert analysis.state_dict()["train"]["epochs"] == [1, 2]
 
 
-def test_without_the_rescore_the_training_records_rank_alone(tmp_path):
+@pytest.mark.parametrize(
+    ("fraction", "expected"),
+    [
+        (0.0, [("train", "4", "2", "1"), ("train", "7", "2", "2")]),  # the training records
+        (0.05, [("train", "4", "2", "1"), ("train", "7", "2", "2")]),  # ceil(0.6): 4 only
+        (1.0, [("train", "4", "2", "1")]),  # both; 7 is cleared
+    ],
+)
+def test_the_rescore_fraction_caps_the_examples_re_scored(tmp_path, fraction, expected):
     logged: list[str] = []
-    analysis = ExampleAnalysis(rescore_fraction=0.0)
+    analysis = ExampleAnalysis(rescore_fraction=fraction)
     for epoch in (1, 2):
         analysis(hand_made_epoch(tmp_path, epoch, logged))
     issues = read_csv(tmp_path / "label_issues.csv")
     assert [(row["split"], row["index"], row["predicted"], row["rank"]) for row in issues] == [
-        ("train", "4", "2", "1"),
-        ("train", "7", "2", "2"),
+        *expected,
         ("held_out", "2", "0", "1"),
     ]
-    rows = read_csv(tmp_path / "examples.csv")
-    assert all(row["rescored"] == "0" for row in rows)
+    rescored = [int(row["index"]) for row in read_csv(tmp_path / "examples.csv")
+                if row["split"] == "train" and row["rescored"] == "1"]  # fmt: skip
+    assert rescored == {0.0: [], 0.05: [4], 1.0: [4, 7]}[fraction]
+
+
+def test_a_rescore_fraction_outside_0_1_is_refused():
     with pytest.raises(ValueError, match="rescore_fraction must lie in"):
         ExampleAnalysis(rescore_fraction=1.5)
 
@@ -283,8 +280,8 @@ def test_rescore_count_and_rescore_on_hand_made_scores():
     scores = torch.tensor([0.5, -1.0, math.nan, 3.0, 2.0, -2.0])
     summary = summarise(scores[None].clone(), scores[None].clone())  # one epoch: score = margin
     assert summary.rank.tolist() == [3, 2, 6, 5, 4, 1]  # NaN (never recorded) last
-    # ceil(rho * 5 recorded examples), at most 5; 0.2 * 5 is exactly 1 in floating point too
-    assert [rescore_count(summary, rho) for rho in (0.0, 0.2, 0.21, 0.6, 1.0)] == [0, 1, 2, 3, 5]
+    # the 2 scores below 0, at most ceil(rho * 5 recorded examples) (0.2 * 5 gives 1, not 2)
+    assert [rescore_count(summary, rho) for rho in (0.0, 0.2, 0.21, 0.6, 1.0)] == [0, 1, 2, 2, 2]
     again = rescore(summary, torch.tensor([5, 1]), torch.tensor([4.0, -0.5]))
     assert again.score.tolist()[:2] == [0.5, -0.5] and again.score[5] == 4.0
     assert again.rank.tolist() == [2, 1, 6, 4, 3, 5]
