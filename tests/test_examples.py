@@ -451,8 +451,13 @@ def test_planted_label_errors_dominate_the_top_of_the_ranking_on_mnist(mnist_roo
     # bench/label_noise.py, one torch thread); the margin allows for other CPUs' rounding
     assert precision >= 0.94, precision
     issues = [row for row in read_csv(tmp_path / "label_issues.csv") if row["split"] == "train"]
+    planted = set(flipped.tolist())
     # measured: the first 100 suspects are all planted errors
-    assert sum(int(row["index"]) in set(flipped.tolist()) for row in issues[:100]) >= 97
+    assert sum(int(row["index"]) in planted for row in issues[:100]) >= 97
+    # measured: 457 suspects hold 398 of the 400 planted errors (precision 0.871, recall 0.995);
+    # before the end-of-epoch re-score, 523 (0.761, 0.995)
+    listed = sum(int(row["index"]) in planted for row in issues)
+    assert listed / len(issues) >= 0.84 and listed / k >= 0.98, (listed, len(issues))
 
 
 def test_the_data_map_draws_every_suspect_when_it_samples():

@@ -708,9 +708,11 @@ def plot_suspects(
     return tile_figure(
         blocks,
         title,
-        "Suspicion: the given label's margin averaged over the latest half of the epochs, "
-        "below 0. Probabilities: training set from the last training pass, held-out set from "
-        "the last evaluation; rival: the strongest class other than the given label.\n"
+        "Suspicion: the given label's margin below 0, averaged over the latest half of the "
+        "epochs, or the end-of-epoch model's for the training examples it re-scored (column "
+        "rescored of examples.csv). Probabilities: from the latest pass (training set: the "
+        "end-of-epoch model, or the last training pass where not re-scored; held-out set: the "
+        "last evaluation); rival: the strongest class other than the given label.\n"
         "Saliency (∂ logit / ∂ pixel) of the current model: red raises that class's logit, "
         f"blue lowers it; one colour scale, clipped at the {100 * ROBUST_QUANTILE:g}th "
         "percentile"
