@@ -1,7 +1,7 @@
 """Planted label noise: how well does each method find it, and at what cost (issue 18).
 
     python bench/label_noise.py --data-dir ../shared/mnist [--noise 0.02 0.05 0.10]
-        [--repeats 3] [--flip-seed 0] [--json save/label_noise.json]
+        [--repeats 3] [--flip-seed 0] [--rescore-fraction 0.2] [--json save/label_noise.json]
 
 For each noise level, a seeded fraction of the training labels is flipped, each to another
 class chosen uniformly; the held-out set stays clean. Three methods then rank the training
@@ -10,7 +10,8 @@ flipped, so precision@k = recall@k):
 
 - **exigo**: `exigo.pipeline.run` with `ExampleAnalysis` as its only analysis (`runner.py`'s
   defaults: model, seed, epochs, threads); the ranking is `examples.csv`'s `rank` (training
-  dynamics recorded by the training passes, no extra pass over the data). Its own suspects
+  dynamics recorded by the training passes, the suspects re-scored by the end-of-epoch model;
+  `--rescore-fraction 0` ranks by the training records alone). Its own suspects
   (`label_issues.csv`) are scored as a set too.
 - **final loss**: the same run without any analysis, then one pass of the final model over the
   training set; ranked by each example's cross-entropy, highest first.
@@ -153,8 +154,15 @@ def pipeline_run(
     return model, result
 
 
-def exigo_ranking(config: Config, noisy: Any, held_out: Any, save_dir: Path) -> dict[str, Any]:
-    analysis = ExampleAnalysis(final_epoch=config.epochs, seed=config.seed)
+def exigo_ranking(
+    config: Config, noisy: Any, held_out: Any, save_dir: Path, rescore_fraction: float
+) -> dict[str, Any]:
+    analysis = ExampleAnalysis(
+        final_epoch=config.epochs,
+        seed=config.seed,
+        rescore_fraction=rescore_fraction,
+        batch_size=config.eval_batch_size,
+    )
     _, result = pipeline_run(config, noisy, held_out, [analysis], save_dir)
     with open(save_dir / "examples.csv", newline="") as handle:
         rows = [row for row in csv.DictReader(handle) if row["split"] == "train"]
@@ -275,6 +283,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="exigo vs plain runs, alternating")
     parser.add_argument("--recording-repeats", type=int, default=6)
     parser.add_argument("--no-cleanlab", action="store_true")
+    parser.add_argument(
+        "--rescore-fraction",
+        type=float,
+        default=0.2,
+        help="exigo's end-of-epoch re-score cap (ExampleAnalysis(rescore_fraction=)); 0: off",
+    )
     parser.add_argument("--json", type=Path, default=REPO / "save" / "label_noise.json")
     args, runner_args = parser.parse_known_args()
 
@@ -283,6 +297,7 @@ def main() -> None:
     train, held_out = load_mnist(config.data_dir, download=False)
     report: dict[str, Any] = {
         "threads": threads,
+        "rescore_fraction": args.rescore_fraction,
         "epochs": config.epochs,
         "train_size": len(train),
         "torch": torch.__version__,
@@ -301,7 +316,11 @@ def main() -> None:
                 order = ("exigo", "final loss") if repeat % 2 == 0 else ("final loss", "exigo")
                 for method in order:
                     save = Path(scratch) / f"{fraction}-{method}-{repeat}"
-                    work = exigo_ranking if method == "exigo" else final_loss_ranking
+                    work = (
+                        partial(exigo_ranking, rescore_fraction=args.rescore_fraction)
+                        if method == "exigo"
+                        else final_loss_ranking
+                    )
                     outcome, wall, cpu = timed(partial(work, config, noisy, held_out, save))
                     walls[method].append(wall)
                     cpus[method].append(cpu)

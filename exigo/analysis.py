@@ -99,11 +99,13 @@ class CostShape:
         probe_images: P, the fixed probe images.
         num_classes: K.
         image_shape: `(C, H, W)` of one image.
+        training_images: N, the training set's size (0: not known).
     """
 
     probe_images: int
     num_classes: int
     image_shape: tuple[int, int, int]
+    training_images: int = 0
 
 
 class Analysis:

@@ -337,6 +337,7 @@ def _plan_budget(session: Session) -> None:
         probe_images=probe.shape[0],
         num_classes=len(session.class_names),
         image_shape=tuple(probe.shape[1:]),  # type: ignore[arg-type]
+        training_images=len(session.train_data),
     )
     training_passes = session.world.samples_per_epoch(len(session.train_data))
     line = plan_budget(session.analyses, shape, training_passes, session.config.analysis_budget)

@@ -1,6 +1,7 @@
 """Training dynamics and suspected label errors: exact summaries, files, resume, torchrun, MNIST."""
 
 import csv
+import json
 import math
 import signal
 import textwrap
@@ -9,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 from test_distributed import launch_two
-from test_reliability import SignalAt, quiet
+from test_reliability import ArmSignal, SignalAt, quiet
 from torch.utils.data import IterableDataset
 
 from exigo.analyses import default_analyses
@@ -19,6 +20,7 @@ from exigo.analyses.examples import (
     ExampleAnalysis,
     area_under_margin,
     confidence_and_variability,
+    end_of_epoch_scores,
     forgetting_events,
     issue_score,
     learned_epoch,
@@ -26,6 +28,7 @@ from exigo.analyses.examples import (
     rescore_count,
     summarise,
 )
+from exigo.analysis import CostShape
 from exigo.cli import default_model
 from exigo.config import Config
 from exigo.data import TensorImageDataset, load_mnist
@@ -143,10 +146,11 @@ def lookup_net(classes: int = 3, size: int = 8) -> torch.nn.Sequential:
 def hand_made_epoch(tmp_path, epoch: int, logged: list[str], **fields):
     """A context for epoch `epoch`: 12 training and 6 held-out 8x8 images, 3 classes.
 
-    Training pass: examples 4 and 7 lose to another class (margin 2 - 5 = -3), the rest win by
-    2. End-of-epoch model (`lookup_net` reads the logits from the images): 7 is learned (margin
-    2), 0 loses to class 1 (margin 0 - 4 = -4; not re-scored, as its training margin is 2), the
-    rest as in the training pass.
+    Training pass: examples 4 and 7 lose to class (label + 1) % 3 (margin 2 - 5 = -3), the rest
+    win by 2. End-of-epoch model (`lookup_net` reads the logits from the images): 4 (label 1)
+    loses to class 0 instead (logits 6, 2, 0: margin -4), 7 is learned (margin 2), 0 loses to
+    class 1 (margin 0 - 4 = -4; not re-scored, as its training margin is 2), the rest as in the
+    training pass.
     """
     generator = torch.Generator().manual_seed(epoch)
     targets = torch.arange(12) % 3
@@ -154,6 +158,7 @@ def hand_made_epoch(tmp_path, epoch: int, logged: list[str], **fields):
     train_logits[[4, 7], (targets[[4, 7]] + 1) % 3] = 5.0  # 4 and 7: another class wins
     end_logits = train_logits.clone()
     end_logits[7] = torch.nn.functional.one_hot(targets[7], 3).float() * 2
+    end_logits[4] = torch.tensor([6.0, 2.0, 0.0])
     end_logits[0] = torch.tensor([0.0, 4.0, 0.0])
     images = 0.1 * torch.randn(12, 1, 8, 8, generator=generator)
     images[:, 0, 0, :3] = end_logits
@@ -190,7 +195,16 @@ def hand_made_epoch(tmp_path, epoch: int, logged: list[str], **fields):
     return epoch_context(tmp_path, ExampleAnalysis, **values)
 
 
-def test_analysis_writes_both_files_with_the_documented_columns(tmp_path):
+def test_analysis_writes_both_files_with_the_documented_columns(tmp_path, monkeypatch):
+    import exigo.analyses.examples as examples_module
+
+    shown, plot_suspects = [], examples_module.plot_suspects  # the suspects the figure draws
+
+    def spy(blocks, *args, **kwargs):
+        shown.append(blocks)
+        return plot_suspects(blocks, *args, **kwargs)
+
+    monkeypatch.setattr(examples_module, "plot_suspects", spy)
     logged: list[str] = []
     analysis = ExampleAnalysis(final_epoch=2)
     for epoch in (1, 2):
@@ -204,8 +218,10 @@ def test_analysis_writes_both_files_with_the_documented_columns(tmp_path):
         data = train if row["split"] == "train" else held_out
         assert int(row["given"]) == int(data[int(row["index"])][1])
     by_key = {(row["split"], int(row["index"])): row for row in rows}
-    assert by_key["train", 4]["predicted"] == "2" and by_key["train", 4]["suspected"] == "1"
-    assert float(by_key["train", 4]["score"]) == pytest.approx(-3.0, abs=1e-3)  # 2 - 5
+    # 4 is re-scored: the end-of-epoch model's margin (2 - 6) and choice (class 0), not the
+    # training pass' (2 - 5, class 2)
+    assert by_key["train", 4]["predicted"] == "0" and by_key["train", 4]["suspected"] == "1"
+    assert float(by_key["train", 4]["score"]) == pytest.approx(-4.0, abs=1e-3)
     assert by_key["train", 0]["learned_epoch"] == "1" and by_key["train", 4]["learned_epoch"] == ""
     # the suspected training examples, 4 and 7 (at most ceil(20% of 12) = 3), are re-scored by
     # the end-of-epoch model: 7 is learned; 0, which the training pass got right, is not re-scored
@@ -223,10 +239,17 @@ def test_analysis_writes_both_files_with_the_documented_columns(tmp_path):
     issues = read_csv(tmp_path / "label_issues.csv")
     assert tuple(issues[0]) == ISSUE_COLUMNS
     assert [(row["split"], row["index"], row["given"], row["predicted"]) for row in issues] == [
-        ("train", "4", "1", "2"),
+        ("train", "4", "1", "0"),
         ("held_out", "2", "2", "0"),
     ]
     assert [row["rank"] for row in issues] == ["1", "1"]
+    # the figure shows the re-scored probabilities and rival: softmax(6, 2, 0) at 1 and at 0
+    train_block, held_out_block = shown[-1]
+    assert train_block.indices.tolist() == [4] and train_block.rival.tolist() == [0]
+    expected = torch.tensor([6.0, 2.0, 0.0]).softmax(0)
+    torch.testing.assert_close(train_block.given_probability, expected[[1]])
+    torch.testing.assert_close(train_block.rival_probability, expected[[0]])
+    assert held_out_block.indices.tolist() == [2] and held_out_block.rival.tolist() == [0]
     assert ctx.metrics == {"examples/suspected_train": 1, "examples/suspected_held_out": 1}
     assert logged == [
         f"2 suspected label errors (top 11%: 1 training, 1 held-out): see "
@@ -252,8 +275,8 @@ def test_analysis_writes_both_files_with_the_documented_columns(tmp_path):
     ("fraction", "expected"),
     [
         (0.0, [("train", "4", "2", "1"), ("train", "7", "2", "2")]),  # the training records
-        (0.05, [("train", "4", "2", "1"), ("train", "7", "2", "2")]),  # ceil(0.6): 4 only
-        (1.0, [("train", "4", "2", "1")]),  # both; 7 is cleared
+        (0.05, [("train", "4", "0", "1"), ("train", "7", "2", "2")]),  # ceil(0.6): 4 only
+        (1.0, [("train", "4", "0", "1")]),  # both; 7 is cleared
     ],
 )
 def test_the_rescore_fraction_caps_the_examples_re_scored(tmp_path, fraction, expected):
@@ -269,6 +292,36 @@ def test_the_rescore_fraction_caps_the_examples_re_scored(tmp_path, fraction, ex
     rescored = [int(row["index"]) for row in read_csv(tmp_path / "examples.csv")
                 if row["split"] == "train" and row["rescored"] == "1"]  # fmt: skip
     assert rescored == {0.0: [], 0.05: [4], 1.0: [4, 7]}[fraction]
+
+
+def test_end_of_epoch_scores_come_from_the_logits_batch_by_batch():
+    logits = torch.tensor(
+        [[300.0, 0.0, 0.0], [0.0, 2.0, 1.0], [1.0, 1.0, -1.0], [0.0, 0.0, 5.0], [3.0, 0.0, 0.0]]
+    )
+    images = torch.zeros(5, 1, 8, 8)
+    images[:, 0, 0, :3] = logits
+    data = TensorImageDataset(images, torch.tensor([0, 1, 2, 0, 0]), ["a", "b", "c"])
+    model = lookup_net()
+    model.train()
+    indices, labels = torch.tensor([3, 0, 1]), torch.tensor([1, 1, 2])  # the records' labels
+    scores = end_of_epoch_scores(model, data, indices, labels, batch_size=2)
+    # margins from the logits: -300 stays -300 (log-probabilities would flatten it at -87.5)
+    assert scores.margins.tolist() == [-5.0, -300.0, -1.0]
+    assert scores.predictions.tolist() == [2, 0, 1] and scores.runner_up.tolist() == [2, 0, 1]
+    expected = logits[indices].softmax(1)[torch.arange(3), labels]
+    torch.testing.assert_close(scores.probabilities, expected)
+    assert model.training  # its mode is restored
+
+
+def test_the_rescore_declares_its_passes_and_runs_every_epoch():
+    shape = CostShape(
+        probe_images=10, num_classes=10, image_shape=(1, 28, 28), training_images=9000
+    )
+    analysis = ExampleAnalysis(shown=8)
+    assert analysis.cost(shape) == pytest.approx(0.2 * 9000 / 3 + 4 * 8)  # 600 + 32
+    analysis.scale, analysis.every = 0.5, 3  # what --analysis-budget may set
+    assert analysis.cost(shape) == pytest.approx(0.1 * 9000 / 3 + 4 * 8)
+    assert all(analysis.due(epoch, 10) for epoch in range(1, 11))  # it records every epoch
 
 
 def test_a_rescore_fraction_outside_0_1_is_refused():
@@ -322,21 +375,24 @@ def test_registered_by_default_and_its_files_are_replaced_by_the_next_run(tmp_pa
 # ---------------------------------------------------------------- resume and torchrun
 
 
-def tiny_run(save_dir, train, **changes):
+def tiny_run(save_dir, train, *extra, **changes):
     config = Config(
         epochs=3, batch_size=16, lr=1e-2, probe_size=3, save_dir=save_dir, run_name="r", **changes
     )
     torch.manual_seed(0)
-    analyses = [ExampleAnalysis(final_epoch=3)]
+    analyses = [ExampleAnalysis(final_epoch=3), *extra]
     return run(config, TinyNet(), train, make_blobs(30, seed=1), analyses, console=quiet())
 
 
 def test_resumed_run_gives_the_same_examples_table_as_an_uninterrupted_one(tmp_path):
     train = make_blobs(96, seed=0)
     tiny_run(tmp_path / "whole", train)
-    # SIGTERM in the middle of epoch 3 (96 reads per epoch, at most 8 more for the figure)
+    # SIGTERM in the middle of epoch 3: at its 40th of 96 training reads
+    stopping = SignalAt(train, None, signal.SIGTERM)
     with pytest.raises(RunInterrupted):
-        tiny_run(tmp_path / "stopped", SignalAt(train, 96 * 2 + 16 + 40, signal.SIGTERM))
+        tiny_run(tmp_path / "stopped", stopping, ArmSignal(stopping, epoch=2, reads=40))
+    committed = json.loads((tmp_path / "stopped" / "metrics.json").read_text())
+    assert [row["epoch"] for row in committed] == [1, 2]
     partial = read_csv(tmp_path / "stopped" / "examples.csv")  # epochs 1-2 kept
     tiny_run(tmp_path / "stopped", train, resume=True)
     for name in ("examples.csv", "label_issues.csv"):
@@ -354,32 +410,35 @@ WORKER = textwrap.dedent(
     from exigo.config import Config
     from exigo.pipeline import RunInterrupted, run
     from conftest import TinyNet, make_blobs
-    from test_reliability import SignalAt
+    from test_reliability import ArmSignal, SignalAt
 
     out = sys.argv[2]
     world = distributed.join("cpu", timeout=60.0)
 
-    def attempt(name, train, **changes):
+    def attempt(name, train, *extra, **changes):
         settings = dict(epochs=3, batch_size=8, lr=1e-2, probe_size=3, run_name="r")
         settings.update(changes)
         config = Config(save_dir=f"{out}/{name}", **settings)
         torch.manual_seed(0)
         try:
-            run(config, TinyNet(), train, make_blobs(30, seed=1), [ExampleAnalysis()],
+            run(config, TinyNet(), train, make_blobs(30, seed=1), [ExampleAnalysis(), *extra],
                 console=Console(file=io.StringIO()))
             return "done"
         except RunInterrupted:
             return "interrupted"
 
     train = make_blobs(97, seed=0)  # odd: the sampler pads one shard with a repeated example
+    # SIGTERM to rank 0 in epoch 3, at its 20th of 49 training reads
+    stopping = SignalAt(train, None, signal.SIGTERM)
     outcomes = {
         "frozen": attempt("frozen", train, lr=1e-12),
         "whole": attempt("whole", train),
-        # SIGTERM to rank 0 in epoch 3 (49 reads per epoch and process, 8 more for the figure)
-        "stopped": attempt("stopped", SignalAt(train, 49 * 2 + 16 + 20, signal.SIGTERM)
-                           if world.rank == 0 else train),
-        "resumed": attempt("stopped", train, resume=True),
+        "stopped": attempt("stopped", stopping, ArmSignal(stopping, epoch=2, reads=20))
+                   if world.rank == 0 else attempt("stopped", train),
     }
+    # the epochs the stop kept (rank 0 committed them before epoch 3 began on either rank)
+    outcomes["committed"] = [row["epoch"] for row in json.load(open(f"{out}/stopped/metrics.json"))]
+    outcomes["resumed"] = attempt("stopped", train, resume=True)
     json.dump(outcomes, open(f"{out}/outcomes{world.rank}.json", "w"))
     distributed.leave()
     """
@@ -392,6 +451,10 @@ def test_two_processes_record_every_example_and_resume_to_the_same_table(tmp_pat
     script.write_text(WORKER)
     finished = launch_two(tmp_path, "examples", script=script)
     assert [p.returncode for p in finished] == [0, 0], [p.stdout[-3000:] for p in finished]
+    for rank in (0, 1):  # the stop came in epoch 3: epochs 1 and 2 were kept, then resumed
+        outcomes = json.loads((tmp_path / f"outcomes{rank}.json").read_text())
+        assert outcomes["stopped"] == "interrupted" and outcomes["committed"] == [1, 2], outcomes
+        assert outcomes["resumed"] == "done"
     # a stop on rank 0 in epoch 3, resumed: the same table as the uninterrupted 2-process run
     for name in ("examples.csv", "label_issues.csv"):
         whole = (tmp_path / "whole" / name).read_bytes()

@@ -60,6 +60,24 @@ class SignalAt(Dataset):
         return self.data[index]
 
 
+class ArmSignal(Analysis):
+    """After `epoch`'s other analyses, arms `data` (a `SignalAt`) to signal `reads` reads later.
+
+    The next reads are the next epoch's training reads, whatever the analyses before it read
+    from the training set; listed last, so it runs after them (a generic dataset runs the
+    analyses after each epoch, not beside the next).
+    """
+
+    name = "arm"
+
+    def __init__(self, data: SignalAt, epoch: int, reads: int) -> None:
+        self.data, self.epoch, self.reads = data, epoch, reads
+
+    def __call__(self, ctx: EpochContext) -> None:
+        if ctx.epoch == self.epoch:
+            self.data.at = self.data.reads + self.reads
+
+
 class SignalAfterEpoch(Analysis):
     """An analysis that sends `signal_number` to this process at `epoch` (between analyses)."""
 

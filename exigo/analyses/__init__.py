@@ -62,7 +62,11 @@ def default_analyses(config: Config) -> list[Analysis]:
     analyses.append(SaliencyAnalysis())
     analyses.append(ClassModelAnalysis(seed=config.seed))
     analyses.append(ErrorAnalysis())
-    analyses.append(ExampleAnalysis(final_epoch=config.epochs, seed=config.seed))
+    analyses.append(
+        ExampleAnalysis(
+            final_epoch=config.epochs, seed=config.seed, batch_size=config.eval_batch_size
+        )
+    )
     if config.attribution_checks:
         analyses.append(AttributionAnalysis(seed=config.seed))
     return analyses

@@ -85,10 +85,11 @@ from torch import Tensor
 from torch.utils.data import IterableDataset
 
 from exigo._io import atomic_write_bytes
+from exigo._modes import evaluation_mode
 from exigo.analyses.errors import ErrorSaliency, SaliencyPairs, error_saliency
-from exigo.analysis import Analysis, EpochContext, FigureInfo
-from exigo.data import display_pixels, gather
-from exigo.engine.training import evaluate, given_label_scores
+from exigo.analysis import Analysis, CostShape, EpochContext, FigureInfo
+from exigo.data import display_pixels, gather, iterate_batches
+from exigo.engine.training import given_label_scores
 from exigo.figures.colour_scale import ROBUST_QUANTILE
 from exigo.figures.tiles import TileBlock, tile_figure
 
@@ -101,12 +102,14 @@ __all__ = [
     "ISSUES_FILE",
     "ISSUE_COLUMNS",
     "SPLITS",
+    "EndOfEpochScores",
     "ExampleAnalysis",
     "ExampleSummaries",
     "SplitHistory",
     "Suspects",
     "area_under_margin",
     "confidence_and_variability",
+    "end_of_epoch_scores",
     "examples_csv",
     "forgetting_events",
     "issue_score",
@@ -114,6 +117,8 @@ __all__ = [
     "learned_epoch",
     "plot_data_map",
     "plot_suspects",
+    "rescore",
+    "rescore_count",
     "summarise",
 ]
 
@@ -325,6 +330,63 @@ def rescore(summary: ExampleSummaries, indices: Tensor, margins: Tensor) -> Exam
     rescored = summary.rescored.clone()
     rescored[indices] = True
     return replace(summary, score=score, rank=_ranks(score), suspected=score < 0, rescored=rescored)
+
+
+@dataclass(frozen=True)
+class EndOfEpochScores:
+    r"""What the end-of-epoch model says of some examples (`end_of_epoch_scores`).
+
+    Attributes:
+        probabilities: float32 [C], $\mathrm{softmax}(f_E(x_i))_{y_i}$.
+        margins: float32 [C], $f_E(x_i)_{y_i} - \max_{k \ne y_i} f_E(x_i)_k$, from the logits.
+        predictions: int64 [C], $\operatorname{argmax}_k f_E(x_i)_k$.
+        runner_up: int64 [C], $\operatorname{argmax}_{k \ne y_i} f_E(x_i)_k$.
+    """
+
+    probabilities: Tensor
+    margins: Tensor
+    predictions: Tensor
+    runner_up: Tensor
+
+
+@torch.no_grad()
+def end_of_epoch_scores(
+    model: torch.nn.Module,
+    dataset: Any,
+    indices: Tensor,
+    labels: Tensor,
+    *,
+    batch_size: int = 500,
+    device: torch.device | str = "cpu",
+) -> EndOfEpochScores:
+    """One eval-mode forward pass over `dataset[indices]`: the given labels' scores only.
+
+    Keeps four numbers per example, not the logits or the embeddings, so re-scoring a large
+    share of a large training set stays small. The images are read as the training pass reads
+    them (`dataset[i]`, with any transform the dataset applies).
+
+    Args:
+        model: the classifier, [B, C, H, W] -> logits [B, K]; its modes are restored.
+        dataset: map-style `(image, label)` pairs.
+        indices: int64 [C], positions in `dataset`.
+        labels: int64 [C], the given labels $y_i$ (the training records').
+        batch_size: images per forward pass.
+        device: where the model lives.
+
+    Returns:
+        The `EndOfEpochScores`, on the CPU, in the order of `indices`.
+    """
+    parts = []
+    with evaluation_mode(model):
+        start = 0
+        for images, _ in iterate_batches(dataset, indices, batch_size):
+            given = labels[start : start + images.shape[0]].to(device)
+            start += images.shape[0]
+            logits = model(images.to(device, non_blocking=True)).float()
+            probabilities, margins, runner_up = given_label_scores(logits, given)
+            parts.append((probabilities, margins, logits.argmax(1), runner_up))
+    columns = [torch.cat(column).cpu() for column in zip(*parts, strict=True)]
+    return EndOfEpochScores(*columns)
 
 
 # ---------------------------------------------------------------- the history of one split
@@ -738,7 +800,9 @@ class ExampleAnalysis(Analysis):
         seed: seeds the data map's subsample of a large training set.
         rescore_fraction: the end-of-epoch model re-scores the training examples with a score
             below 0, at most this fraction $\rho$ of the set (the lowest; one eval-mode pass
-            over them, see the module docstring); 0 ranks by the training records alone.
+            over them, see the module docstring), times `scale` when `--analysis-budget`
+            lowers it; 0 ranks by the training records alone.
+        batch_size: images per forward pass of the re-score (`runner.py`: `--eval-batch-size`).
 
     Raises:
         ValueError: `rescore_fraction` outside [0, 1].
@@ -772,16 +836,44 @@ class ExampleAnalysis(Analysis):
         final_epoch: int | None = None,
         seed: int = 0,
         rescore_fraction: float = 0.2,
+        batch_size: int = 500,
     ) -> None:
         if not 0.0 <= rescore_fraction <= 1.0:
             raise ValueError(f"rescore_fraction must lie in [0, 1], got {rescore_fraction}")
         self.rescore_fraction = rescore_fraction
+        self.batch_size = batch_size
         self.shown = shown
         self.map_points = map_points
         self.final_epoch = final_epoch
         self.seed = seed
         self.histories = {split: SplitHistory.empty() for split in SPLITS}
         self._skip_said = False
+
+    def cost(self, shape: CostShape) -> float:
+        r"""The re-score's forward passes and the saliency of the suspects shown, per epoch.
+
+        At most $\lceil \rho N \rceil$ forward passes (a third of a training pass each) and
+        two gradients for each of at most `shown` suspects per split.
+
+        Args:
+            shape: probe size, classes, image shape and training set size $N$.
+
+        Returns:
+            $\rho N / 3 + 4 \cdot$ shown passes per epoch (an upper bound).
+        """
+        return self.rescore_fraction * self.scale * shape.training_images / 3 + 4 * self.shown
+
+    def due(self, epoch: int, last_epoch: int) -> bool:
+        """After every epoch, whatever `every` the budget chose: each epoch's records are needed.
+
+        Args:
+            epoch: the epoch just trained (1-based).
+            last_epoch: the run's last epoch.
+
+        Returns:
+            True.
+        """
+        return True
 
     def __call__(self, ctx: EpochContext) -> None:
         """Record the epoch, write both files and draw both figures."""
@@ -879,7 +971,7 @@ class ExampleAnalysis(Analysis):
         class in the history, and their probability and margin in `latest` (float [N] each,
         changed in place), which the suspects figure shows.
         """
-        count = rescore_count(summary, self.rescore_fraction)
+        count = rescore_count(summary, self.rescore_fraction * self.scale)
         if count == 0:
             return summary
         assert ctx.train_data is not None  # _skip_reason: the training pass recorded it
@@ -887,16 +979,19 @@ class ExampleAnalysis(Analysis):
         assert history.labels is not None and history.predictions is not None
         assert history.runner_up is not None
         indices = torch.argsort(summary.rank)[:count]
-        result = evaluate(ctx.model, ctx.train_data, indices=indices, device=ctx.device)
-        # as for the held-out set: log-probabilities give the logits' margin
-        probabilities, margins, runner_up = given_label_scores(
-            result.probabilities.clamp_min(1e-38).log(), history.labels[indices]
+        scores = end_of_epoch_scores(
+            ctx.model,
+            ctx.train_data,
+            indices,
+            history.labels[indices],
+            batch_size=self.batch_size,
+            device=ctx.device,
         )
-        history.predictions[indices] = result.predictions
-        history.runner_up[indices] = runner_up
-        latest[0][indices] = probabilities
-        latest[1][indices] = margins
-        return rescore(summary, indices, margins)
+        history.predictions[indices] = scores.predictions
+        history.runner_up[indices] = scores.runner_up
+        latest[0][indices] = scores.probabilities
+        latest[1][indices] = scores.margins
+        return rescore(summary, indices, scores.margins)
 
     def _draw_suspects(
         self,
