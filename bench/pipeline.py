@@ -85,9 +85,45 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _loop_seconds(timings: dict[str, float], before_training: dict[str, float]) -> float:
+    """Seconds of `run()`'s own thread that its timings account for.
+
+    With the analyses beside the next epoch, each epoch's analyses, figures and commit run on
+    the analyses' thread, at the same time as the next epoch's training: the loop's thread
+    spends only setup, the analyses before training, training, evaluation and the wait for
+    that thread (summing every phase would count the overlapped seconds twice and leave a
+    negative remainder). Otherwise every phase is the loop's.
+    """
+    if timings.get("waiting for analyses", 0.0) > 0:
+        loop = ("setup", "train", "evaluate", "waiting for analyses")
+        return sum(timings.get(phase, 0.0) for phase in loop) + sum(before_training.values())
+    return sum(timings.values())
+
+
 def _children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+def _reaped_children_cpu(timeout: float = 5.0) -> float:
+    """CPU seconds of this process' children, once every child has been reaped.
+
+    `run()` stops its figure worker without waiting for it; the executor's thread reaps it a
+    moment later, and only then do its CPU seconds count in `RUSAGE_CHILDREN` (read at once,
+    they were 0). Linux lists a process' live and unreaped children in
+    `/proc/self/task/*/children`; elsewhere this reads at once.
+    """
+    deadline = time.monotonic() + timeout
+    tasks = Path("/proc/self/task")
+    while tasks.is_dir() and time.monotonic() < deadline:
+        children = []
+        for task in tasks.iterdir():
+            with contextlib.suppress(OSError):
+                children += (task / "children").read_text().split()
+        if not children:
+            break
+        time.sleep(0.05)
+    return _children_cpu()
 
 
 def peak_rss_mb(usage: resource.struct_rusage) -> float:
@@ -131,7 +167,7 @@ def in_process(data_dir: Path, save_dir: Path, runner_args: list[str], verbose: 
     run_called, run_cpu = time.perf_counter(), time.process_time()
     result = exigo.pipeline.run(config, model, train_data, held_out, analyses, console=console)
     finished = time.perf_counter()
-    process_cpu, worker_cpu = time.process_time(), _children_cpu()  # the figure worker is reaped
+    process_cpu, worker_cpu = time.process_time(), _reaped_children_cpu()  # the figure worker
     if result.failed_analyses:
         raise SystemExit(f"the run recorded failures: {result.failed_analyses}")
 
@@ -171,7 +207,7 @@ def in_process(data_dir: Path, save_dir: Path, runner_args: list[str], verbose: 
         },
         "run_seconds": run_seconds,
         "run_cpu_seconds": process_cpu - run_cpu,
-        "outside_phases_seconds": run_seconds - sum(timings.values()),
+        "outside_phases_seconds": run_seconds - _loop_seconds(timings, before_training),
         "held_out_accuracy": history[-1]["eval_accuracy"],
         "process_seconds": finished - _STARTED,
         "process_cpu_seconds": process_cpu,
@@ -405,7 +441,7 @@ def table(report: dict[str, Any]) -> str:
     add("checkpoints (best.pt, last.pt)", f"{timings.get('checkpoints', 0.0):.2f} s")
     add("report.html", f"{timings.get('report', 0.0):.2f} s")
     add(
-        "`run()` outside these phases (TensorBoard open/close, gc, worker stop, ...)",
+        "`run()` outside its loop's phases (TensorBoard open/close, gc, worker stop, ...)",
         f"{phases['outside_phases_seconds']:.2f} s",
     )
     add(
