@@ -855,14 +855,14 @@ class ExampleAnalysis(Analysis):
     def cost(self, shape: CostShape) -> float:
         r"""The re-score's forward passes and the saliency of the suspects shown, per epoch.
 
-        At most $\lceil \rho N \rceil$ forward passes (a third of a training pass each) and
-        two gradients for each of at most `shown` suspects per split.
+        At most $\lceil \rho s N \rceil$ forward passes ($s$ = `scale`; a third of a training
+        pass each) and two gradients for each of at most `shown` suspects per split.
 
         Args:
             shape: probe size, classes, image shape and training set size $N$.
 
         Returns:
-            $\rho N / 3 + 4 \cdot$ shown passes per epoch (an upper bound).
+            $\rho s N / 3 + 4 \cdot$ shown passes per epoch (an upper bound).
         """
         return self.rescore_fraction * self.scale * shape.training_images / 3 + 4 * self.shown
 
