@@ -212,6 +212,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     analysis.add_argument(
+        "--rescore-fraction",
+        type=_number,
+        default=_DEFAULTS.rescore_fraction,
+        metavar="RHO",
+        help="the training examples suspected of a label error are re-scored by the "
+        "end-of-epoch model, at most this share of the training set (0: rank them by the "
+        "training passes alone) (default: %(default)s)",
+    )
+    analysis.add_argument(
         "--embedding-layer",
         default=_DEFAULTS.embedding_layer,
         metavar="NAME",

@@ -79,6 +79,10 @@ class Config:
     attribution_checks: bool = True
     """Compare attribution methods and sanity-check them."""
 
+    rescore_fraction: float = 0.2
+    """The suspected label errors of the training set that the end-of-epoch model re-scores,
+    at most this share of it (`exigo.analyses.examples`); 0: rank by the training records."""
+
     resume: bool = False
     """Continue the run in save_dir from its last completed epoch."""
 
@@ -162,6 +166,8 @@ class Config:
             )
         if not 0 < self.val_fraction < 1:
             problems.append(("val_fraction", f"must be in (0, 1), got {self.val_fraction}"))
+        if not 0 <= self.rescore_fraction <= 1:  # also rejects NaN
+            problems.append(("rescore_fraction", f"must be in [0, 1], got {self.rescore_fraction}"))
         if not 0 <= self.analysis_budget < math.inf:
             problems.append(
                 ("analysis_budget", f"must be a non-negative number, got {self.analysis_budget}")

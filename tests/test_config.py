@@ -29,6 +29,9 @@ def test_frozen():
         ("probe_size", 0),
         ("label_smoothing", 1.0),
         ("projection_limit", -1),
+        ("rescore_fraction", -0.1),
+        ("rescore_fraction", 1.5),
+        ("rescore_fraction", float("nan")),
     ],
 )
 def test_rejects_nonsense(field, value):

@@ -46,8 +46,8 @@ def default_analyses(config: Config) -> list[Analysis]:
 
     Args:
         config: the run's settings; `confusion_normalize`, `seed`, `attribution_checks`,
-            `projection_limit` (0 leaves the projection out) and `epochs` choose and configure
-            the analyses.
+            `projection_limit` (0 leaves the projection out), `rescore_fraction`,
+            `eval_batch_size` and `epochs` choose and configure the analyses.
 
     Returns:
         The t-SNE projection (when enabled) first: its t-SNE runs in the figure helper
@@ -64,7 +64,10 @@ def default_analyses(config: Config) -> list[Analysis]:
     analyses.append(ErrorAnalysis())
     analyses.append(
         ExampleAnalysis(
-            final_epoch=config.epochs, seed=config.seed, batch_size=config.eval_batch_size
+            final_epoch=config.epochs,
+            seed=config.seed,
+            rescore_fraction=config.rescore_fraction,
+            batch_size=config.eval_batch_size,
         )
     )
     if config.attribution_checks:
