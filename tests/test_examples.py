@@ -29,7 +29,7 @@ from exigo.analyses.examples import (
     summarise,
 )
 from exigo.analysis import CostShape
-from exigo.cli import default_model
+from exigo.cli import build_parser, config_from_args, default_model
 from exigo.config import Config
 from exigo.data import TensorImageDataset, load_mnist
 from exigo.engine.run_dir import RUN_OUTPUTS, PreviousRun
@@ -292,6 +292,17 @@ def test_the_rescore_fraction_caps_the_examples_re_scored(tmp_path, fraction, ex
     rescored = [int(row["index"]) for row in read_csv(tmp_path / "examples.csv")
                 if row["split"] == "train" and row["rescored"] == "1"]  # fmt: skip
     assert rescored == {0.0: [], 0.05: [4], 1.0: [4, 7]}[fraction]
+    # a cap that leaves suspects unchecked says so, once (epochs 1 and 2 both bind at 5%)
+    capped = [line for line in logged if "more than the cap" in line]
+    assert capped == (
+        [
+            "examples: 2 training examples suspected at epoch 1, more than the cap: the "
+            "end-of-epoch model re-scores the 1 lowest (rescore_fraction 0.05), the others "
+            "keep their training score (examples.csv: rescored 0)"
+        ]
+        if fraction == 0.05
+        else []
+    )
 
 
 def test_end_of_epoch_scores_come_from_the_logits_batch_by_batch():
@@ -362,6 +373,12 @@ def test_an_iterable_dataset_skips_the_analysis_with_one_line(tmp_path):
 
 def test_registered_by_default_and_its_files_are_replaced_by_the_next_run(tmp_path):
     assert any(isinstance(a, ExampleAnalysis) for a in default_analyses(Config()))
+    # runner.py's --rescore-fraction and --eval-batch-size reach it
+    config = config_from_args(
+        build_parser().parse_args(["--rescore-fraction", "0.05", "--eval-batch-size", "64"])
+    )
+    (examples,) = [a for a in default_analyses(config) if isinstance(a, ExampleAnalysis)]
+    assert (examples.rescore_fraction, examples.batch_size) == (0.05, 64)
     assert {"examples.csv", "label_issues.csv"} <= set(RUN_OUTPUTS)
     for name in ("examples.csv", "label_issues.csv"):
         (tmp_path / name).write_text("old\n")

@@ -647,7 +647,7 @@ def plot_data_map(
         facecolors="none",
         edgecolors="red",
         linewidths=0.8,
-        label=f"suspected label error ({int(suspected.sum())})",
+        label=f"suspected label error ({int(suspected.sum()):,})",
         rasterized=True,
     )
     figure.colorbar(points, ax=axes, label="correctness (fraction of epochs correct)")
@@ -760,7 +760,7 @@ def plot_suspects(
             start, stop, "saliency\ntowards the\ngiven label", "saliency\ntowards the\nrival class"
         )
         header = (
-            f"{name}: {block.count} suspected"
+            f"{name}: {block.count:,} suspected"
             + (
                 f", the {block.indices.numel()} most suspicious"
                 if block.count > stop - start
@@ -851,6 +851,7 @@ class ExampleAnalysis(Analysis):
         self.seed = seed
         self.histories = {split: SplitHistory.empty() for split in SPLITS}
         self._skip_said = False
+        self._cap_said = False
 
     def cost(self, shape: CostShape) -> float:
         r"""The re-score's forward passes and the saliency of the suspects shown, per epoch.
@@ -920,8 +921,8 @@ class ExampleAnalysis(Analysis):
             total = sum(summary.rank.numel() for summary in summaries.values())
             suspected = sum(counts.values())
             ctx.log(
-                f"{suspected} suspected label errors (top {100 * suspected / total:.2g}%: "
-                f"{counts['train']} training, {counts['held_out']} held-out): "
+                f"{suspected:,} suspected label errors (top {100 * suspected / total:.2g}%: "
+                f"{counts['train']:,} training, {counts['held_out']:,} held-out): "
                 f"see {issues_path}"
             )
 
@@ -974,7 +975,17 @@ class ExampleAnalysis(Analysis):
         class in the history, and their probability and margin in `latest` (float [N] each,
         changed in place), which the suspects figure shows.
         """
-        count = rescore_count(summary, self.rescore_fraction * self.scale)
+        fraction = self.rescore_fraction * self.scale
+        count = rescore_count(summary, fraction)
+        suspected = int(summary.suspected.sum())
+        if count < suspected and fraction > 0 and not self._cap_said:  # said once per run
+            ctx.log(
+                f"examples: {suspected:,} training examples suspected at epoch {ctx.epoch}, "
+                f"more than the cap: the end-of-epoch model re-scores the {count:,} lowest "
+                f"(rescore_fraction {fraction:g}), the others keep their training score "
+                "(examples.csv: rescored 0)"
+            )
+            self._cap_said = True
         if count == 0:
             return summary
         assert ctx.train_data is not None  # _skip_reason: the training pass recorded it
