@@ -54,13 +54,13 @@ $$ s_i \leftarrow m_i^{\text{end}} = f_E(x_i)_{y_i} - \max_{k \ne y_i} f_E(x_i)_
 so the top of the ranking compares examples under one model, as the held-out ranking does, and
 a re-scored example stays suspected only if the end-of-epoch model agrees. The others keep
 $s_i$; when more than $\lceil \rho N \rceil$ are suspected, those beyond the cap stay suspected
-on their training records alone (`rescored` = 0 in `examples.csv`). The images are read as the
-training pass reads them (`train_data[i]`, with any transform the dataset applies). On planted
-noise (`bench/label_noise.py`, MNIST, 2% / 5% / 10% flipped, three flip seeds) the re-score
-raised the mean precision@k from 0.9572 (`--rescore-fraction 0`) to 0.9667, with 3-12% of the
-training set re-scored; ranking by the final model's loss instead reaches 0.9628 (README,
-"Label noise"). An example is **suspected** when its score is below 0: its given label loses to
-another class.
+on their training records alone (`rescored` = 0 in `examples.csv`; the run says so once). The
+images are read as the training pass reads them (`train_data[i]`, with any transform the
+dataset applies). On planted noise (`bench/label_noise.py`, MNIST, 2% / 5% / 10% flipped,
+three flip seeds) the re-score raised the mean precision@k from 0.9572 (`--rescore-fraction 0`)
+to 0.9667, with 3-12% of the training set re-scored; ranking by the final model's loss instead
+reaches 0.9628 (README, "Label noise"). An example is **suspected** when its score is below
+0: its given label loses to another class.
 
 Outputs (rewritten atomically after every epoch): `examples.csv`, one row per example
 (`split`, `index` = position in the dataset given to `run()`, so `train_data[index]` is the
