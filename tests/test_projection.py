@@ -290,10 +290,13 @@ def test_analysis_writes_figures_keeps_points_and_carries_the_layout(tmp_path):
         "projection: t-SNE perplexity lowered from 30 to 14.7, the most 45 points allow "
         "((points - 1) / 3)"
     ]  # once, not every epoch
+    sizes = []
     for epoch in (1, 2):
         with Image.open(tmp_path / "plots" / f"tsne_{epoch}.png") as png:
-            png.load()
-            assert png.size == (902, 726)  # same size every epoch: frames of the report's GIF
+            sizes.append(png.size)
+    assert sizes[0] == sizes[1]  # same size every epoch: frames of the report's GIF
+    # about 9 x 7.25 inches at 100 dpi; the tight box moves a pixel between matplotlib versions
+    assert abs(sizes[0][0] - 902) <= 3 and abs(sizes[0][1] - 726) <= 3, sizes
 
     # resuming from the state after epoch 1 gives epoch 2's layout exactly
     resumed = ProjectionAnalysis(limit=45)
