@@ -90,11 +90,13 @@ from torch.utils.data import IterableDataset
 from exigo._io import atomic_write_bytes
 from exigo._modes import evaluation_mode
 from exigo.analyses.errors import ErrorSaliency, SaliencyPairs, error_saliency
+from exigo.analyses.label_votes import head_log_probabilities, neighbour_agreement, vote_order
 from exigo.analysis import Analysis, CostShape, EpochContext, FigureInfo
 from exigo.data import display_pixels, gather, iterate_batches
 from exigo.engine.training import given_label_scores
 from exigo.figures.colour_scale import ROBUST_QUANTILE
 from exigo.figures.tiles import TileBlock, tile_figure
+from exigo.models import embedding_module
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -110,6 +112,7 @@ __all__ = [
     "ExampleSummaries",
     "SplitHistory",
     "Suspects",
+    "Votes",
     "area_under_margin",
     "confidence_and_variability",
     "end_of_epoch_scores",
@@ -144,6 +147,8 @@ EXAMPLE_COLUMNS = (
     "learned_epoch",
     "score",
     "rescored",
+    "head_log_probability",
+    "neighbour_agreement",
     "rank",
     "suspected",
 )
@@ -245,9 +250,14 @@ class ExampleSummaries:
         forgetting_events: int64 [N].
         learned_epoch: int64 [N], 0 when not (yet) learned.
         score: float32 [N], the suspicion score $s_i$ (lower: more suspicious).
-        rank: int64 [N], 1-based rank by `score` (ties by index); 1 is the most suspicious.
+        rank: int64 [N], 1-based, 1 is the most suspicious: by `score` (ties by index), except
+            that `rescore` with votes puts the re-scored suspects first, in `vote_order`.
         suspected: bool [N], `score < 0`.
         rescored: bool [N], where `score` is the end-of-epoch model's margin (`rescore`).
+        head_log_probability: float32 [N], the held-out head's vote
+            (`exigo.analyses.label_votes.head_log_probabilities`); NaN where not voted.
+        neighbour_agreement: float32 [N], the held-out neighbours' vote
+            (`exigo.analyses.label_votes.neighbour_agreement`); NaN where not voted.
     """
 
     confidence: Tensor
@@ -260,6 +270,8 @@ class ExampleSummaries:
     rank: Tensor
     suspected: Tensor
     rescored: Tensor
+    head_log_probability: Tensor
+    neighbour_agreement: Tensor
 
 
 def _ranks(score: Tensor) -> Tensor:
@@ -294,6 +306,8 @@ def summarise(probabilities: Tensor, margins: Tensor) -> ExampleSummaries:
         rank=_ranks(score),
         suspected=score < 0,
         rescored=torch.zeros_like(score, dtype=torch.bool),
+        head_log_probability=torch.full_like(score, math.nan),
+        neighbour_agreement=torch.full_like(score, math.nan),
     )
 
 
@@ -314,16 +328,22 @@ def rescore_count(summary: ExampleSummaries, fraction: float) -> int:
     return min(int(summary.suspected.sum()), math.ceil(fraction * recorded - 1e-9))
 
 
-def rescore(summary: ExampleSummaries, indices: Tensor, margins: Tensor) -> ExampleSummaries:
+def rescore(
+    summary: ExampleSummaries, indices: Tensor, margins: Tensor, votes: Votes | None = None
+) -> ExampleSummaries:
     r"""The summaries with the scores at `indices` replaced by end-of-epoch margins.
 
-    $s_i \leftarrow m_i^{\text{end}}$ for $i$ in `indices`; `rank` and `suspected`
-    ($s_i < 0$) follow the new scores, `rescored` marks `indices`, every other summary stays.
+    $s_i \leftarrow m_i^{\text{end}}$ for $i$ in `indices`; `suspected` ($s_i < 0$) follows
+    the new scores, `rescored` marks `indices`, every other summary stays. Without `votes`,
+    `rank` follows the scores. With them, the re-scored suspects ($m_i^{\text{end}} < 0$) come
+    first, in `exigo.analyses.label_votes.vote_order` (the mean rank of the margin and the two
+    held-out votes), then every other example by its score.
 
     Args:
         summary: the split's summaries from `summarise`.
         indices: int64 [C], the positions re-scored.
         margins: float [C], the end-of-epoch model's margin of the given label there.
+        votes: the held-out votes on the same C examples, or None.
 
     Returns:
         New `ExampleSummaries`.
@@ -332,7 +352,48 @@ def rescore(summary: ExampleSummaries, indices: Tensor, margins: Tensor) -> Exam
     score[indices] = margins.float()
     rescored = summary.rescored.clone()
     rescored[indices] = True
-    return replace(summary, score=score, rank=_ranks(score), suspected=score < 0, rescored=rescored)
+    if votes is None:
+        return replace(
+            summary, score=score, rank=_ranks(score), suspected=score < 0, rescored=rescored
+        )
+    head = summary.head_log_probability.clone()
+    head[indices] = votes.head_log_probability.float()
+    agreement = summary.neighbour_agreement.clone()
+    agreement[indices] = votes.neighbour_agreement.float()
+    voted = margins < 0
+    first = indices[voted][
+        vote_order(margins[voted], votes.head_log_probability[voted],
+                   votes.neighbour_agreement[voted])
+    ]  # fmt: skip
+    others = torch.ones_like(score, dtype=torch.bool)
+    others[first] = False
+    rest = torch.nonzero(others).flatten()
+    rest = rest[torch.sort(torch.nan_to_num(score[rest], nan=math.inf), stable=True).indices]
+    rank = torch.empty_like(summary.rank)
+    rank[torch.cat([first, rest])] = torch.arange(1, score.numel() + 1)
+    return replace(
+        summary,
+        score=score,
+        rank=rank,
+        suspected=score < 0,
+        rescored=rescored,
+        head_log_probability=head,
+        neighbour_agreement=agreement,
+    )
+
+
+@dataclass(frozen=True)
+class Votes:
+    r"""The held-out set's two votes on some training labels (`exigo.analyses.label_votes`).
+
+    Attributes:
+        head_log_probability: float32 [C], $\log q(y_i \mid z_i)$ under the held-out head.
+        neighbour_agreement: float32 [C], the share of the nearest held-out examples with
+            label $y_i$.
+    """
+
+    head_log_probability: Tensor
+    neighbour_agreement: Tensor
 
 
 @dataclass(frozen=True)
@@ -344,12 +405,15 @@ class EndOfEpochScores:
         margins: float32 [C], $f_E(x_i)_{y_i} - \max_{k \ne y_i} f_E(x_i)_k$, from the logits.
         predictions: int64 [C], $\operatorname{argmax}_k f_E(x_i)_k$.
         runner_up: int64 [C], $\operatorname{argmax}_{k \ne y_i} f_E(x_i)_k$.
+        embeddings: float32 [C, D], $z_i$, the input of the model's classifier layer
+            (`exigo.models.embedding_module`), as the evaluation pass reads it.
     """
 
     probabilities: Tensor
     margins: Tensor
     predictions: Tensor
     runner_up: Tensor
+    embeddings: Tensor
 
 
 @torch.no_grad()
@@ -362,9 +426,9 @@ def end_of_epoch_scores(
     batch_size: int = 500,
     device: torch.device | str = "cpu",
 ) -> EndOfEpochScores:
-    """One eval-mode forward pass over `dataset[indices]`: the given labels' scores only.
+    """One eval-mode forward pass over `dataset[indices]`: the given labels' scores and embeddings.
 
-    Keeps four numbers per example, not the logits or the embeddings, so re-scoring a large
+    Keeps four numbers and the embedding per example, not the logits, so re-scoring a large
     share of a large training set stays small. The images are read as the training pass reads
     them (`dataset[i]`, with any transform the dataset applies).
 
@@ -380,14 +444,23 @@ def end_of_epoch_scores(
         The `EndOfEpochScores`, on the CPU, in the order of `indices`.
     """
     parts = []
+    captured: list[Tensor] = []
+
+    def keep_embedding(_module: torch.nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        captured.append(inputs[0].detach().flatten(1).float())
+
     with evaluation_mode(model):
-        start = 0
-        for images, _ in iterate_batches(dataset, indices, batch_size):
-            given = labels[start : start + images.shape[0]].to(device)
-            start += images.shape[0]
-            logits = model(images.to(device, non_blocking=True)).float()
-            probabilities, margins, runner_up = given_label_scores(logits, given)
-            parts.append((probabilities, margins, logits.argmax(1), runner_up))
+        handle = embedding_module(model).register_forward_pre_hook(keep_embedding)
+        try:
+            start = 0
+            for images, _ in iterate_batches(dataset, indices, batch_size):
+                given = labels[start : start + images.shape[0]].to(device)
+                start += images.shape[0]
+                logits = model(images.to(device, non_blocking=True)).float()
+                probabilities, margins, runner_up = given_label_scores(logits, given)
+                parts.append((probabilities, margins, logits.argmax(1), runner_up, captured[-1]))
+        finally:
+            handle.remove()
     columns = [torch.cat(column).cpu() for column in zip(*parts, strict=True)]
     return EndOfEpochScores(*columns)
 
@@ -508,6 +581,11 @@ def _number(value: float) -> str:
     return f"{value:.6g}"
 
 
+def _optional(value: float) -> str:
+    """`_number`, or an empty field for NaN (not computed)."""
+    return "" if math.isnan(value) else f"{value:.6g}"
+
+
 def examples_csv(
     histories: Mapping[str, SplitHistory], summaries: Mapping[str, ExampleSummaries]
 ) -> bytes:
@@ -543,6 +621,8 @@ def examples_csv(
                 [epoch or "" for epoch in learned],
                 map(_number, summary.score.tolist()),
                 [int(flag) for flag in summary.rescored.tolist()],
+                map(_optional, summary.head_log_probability.tolist()),
+                map(_optional, summary.neighbour_agreement.tolist()),
                 summary.rank.tolist(),
                 [int(flag) for flag in summary.suspected.tolist()],
                 strict=True,
@@ -852,6 +932,7 @@ class ExampleAnalysis(Analysis):
         self.histories = {split: SplitHistory.empty() for split in SPLITS}
         self._skip_said = False
         self._cap_said = False
+        self._votes_said = False
 
     def cost(self, shape: CostShape) -> float:
         r"""The re-score's forward passes and the saliency of the suspects shown, per epoch.
@@ -1005,7 +1086,37 @@ class ExampleAnalysis(Analysis):
         history.runner_up[indices] = scores.runner_up
         latest[0][indices] = scores.probabilities
         latest[1][indices] = scores.margins
-        return rescore(summary, indices, scores.margins)
+        return rescore(summary, indices, scores.margins, self._votes(ctx, scores, history, indices))
+
+    def _votes(
+        self, ctx: EpochContext, scores: EndOfEpochScores, history: SplitHistory, indices: Tensor
+    ) -> Votes | None:
+        """The held-out set's votes on the re-scored examples; None (said once) without one."""
+        assert ctx.eval is not None and history.labels is not None
+        reference, reference_labels = ctx.eval.embeddings, ctx.eval.targets
+        classes = int(torch.unique(reference_labels).numel())
+        if classes < 2 or reference.shape[1] != scores.embeddings.shape[1]:
+            if not self._votes_said:
+                why = (
+                    f"the held-out set has examples of {classes} class"
+                    if classes < 2
+                    else "the held-out embeddings and the training ones differ in size"
+                )
+                ctx.log(
+                    f"examples: no held-out votes ({why}): the re-scored suspects are "
+                    "ranked by the end-of-epoch margin alone"
+                )
+                self._votes_said = True
+            return None
+        labels = history.labels[indices]
+        return Votes(
+            head_log_probability=head_log_probabilities(
+                scores.embeddings, labels, reference, reference_labels, ctx.eval.num_classes
+            ),
+            neighbour_agreement=neighbour_agreement(
+                scores.embeddings, labels, reference, reference_labels
+            ),
+        )
 
     def _draw_suspects(
         self,
