@@ -62,12 +62,24 @@ to 0.9667, with 3-12% of the training set re-scored; ranking by the final model'
 reaches 0.9628 (README, "Label noise"). An example is **suspected** when its score is below
 0: its given label loses to another class.
 
+**The held-out set votes on the order.** The re-scored suspects come first in the ranking,
+ordered by the mean of three ranks (`exigo.analyses.label_votes.vote_order`): their
+end-of-epoch margin, the log-probability of the given label under a logistic regression fit
+on the held-out embeddings and labels, and the share of their 20 nearest held-out examples
+with the given label (`exigo.analyses.label_votes`; the embeddings come from the re-score
+pass and the evaluation pass). Every other example follows by its score. On the same planted
+noise this raised the mean precision@k from 0.9604 / 0.9675 / 0.9721 (2% / 5% / 10%) to
+0.9688 / 0.9742 / 0.9792, ahead of the final model's loss (0.9521 / 0.9633 / 0.9729) in every
+run. The votes trust the held-out labels; with a held-out set of one class there is nothing to
+fit, and the run says so once and orders the suspects by the margin alone.
+
 Outputs (rewritten atomically after every epoch): `examples.csv`, one row per example
 (`split`, `index` = position in the dataset given to `run()`, so `train_data[index]` is the
 image, `given`, `predicted` by the latest pass (the end-of-epoch re-score for a re-scored
 training example, else the last training pass; the last evaluation for a held-out one), the
 summaries, `score` = $s_i$, `rescored` (1 where $s_i$ is the end-of-epoch model's margin),
-`rank` within the split, 1 = most suspicious, and `suspected`), and `label_issues.csv`, the
+`head_log_probability` and `neighbour_agreement` (the held-out votes, on re-scored examples
+only), `rank` within the split, 1 = most suspicious, and `suspected`), and `label_issues.csv`, the
 suspected examples only (`split,index,given,predicted,score,rank`); the figures `data_map` and
 `label_issues` (the top suspects of each split with saliency towards the given label and towards
 the model's choice, drawn like the errors figure); and, after the last epoch, one console line.
