@@ -38,6 +38,7 @@ from exigo.engine.training import (
     EvalResult,
     TrainingDynamics,
     TrainResult,
+    evaluate,
     given_label_scores,
     train_epoch,
 )
@@ -328,6 +329,10 @@ def test_end_of_epoch_scores_come_from_the_logits_batch_by_batch():
     expected = logits[indices].softmax(1)[torch.arange(3), labels]
     torch.testing.assert_close(scores.probabilities, expected)
     assert model.training  # its mode is restored
+    # the embeddings are the evaluation pass': the classifier layer's input, same rows
+    evaluation = evaluate(model, data, batch_size=2, indices=indices)
+    assert torch.equal(scores.embeddings, evaluation.embeddings)
+    assert scores.embeddings.shape == (3, 64) and not scores.embeddings.requires_grad
 
 
 def test_the_rescore_declares_its_passes_and_runs_every_epoch():
@@ -578,3 +583,22 @@ def test_a_held_out_set_of_one_class_gives_no_votes_and_says_so_once(tmp_path):
     rows = [row for row in read_csv(tmp_path / "examples.csv") if row["split"] == "train"]
     assert all(row["head_log_probability"] == row["neighbour_agreement"] == "" for row in rows)
     assert [row["rescored"] for row in rows].count("1") == 2  # the re-score itself still runs
+
+
+def test_the_held_out_votes_abstain_on_a_class_the_held_out_set_lacks(tmp_path):
+    logged: list[str] = []
+    analysis = ExampleAnalysis()
+    for epoch in (1, 2):
+        ctx = hand_made_epoch(tmp_path, epoch, logged)
+        # held-out labels 0 and 2 only: suspect 4 (label 1) gets no vote, 7 (label 1) neither
+        no_b = replace(ctx.eval, targets=torch.tensor([0, 2, 2, 0, 2, 0]))
+        analysis(replace(ctx, eval=no_b))
+    said = [line for line in logged if "no example of class" in line]
+    assert said == [
+        "examples: the held-out set has no example of class b: the held-out votes abstain on "
+        "training suspects given that label (examples.csv: no vote)"
+    ]
+    rows = {int(row["index"]): row for row in read_csv(tmp_path / "examples.csv")
+            if row["split"] == "train"}  # fmt: skip
+    assert rows[4]["rescored"] == "1" and rows[4]["head_log_probability"] == ""
+    assert rows[4]["neighbour_agreement"] == "" and rows[4]["rank"] == "1"

@@ -125,3 +125,42 @@ def test_rescore_with_votes_puts_the_re_scored_suspects_first_in_vote_order():
     # without votes the ranks follow the scores: 2 (-1.5), 3 (-1), 0 (-0.2), 4, 1, 5
     plain = rescore(summary, indices, torch.tensor([-0.2, 2.0, -1.5]))
     assert plain.rank.tolist() == [3, 5, 1, 2, 4, 6]
+
+
+def test_two_classes_give_scikit_learns_binomial_fit_with_c_doubled():
+    reference, reference_labels = blobs(4, classes=2, per_class=25, dims=4)
+    judged, _ = blobs(5, classes=2, per_class=3, dims=4)
+    given = torch.tensor([0, 1, 0, 1, 0, 1])
+    ours = head_log_probabilities(judged, given, reference, reference_labels, 2, tolerance=1e-6)
+    data = reference.double().numpy()
+    mean, scale = data.mean(0), data.std(0)
+    oracle = LogisticRegression(C=2.0, tol=1e-10, max_iter=10_000)
+    oracle.fit((data - mean) / scale, reference_labels)
+    expected = oracle.predict_log_proba((judged.double().numpy() - mean) / scale)
+    np.testing.assert_allclose(ours.numpy(), expected[range(6), given], atol=5e-3)
+
+
+def test_a_fit_stopped_short_says_so_and_a_constant_dimension_stays_finite():
+    reference, reference_labels = blobs(6, classes=3, per_class=10, dims=3)
+    reference[:, 2] = 5.0  # no spread: scaled by 1, as scikit-learn's StandardScaler
+    judged = torch.tensor([[0.0, 0.0, 1e30]])
+    said: list[str] = []
+    value = head_log_probabilities(
+        judged, torch.tensor([1]), reference, reference_labels, 3, max_iterations=2, log=said.append
+    )
+    assert len(said) == 1 and said[0].startswith("the held-out head stopped after 2 L-BFGS")
+    assert torch.isfinite(value).all()
+    said.clear()
+    head_log_probabilities(
+        judged, torch.tensor([1]), reference, reference_labels, 3, log=said.append
+    )
+    assert said == []  # converged: nothing to say
+
+
+def test_an_abstaining_vote_counts_as_the_middle_rank():
+    margins = torch.tensor([-1.0, -3.0, -2.0])
+    head = torch.tensor([-0.5, math.nan, -2.0])  # suspect 1 has no head vote
+    agreement = torch.tensor([0.5, math.nan, 0.0])
+    # margin ranks 3 1 2; head 3 (2 middle) 1 over the two present stretched to 1..3; same for
+    # agreement -> sums 9, 5, 4
+    assert vote_order(margins, head, agreement).tolist() == [2, 1, 0]

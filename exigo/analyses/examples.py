@@ -459,7 +459,7 @@ def end_of_epoch_scores(
     captured: list[Tensor] = []
 
     def keep_embedding(_module: torch.nn.Module, inputs: tuple[Tensor, ...]) -> None:
-        captured.append(inputs[0].detach().flatten(1).float())
+        captured.append(inputs[0].detach().flatten(1).float().cpu())
 
     with evaluation_mode(model):
         handle = embedding_module(model).register_forward_pre_hook(keep_embedding)
@@ -867,7 +867,9 @@ def plot_suspects(
         title,
         "Suspicion: the given label's margin below 0, averaged over the latest half of the "
         "epochs, or the end-of-epoch model's for the training examples it re-scored (column "
-        "rescored of examples.csv). Probabilities: from the latest pass (training set: the "
+        "rescored of examples.csv); those re-scored come first, ordered by their margin and "
+        "the held-out set's two votes (columns head_log_probability, neighbour_agreement). "
+        "Probabilities: from the latest pass (training set: the "
         "end-of-epoch model, or the last training pass where not re-scored; held-out set: the "
         "last evaluation); rival: the strongest class other than the given label.\n"
         "Saliency (∂ logit / ∂ pixel) of the current model: red raises that class's logit, "
@@ -945,6 +947,7 @@ class ExampleAnalysis(Analysis):
         self._skip_said = False
         self._cap_said = False
         self._votes_said = False
+        self._said: set[str] = set()  # lines said once per run
 
     def cost(self, shape: CostShape) -> float:
         r"""The re-score's forward passes and the saliency of the suspects shown, per epoch.
@@ -1103,32 +1106,55 @@ class ExampleAnalysis(Analysis):
     def _votes(
         self, ctx: EpochContext, scores: EndOfEpochScores, history: SplitHistory, indices: Tensor
     ) -> Votes | None:
-        """The held-out set's votes on the re-scored examples; None (said once) without one."""
+        """The held-out set's votes on the re-scored training examples.
+
+        Args:
+            ctx: the epoch; its evaluation pass gives the held-out embeddings and labels.
+            scores: the re-score pass over `indices`, with their embeddings.
+            history: the training split's records (the given labels).
+            indices: int64 [C], the re-scored examples.
+
+        Returns:
+            The `Votes` (NaN for an example whose given class the held-out set lacks: no
+            opinion, said once per class), or None when the held-out set has examples of
+            fewer than two classes (said once).
+        """
         assert ctx.eval is not None and history.labels is not None
         reference, reference_labels = ctx.eval.embeddings, ctx.eval.targets
-        classes = int(torch.unique(reference_labels).numel())
-        if classes < 2 or reference.shape[1] != scores.embeddings.shape[1]:
+        present = torch.bincount(reference_labels, minlength=ctx.eval.num_classes) > 0
+        if int(present.sum()) < 2:
             if not self._votes_said:
-                why = (
-                    f"the held-out set has examples of {classes} class"
-                    if classes < 2
-                    else "the held-out embeddings and the training ones differ in size"
-                )
                 ctx.log(
-                    f"examples: no held-out votes ({why}): the re-scored suspects are "
-                    "ranked by the end-of-epoch margin alone"
+                    f"examples: no held-out votes (the held-out set has examples of "
+                    f"{int(present.sum())} class): the re-scored suspects are ranked by the "
+                    "end-of-epoch margin alone"
                 )
                 self._votes_said = True
             return None
         labels = history.labels[indices]
-        return Votes(
-            head_log_probability=head_log_probabilities(
-                scores.embeddings, labels, reference, reference_labels, ctx.eval.num_classes
-            ),
-            neighbour_agreement=neighbour_agreement(
-                scores.embeddings, labels, reference, reference_labels
-            ),
-        )
+
+        def say_once(line: str) -> None:
+            if line not in self._said:
+                ctx.log(f"examples: {line}")
+                self._said.add(line)
+
+        head = head_log_probabilities(
+            scores.embeddings, labels, reference, reference_labels, ctx.eval.num_classes,
+            log=say_once,
+        )  # fmt: skip
+        agreement = neighbour_agreement(scores.embeddings, labels, reference, reference_labels)
+        lacking = ~present[labels]
+        if bool(lacking.any()):
+            missing = sorted(set(labels[lacking].tolist()))
+            names = ", ".join(ctx.class_names[c] for c in missing[:5])
+            more = f" and {len(missing) - 5:,} more" if len(missing) > 5 else ""
+            say_once(
+                f"the held-out set has no example of class {names}{more}: the held-out votes "
+                "abstain on training suspects given that label (examples.csv: no vote)"
+            )
+            head[lacking] = math.nan
+            agreement[lacking] = math.nan
+        return Votes(head_log_probability=head, neighbour_agreement=agreement)
 
     def _draw_suspects(
         self,
