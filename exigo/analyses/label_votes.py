@@ -73,9 +73,10 @@ def head_log_probabilities(
     stops short of the minimum of this strictly convex objective (on the blobs of the tests,
     log-probabilities within 0.05 of it; on MNIST embeddings 0.2-0.4, which moved at most one
     planted error per run in or out of the top k of the nine benchmark runs against a fit to
-    $10^{-6}$ in float64). With exactly two classes present scikit-learn fits the binomial form instead:
-    the same model as this one with C doubled. On 2,000 MNIST embeddings of 128 values: about
-    25 evaluations, 0.05 s of one core (to $10^{-5}$: 0.1 s; in float64 to $10^{-6}$: 0.2 s).
+    $10^{-6}$ in float64). With exactly two classes present scikit-learn fits the binomial
+    form instead: the same model as this one with C doubled. On 2,000 MNIST embeddings of 128
+    values: about 25 evaluations, 0.05 s of one core (to $10^{-5}$: 0.1 s; in float64 to
+    $10^{-6}$: 0.2 s).
     Then $q(\cdot \mid z_i) = \mathrm{softmax}(W (z_i - \mu) / \sigma + b)$. Classes with no
     reference example get no weight and lose to every other class.
 
