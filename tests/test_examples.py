@@ -233,9 +233,10 @@ def test_analysis_writes_both_files_with_the_documented_columns(tmp_path, monkey
     assert by_key["train", 7]["learned_epoch"] == ""  # the summaries keep the training records
     assert float(by_key["train", 0]["score"]) == pytest.approx(2.0, abs=1e-3)
     assert by_key["train", 0]["predicted"] == "0" and by_key["train", 0]["suspected"] == "0"
-    # the held-out votes on the re-scored examples only (the values: tests/test_label_votes.py)
+    # the held-out votes on the re-scored examples that stay suspected only: 4, not 7 (the
+    # values: tests/test_label_votes.py)
     voted = [i for i in range(12) if by_key["train", i]["neighbour_agreement"] != ""]
-    assert voted == [4, 7]
+    assert voted == [4]
     assert all(by_key["train", i]["head_log_probability"] != "" for i in voted)
     assert all(row["head_log_probability"] == "" for row in rows if row["split"] == "held_out")
     # ranks follow the new scores; ties (score 2) in index order
@@ -602,3 +603,21 @@ def test_the_held_out_votes_abstain_on_a_class_the_held_out_set_lacks(tmp_path):
             if row["split"] == "train"}  # fmt: skip
     assert rows[4]["rescored"] == "1" and rows[4]["head_log_probability"] == ""
     assert rows[4]["neighbour_agreement"] == "" and rows[4]["rank"] == "1"
+
+
+def test_no_vote_is_taken_when_the_re_score_clears_every_suspect(tmp_path, monkeypatch):
+    import exigo.analyses.examples as examples_module
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("the head was fit with no suspect to order")
+
+    monkeypatch.setattr(examples_module, "head_log_probabilities", no_fit)
+    monkeypatch.setattr(examples_module, "neighbour_agreement", no_fit)
+    ctx = hand_made_epoch(tmp_path, 1, [])
+    images = ctx.train_data.images.clone()
+    images[4, 0, 0, :3] = torch.tensor([0.0, 6.0, 0.0])  # the end-of-epoch model learns 4 too
+    cleared = TensorImageDataset(images, ctx.train_data.targets, ctx.train_data.classes)
+    ExampleAnalysis()(replace(ctx, train_data=cleared))
+    rows = [row for row in read_csv(tmp_path / "examples.csv") if row["split"] == "train"]
+    assert [int(row["index"]) for row in rows if row["rescored"] == "1"] == [4, 7]
+    assert all(row["neighbour_agreement"] == "" and row["suspected"] == "0" for row in rows)

@@ -148,7 +148,8 @@ def test_a_fit_stopped_short_says_so_and_a_constant_dimension_stays_finite():
     value = head_log_probabilities(
         judged, torch.tensor([1]), reference, reference_labels, 3, max_iterations=2, log=said.append
     )
-    assert len(said) == 1 and said[0].startswith("the held-out head stopped after 2 L-BFGS")
+    # two iterations allow 2.5 evaluations, which the first iteration's line search uses up
+    assert len(said) == 1 and said[0].startswith("the held-out head stopped after 1 L-BFGS ")
     assert torch.isfinite(value).all()
     said.clear()
     head_log_probabilities(

@@ -78,10 +78,11 @@ Outputs (rewritten atomically after every epoch): `examples.csv`, one row per ex
 image, `given`, `predicted` by the latest pass (the end-of-epoch re-score for a re-scored
 training example, else the last training pass; the last evaluation for a held-out one), the
 summaries, `score` = $s_i$, `rescored` (1 where $s_i$ is the end-of-epoch model's margin),
-`head_log_probability` and `neighbour_agreement` (the held-out votes, on re-scored examples
-only), `rank` within the split, 1 = most suspicious, and `suspected`), and `label_issues.csv`, the
-suspected examples only (`split,index,given,predicted,score,rank`); the figures `data_map` and
-`label_issues` (the top suspects of each split with saliency towards the given label and towards
+`head_log_probability` and `neighbour_agreement` (the held-out votes, on the re-scored
+examples that stay suspected), `rank` within the split, 1 = most suspicious, and
+`suspected`), and `label_issues.csv`, the suspected examples only
+(`split,index,given,predicted,score,rank`); the figures `data_map` and `label_issues` (the top
+suspects of each split with saliency towards the given label and towards
 the model's choice, drawn like the errors figure); and, after the last epoch, one console line.
 """
 
@@ -267,7 +268,8 @@ class ExampleSummaries:
         suspected: bool [N], `score < 0`.
         rescored: bool [N], where `score` is the end-of-epoch model's margin (`rescore`).
         head_log_probability: float32 [N], the held-out head's vote
-            (`exigo.analyses.label_votes.head_log_probabilities`); NaN where not voted.
+            (`exigo.analyses.label_votes.head_log_probabilities`); NaN where not voted (only
+            the re-scored examples that stay suspected get votes).
         neighbour_agreement: float32 [N], the held-out neighbours' vote
             (`exigo.analyses.label_votes.neighbour_agreement`); NaN where not voted.
     """
@@ -355,7 +357,8 @@ def rescore(
         summary: the split's summaries from `summarise`.
         indices: int64 [C], the positions re-scored.
         margins: float [C], the end-of-epoch model's margin of the given label there.
-        votes: the held-out votes on the same C examples, or None.
+        votes: the held-out votes on the same C examples (NaN where not voted: those whose
+            margin is not below 0 are not ordered by them), or None.
 
     Returns:
         New `ExampleSummaries`.
@@ -946,8 +949,7 @@ class ExampleAnalysis(Analysis):
         self.histories = {split: SplitHistory.empty() for split in SPLITS}
         self._skip_said = False
         self._cap_said = False
-        self._votes_said = False
-        self._said: set[str] = set()  # lines said once per run
+        self._said: set[str] = set()  # lines said once per run (`_say_once`)
 
     def cost(self, shape: CostShape) -> float:
         r"""The re-score's forward passes and the saliency of the suspects shown, per epoch.
@@ -1106,7 +1108,10 @@ class ExampleAnalysis(Analysis):
     def _votes(
         self, ctx: EpochContext, scores: EndOfEpochScores, history: SplitHistory, indices: Tensor
     ) -> Votes | None:
-        """The held-out set's votes on the re-scored training examples.
+        """The held-out set's votes on the re-scored examples that stay suspected.
+
+        Only those are ordered by the votes (`rescore`); the others get NaN (no vote), and
+        when none stays suspected nothing is fit.
 
         Args:
             ctx: the epoch; its evaluation pass gives the held-out embeddings and labels.
@@ -1115,46 +1120,51 @@ class ExampleAnalysis(Analysis):
             indices: int64 [C], the re-scored examples.
 
         Returns:
-            The `Votes` (NaN for an example whose given class the held-out set lacks: no
-            opinion, said once per class), or None when the held-out set has examples of
-            fewer than two classes (said once).
+            The `Votes`, [C] each (NaN where not voted, and for a suspect whose given class
+            the held-out set lacks: no opinion, said once), or None when the held-out set has
+            examples of fewer than two classes (said once).
         """
         assert ctx.eval is not None and history.labels is not None
         reference, reference_labels = ctx.eval.embeddings, ctx.eval.targets
         present = torch.bincount(reference_labels, minlength=ctx.eval.num_classes) > 0
         if int(present.sum()) < 2:
-            if not self._votes_said:
-                ctx.log(
-                    f"examples: no held-out votes (the held-out set has examples of "
-                    f"{int(present.sum())} class): the re-scored suspects are ranked by the "
-                    "end-of-epoch margin alone"
-                )
-                self._votes_said = True
+            self._say_once(
+                ctx,
+                f"examples: no held-out votes (the held-out set has examples of "
+                f"{int(present.sum())} class): the re-scored suspects are ranked by the "
+                "end-of-epoch margin alone",
+            )
             return None
-        labels = history.labels[indices]
-
-        def say_once(line: str) -> None:
-            if line not in self._said:
-                ctx.log(f"examples: {line}")
-                self._said.add(line)
-
-        head = head_log_probabilities(
-            scores.embeddings, labels, reference, reference_labels, ctx.eval.num_classes,
-            log=say_once,
-        )  # fmt: skip
-        agreement = neighbour_agreement(scores.embeddings, labels, reference, reference_labels)
+        head = torch.full_like(scores.margins, math.nan)
+        agreement = torch.full_like(scores.margins, math.nan)
+        voted = torch.nonzero(scores.margins < 0).flatten()
+        labels = history.labels[indices[voted]]
         lacking = ~present[labels]
         if bool(lacking.any()):
             missing = sorted(set(labels[lacking].tolist()))
             names = ", ".join(ctx.class_names[c] for c in missing[:5])
             more = f" and {len(missing) - 5:,} more" if len(missing) > 5 else ""
-            say_once(
-                f"the held-out set has no example of class {names}{more}: the held-out votes "
-                "abstain on training suspects given that label (examples.csv: no vote)"
+            self._say_once(
+                ctx,
+                f"examples: the held-out set has no example of class {names}{more}: the "
+                "held-out votes abstain on training suspects given that label (examples.csv: "
+                "no vote)",
             )
-            head[lacking] = math.nan
-            agreement[lacking] = math.nan
+        voters = voted[~lacking]
+        if voters.numel() > 0:
+            embeddings, given = scores.embeddings[voters], labels[~lacking]
+            head[voters] = head_log_probabilities(
+                embeddings, given, reference, reference_labels, ctx.eval.num_classes,
+                log=lambda line: self._say_once(ctx, f"examples: {line}"),
+            )  # fmt: skip
+            agreement[voters] = neighbour_agreement(embeddings, given, reference, reference_labels)
         return Votes(head_log_probability=head, neighbour_agreement=agreement)
+
+    def _say_once(self, ctx: EpochContext, line: str) -> None:
+        """`ctx.log(line)`, the first time this run says it."""
+        if line not in self._said:
+            ctx.log(line)
+            self._said.add(line)
 
     def _draw_suspects(
         self,

@@ -89,8 +89,9 @@ def head_log_probabilities(
         inverse_regularisation: C, scikit-learn's convention.
         max_iterations: L-BFGS iterations at most.
         tolerance: the fit stops once no gradient entry is larger.
-        log: told, in one line, when the fit stops at `max_iterations` short of `tolerance`
-            (the votes then come from that fit); None: nothing is said.
+        log: told, in one line, when the fit stops short of `tolerance` (at `max_iterations`,
+            or when the line search makes no progress; the votes then come from that fit);
+            None: nothing is said.
 
     Returns:
         float32 [C], each example's log-probability of its given label; $-\infty$ for a label
@@ -130,9 +131,10 @@ def head_log_probabilities(
         objective()  # the gradient where the fit stopped
     largest = max(float(weight.grad.abs().max()), float(bias.grad.abs().max()))
     if largest > tolerance and log is not None:
+        iterations = optimiser.state[weight]["n_iter"]
         log(
-            f"the held-out head stopped after {max_iterations} L-BFGS iterations with a "
-            f"gradient of {largest:.2g} (tolerance {tolerance:g}); its votes come from that fit"
+            f"the held-out head stopped after {iterations} L-BFGS iterations with a gradient "
+            f"of {largest:.2g} (tolerance {tolerance:g}); its votes come from that fit"
         )
     with torch.no_grad():
         log_q = log_q_of((embeddings.detach().to("cpu", torch.float32) - mean) / scale)
