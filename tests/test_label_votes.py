@@ -7,16 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy.stats import rankdata
 from sklearn.linear_model import LogisticRegression
 
 from exigo.analyses.examples import ExampleSummaries, Votes, rescore, summarise
-from exigo.analyses.label_votes import (
-    average_ranks,
-    head_log_probabilities,
-    neighbour_agreement,
-    vote_order,
-)
+from exigo.analyses.label_votes import head_log_probabilities, neighbour_agreement, vote_order
 
 
 def blobs(seed: int, classes: int, per_class: int, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,15 +71,6 @@ def test_neighbour_agreement_counts_the_nearest_held_out_labels():
     # k above the held-out size: all ten vote
     everyone = neighbour_agreement(judged, given, reference, reference_labels, k=50)
     assert everyone.tolist() == [0.5, 0.5, 0.5, 0.5]
-
-
-def test_average_ranks_agree_with_scipy():
-    values = torch.tensor([0.5, -1.0, 0.5, 2.0, 0.5, -1.0, 3.0])
-    assert average_ranks(values).tolist() == [4.0, 1.5, 4.0, 6.0, 4.0, 1.5, 7.0]
-    generator = torch.Generator().manual_seed(0)
-    many = torch.randint(0, 20, (500,), generator=generator).float() / 20  # many ties
-    np.testing.assert_array_equal(average_ranks(many).numpy(), rankdata(many, method="average"))
-    assert average_ranks(torch.zeros(0)).numel() == 0
 
 
 def test_vote_order_sums_the_three_ranks_ties_sharing_their_mean():

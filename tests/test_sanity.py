@@ -88,7 +88,7 @@ def test_spearman_ranks_infinities_and_leaves_out_nans_as_scipy_does():
 def test_average_ranks_equal_scipy_rankdata_with_ties_and_left_out_positions():
     from scipy.stats import rankdata
 
-    from exigo.analyses.sanity import _average_ranks
+    from exigo.analyses._ranks import average_ranks
 
     generator = np.random.default_rng(3)
     rows = generator.integers(-3, 4, (7, 40)).astype(np.float64)  # blocks of ties, negatives
@@ -97,10 +97,10 @@ def test_average_ranks_equal_scipy_rankdata_with_ties_and_left_out_positions():
     kept = generator.random((7, 40)) > 0.3
     kept[3] = False  # nothing kept: no rank to compare
     kept[4] = True
-    ranks = _average_ranks(rows, kept)
+    ranks = average_ranks(rows, kept)
     for row, keep, got in zip(rows, kept, ranks, strict=True):
         np.testing.assert_array_equal(got[keep], rankdata(row[keep], method="average"))
-    assert _average_ranks(np.empty((2, 0)), np.empty((2, 0), bool)).shape == (2, 0)
+    assert average_ranks(np.empty((2, 0)), np.empty((2, 0), bool)).shape == (2, 0)
 
 
 def test_spearman_does_not_import_scipy_stats():

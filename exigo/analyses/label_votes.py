@@ -33,9 +33,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from exigo.analyses._ranks import average_ranks
+
 __all__ = [
     "NEIGHBOURS",
-    "average_ranks",
     "head_log_probabilities",
     "neighbour_agreement",
     "vote_order",
@@ -180,52 +181,30 @@ def neighbour_agreement(
     return torch.cat(parts) if parts else torch.zeros(0)
 
 
-def average_ranks(values: Tensor) -> Tensor:
-    """1-based ranks, lowest value first, tied values sharing their mean rank.
+def _vote_ranks(values: Tensor) -> np.ndarray:
+    """Average ranks 1..C of one vote (`exigo.analyses._ranks.average_ranks`); NaN: (C + 1) / 2.
 
-    `scipy.stats.rankdata(values, method="average")` (tested to agree), in torch: importing
-    `scipy.stats` would cost the run's process half a second.
-
-    Args:
-        values: float [C], no NaN.
-
-    Returns:
-        float64 [C].
+    A NaN is no opinion (a class the held-out set lacks). The values present are ranked among
+    themselves and their ranks stretched linearly onto 1..C, so that the middle means the
+    same with and without abstentions.
     """
-    flat = values.detach().cpu().double()
-    ordered, order = torch.sort(flat, stable=True)
-    _, inverse, counts = torch.unique_consecutive(ordered, return_inverse=True, return_counts=True)
-    last = torch.cumsum(counts, 0).double()  # 1-based rank of each group's last member
-    mean_rank = last - (counts.double() - 1) / 2
-    ranks = torch.empty_like(flat)
-    ranks[order] = mean_rank[inverse]
-    return ranks
-
-
-def _ranks_with_abstentions(values: Tensor) -> Tensor:
-    """`average_ranks` over 1..C; NaN (no opinion) in the middle, (C + 1) / 2.
-
-    The values present are ranked among themselves and their ranks stretched linearly onto
-    1..C, so that the middle means the same with and without abstentions.
-    """
-    flat = values.detach().cpu().double()
-    present = ~flat.isnan()
-    if bool(present.all()):
-        return average_ranks(flat)
-    ranks = torch.full_like(flat, (flat.numel() + 1) / 2)
-    inner = average_ranks(flat[present])
-    ranks[present] = 1 + (inner - 1) * (flat.numel() - 1) / max(int(present.sum()) - 1, 1)
-    return ranks
+    row = values.detach().cpu().double().numpy()[None, :]
+    present = ~np.isnan(row)
+    count, voters = row.shape[1], int(present.sum())
+    ranks = average_ranks(row, present)[0]
+    if voters == count:
+        return ranks
+    stretched = 1 + (ranks - 1) * (count - 1) / max(voters - 1, 1)
+    return np.where(present[0], stretched, (count + 1) / 2)
 
 
 def vote_order(margins: Tensor, head: Tensor, agreement: Tensor) -> Tensor:
     r"""The suspects' order: by the mean of their three ranks, most suspicious first.
 
     Each vote ranks the $C$ suspects from the lowest value (rank 1, most suspicious) up, tied
-    values sharing their mean rank (`average_ranks`: agreement takes only $k + 1$ values); a
-    NaN vote (no opinion: a class the held-out set lacks) gets the middle rank $(C + 1) / 2$.
-    The suspects are ordered by the mean of the three ranks, ties by the margin, then by
-    position.
+    values sharing their mean rank (agreement takes only $k + 1$ values); a NaN vote (no
+    opinion: a class the held-out set lacks) gets the middle rank $(C + 1) / 2$. The suspects
+    are ordered by the mean of the three ranks, ties by the margin, then by position.
 
     Args:
         margins: float [C], the end-of-epoch margins.
@@ -235,6 +214,6 @@ def vote_order(margins: Tensor, head: Tensor, agreement: Tensor) -> Tensor:
     Returns:
         int64 [C], a permutation of `range(C)`.
     """
-    total = sum(_ranks_with_abstentions(vote) for vote in (margins, head, agreement))
-    keys = (np.arange(margins.numel()), margins.detach().cpu().double().numpy(), total.numpy())
+    total = sum(_vote_ranks(vote) for vote in (margins, head, agreement))
+    keys = (np.arange(margins.numel()), margins.detach().cpu().double().numpy(), total)
     return torch.from_numpy(np.lexsort(keys).astype(np.int64))

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from exigo.analyses._filters import gaussian_kernel
 from exigo.analyses._random import seeded
+from exigo.analyses._ranks import average_ranks
 
 __all__ = [
     "Explainer",
@@ -69,11 +70,11 @@ Explainer = Callable[[nn.Module, Tensor, Tensor], Tensor]
 def spearman(first: Tensor, second: Tensor, *, ignore_joint_zeros: bool = False) -> Tensor:
     r"""Spearman rank correlation of each row pair, with average ranks for ties.
 
-    The Pearson correlation of the rows' average ranks (`_average_ranks`, all rows at once;
-    equal to `scipy.stats.spearmanr` row by row). Positions where either row is NaN are left
-    out (`spearmanr(..., nan_policy="omit")`); -inf and inf are ranked like other values. A
-    row that is constant (or has fewer than two values left) has no ranking; its correlation
-    is reported as 0, not NaN.
+    The Pearson correlation of the rows' average ranks (`exigo.analyses._ranks.average_ranks`,
+    all rows at once; equal to `scipy.stats.spearmanr` row by row). Positions where either row
+    is NaN are left out (`spearmanr(..., nan_policy="omit")`); -inf and inf are ranked like
+    other values. A row that is constant (or has fewer than two values left) has no ranking;
+    its correlation is reported as 0, not NaN.
 
     Args:
         first: float tensor [N, ...]; each row is flattened.
@@ -93,46 +94,13 @@ def spearman(first: Tensor, second: Tensor, *, ignore_joint_zeros: bool = False)
     b_rows = second.detach().flatten(1).cpu().numpy().astype(np.float64)
     kept = (a_rows != 0) | (b_rows != 0) if ignore_joint_zeros else np.ones(a_rows.shape, bool)
     kept &= ~(np.isnan(a_rows) | np.isnan(b_rows))  # a NaN has no rank: its position is left out
-    a_ranks, b_ranks = (_average_ranks(rows, kept) for rows in (a_rows, b_rows))
+    a_ranks, b_ranks = (average_ranks(rows, kept) for rows in (a_rows, b_rows))
     mean_rank = (kept.sum(axis=1, keepdims=True) + 1) / 2  # that of any n average ranks
     a_centred = np.where(kept, a_ranks - mean_rank, 0.0)
     b_centred = np.where(kept, b_ranks - mean_rank, 0.0)
     denominator = np.sqrt(np.square(a_centred).sum(axis=1) * np.square(b_centred).sum(axis=1))
     correlation = (a_centred * b_centred).sum(axis=1) / np.maximum(denominator, 1e-300)
     return torch.from_numpy(np.where(denominator > 0, correlation, 0.0)).float()
-
-
-def _average_ranks(rows: np.ndarray, kept: np.ndarray) -> np.ndarray:
-    """1-based ranks of each row's kept values, tied values sharing the mean of their ranks.
-
-    What `scipy.stats.rankdata(..., axis=1, method="average")` gives for the kept values
-    alone; written out because importing `scipy.stats` takes 1 CPU-second (measured on the
-    2-core machine), which the analyses' thread spent holding the interpreter lock against
-    the training beside it. Values are sorted once per row; a tie block [s, e] (0-based
-    positions in sorted order) gets rank (s + e) / 2 + 1.
-
-    Args:
-        rows: float array [N, D], not NaN where kept (-inf and inf are ranked like any value).
-        kept: bool array [N, D]; the other positions are left out (their rank is undefined).
-
-    Returns:
-        Float array [N, D]: the ranks among each row's kept values (arbitrary where not kept).
-    """
-    if rows.shape[1] == 0:
-        return np.empty(rows.shape)
-    positions = np.arange(rows.shape[1])
-    values = np.where(kept, rows, np.nan)  # left out: sorted after every kept value, inf too
-    order = np.argsort(values, axis=1, kind="stable")
-    ordered = np.take_along_axis(values, order, axis=1)
-    starts = np.ones(ordered.shape, bool)  # where a block of equal values begins
-    starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
-    ends = np.ones(ordered.shape, bool)  # where one ends
-    ends[:, :-1] = starts[:, 1:]
-    first = np.maximum.accumulate(np.where(starts, positions, 0), axis=1)
-    last = np.minimum.accumulate(np.where(ends, positions, positions[-1])[:, ::-1], axis=1)[:, ::-1]
-    ranks = np.empty(rows.shape)
-    np.put_along_axis(ranks, order, (first + last) / 2 + 1, axis=1)
-    return ranks
 
 
 def ssim(
