@@ -405,7 +405,8 @@ def _figure_pool(analyses: Sequence[Analysis], world: World, console: Console) -
     workers = figure_workers(world.is_main)
     if world.is_main and not workers:
         console.print("figures are drawn in the run's process: only one CPU is available")
-    preload = [module for analysis in analyses for module in analysis.worker_imports]
+    # torch: the figures' data arrive as tensors (1-2 CPU-s to import, better while epoch 1 trains)
+    preload = ["torch", *(module for analysis in analyses for module in analysis.worker_imports)]
     pool = FigurePool(workers=workers, preload=preload, log=console.print)
     pool.start()
     return pool

@@ -313,6 +313,32 @@ def test_the_rescore_fraction_caps_the_examples_re_scored(tmp_path, fraction, ex
     )
 
 
+def test_the_rescore_and_votes_wait_for_the_final_epoch_and_give_the_same_ranking(tmp_path):
+    files = {}
+    for every in (False, True):
+        logged: list[str] = []
+        analysis = ExampleAnalysis(final_epoch=2, rescore_every_epoch=every)
+        for epoch in (1, 2):
+            (tmp_path / f"{every}").mkdir(exist_ok=True)
+            analysis(hand_made_epoch(tmp_path / f"{every}", epoch, logged))
+            rows = read_csv(tmp_path / f"{every}" / "examples.csv")
+            rescored = [int(row["index"]) for row in rows if row["rescored"] == "1"]
+            voted = [int(row["index"]) for row in rows if row["head_log_probability"] != ""]
+            # epoch 1 by the training records alone unless told; the final epoch re-scored
+            # (4 and 7), and 4, which stays suspected, voted on
+            expected = ([4, 7], [4]) if every or epoch == 2 else ([], [])
+            assert (rescored, voted) == expected, (every, epoch)
+            if epoch == 1:  # 4 and 7 suspected either way; re-scored, 7 is cleared
+                issues = read_csv(tmp_path / f"{every}" / "label_issues.csv")
+                indices = [row["index"] for row in issues if row["split"] == "train"]
+                assert indices == (["4"] if every else ["4", "7"])
+        files[every] = [
+            (tmp_path / f"{every}" / name).read_bytes()
+            for name in ("examples.csv", "label_issues.csv")
+        ]
+    assert files[False] == files[True]  # the final ranking does not depend on the earlier ones
+
+
 def test_end_of_epoch_scores_come_from_the_logits_batch_by_batch():
     logits = torch.tensor(
         [[300.0, 0.0, 0.0], [0.0, 2.0, 1.0], [1.0, 1.0, -1.0], [0.0, 0.0, 5.0], [3.0, 0.0, 0.0]]

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import threading
+import time
 
 import pytest
 import torch
@@ -181,11 +182,11 @@ def test_a_signal_in_the_last_epochs_commit_is_not_lost(tmp_path, monkeypatch, s
 
     real, commits = epoch_module.collect_figures, []
 
-    def signal_then_collect(session):  # the signal arrives while the last epoch commits
+    def signal_then_collect(session, share=None):  # a signal while the last epoch commits
         commits.append(session)
         if len(commits) == 3:
             os.kill(os.getpid(), signal.SIGINT)
-        real(session)
+        real(session, share)
 
     monkeypatch.setattr(epoch_module, "collect_figures", signal_then_collect)
     torch.manual_seed(0)
@@ -248,3 +249,36 @@ def test_a_stop_between_two_analyses_names_none_as_cut_short(tmp_path):
     assert sender.finished == [1]
     assert "interrupted by SIGTERM" in str(raised.value)
     assert "cut the analysis" not in str(raised.value)  # the signal came between the two
+
+
+def test_the_background_draws_figures_itself_only_while_the_loop_waits(monkeypatch):
+    """`finish` beside training gets an event that is set only inside `Background.wait`:
+    drawing in the run's process meanwhile would take the CPU and the interpreter lock from
+    the training (`FigurePool.collect(share=)`)."""
+    from exigo.engine import epoch as epoch_module
+
+    seen = []
+
+    def finish(session, ended, *, overlapped, share):
+        seen.append(("beside training", overlapped, share.is_set()))
+        assert share.wait(10)  # set once the loop waits
+        seen.append(("loop waits", overlapped, share.is_set()))
+
+    class Session:
+        def timed(self, name, started):
+            return started
+
+    def trains_until(count):  # the loop trains the next epoch until `finish` has looked
+        deadline = time.monotonic() + 10
+        while len(seen) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    monkeypatch.setattr(epoch_module, "finish", finish)
+    with epoch_module.Background(Session(), overlap=True) as background:
+        background.start("epoch 1")
+        trains_until(1)
+        background.wait()
+        assert seen == [("beside training", True, False), ("loop waits", True, True)]
+        background.start("epoch 2")  # cleared again after the wait
+        trains_until(3)
+    assert seen[2:] == [("beside training", True, False), ("loop waits", True, True)]

@@ -177,11 +177,12 @@ def test_collect_draws_the_figures_the_worker_has_not_started_while_it_draws(tmp
     lines = []
     with ready(FigurePool(log=lines.append)) as pool:
         behind = [tmp_path / f"{seed}.png" for seed in (1, 2, 3)]
-        # the worker holds this one until the three behind it have been drawn here: submit
-        # waits for none of them, and collect draws them meanwhile, not behind it
+        # the worker holds this one until the last two behind it have been drawn here: submit
+        # waits for none of them, and collect draws them meanwhile, not behind it; the first
+        # one waiting it leaves to the worker (this process' first figure costs more)
         pool.submit(
             figure_after,
-            (0, [str(path) for path in behind]),
+            (0, [str(path) for path in behind[1:]]),
             {},
             path=tmp_path / "0.png",
             dpi=50,
@@ -203,7 +204,7 @@ def test_collect_draws_the_figures_the_worker_has_not_started_while_it_draws(tmp
             )
         assert time.perf_counter() - started < 1
         first = pool.collect()
-        worker = values[-1][1] if values[-1][0] == 0 else None
+        worker = dict(values).get(0)
         # the next epoch's figure goes to the same worker
         pool.submit(
             figure_and_pid,
@@ -219,10 +220,44 @@ def test_collect_draws_the_figures_the_worker_has_not_started_while_it_draws(tmp
     assert [figure.error for figure in first + second] == [None] * 5
     here = os.getpid()
     assert worker not in (None, here)
-    assert sorted(values) == [(0, worker), (1, here), (2, here), (3, here), (4, worker)]
+    assert sorted(values) == [(0, worker), (1, worker), (2, here), (3, here), (4, worker)]
     for seed, figure in enumerate(first + second):
         assert figure.png == expected_png(seed) == figure.path.read_bytes()
     assert lines == []
+
+
+def test_collect_beside_training_shares_only_once_told(tmp_path):
+    """`collect(share=)`: with the event clear nothing is drawn here, however long the queue."""
+    values = []
+    share = threading.Event()
+    with ready(FigurePool()) as pool:
+        paths = [tmp_path / f"{seed}.png" for seed in range(4)]
+        # the worker holds the first figure until the last one exists: only this process
+        # can draw that one, and it may only once `share` is set
+        pool.submit(
+            figure_after, (0, [str(paths[3])]), {}, path=paths[0], dpi=50, name="f0", step=1,
+            on_value=values.append,
+        )  # fmt: skip
+        for seed in (1, 2, 3):
+            pool.submit(
+                figure_and_pid, (seed,), {}, path=paths[seed], dpi=50, name=f"f{seed}",
+                step=1, on_value=values.append,
+            )  # fmt: skip
+        collected: list = []
+        collecting = threading.Thread(target=lambda: collected.extend(pool.collect(share)))
+        collecting.start()
+        time.sleep(1.0)
+        drawn_before = sorted(path.name for path in paths if path.exists())
+        share.set()
+        collecting.join(30)
+    assert not collecting.is_alive()
+    assert drawn_before == []  # the worker waits on f0, and collect drew nothing meanwhile
+    here = os.getpid()
+    worker = dict(values)[0]
+    assert worker != here
+    # told, it drew the last two waiting here and left the first one to the worker
+    assert sorted(values) == [(0, worker), (1, worker), (2, here), (3, here)]
+    assert [figure.png for figure in collected] == [expected_png(seed) for seed in range(4)]
 
 
 def test_closures_and_functions_of_the_test_file_are_drawn_in_the_worker(tmp_path):

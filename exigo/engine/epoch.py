@@ -21,6 +21,7 @@ import copy
 import functools
 import gc
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -299,15 +300,17 @@ def _keep_numeric_metrics(session: Session, ctx: EpochContext, known: set[str], 
             )
 
 
-def collect_figures(session: Session) -> None:
+def collect_figures(session: Session, share: threading.Event | None = None) -> None:
     """Wait for the figures still being drawn; log them to TensorBoard, or the failure.
 
     Args:
         session: the run (rank 0, its `events` open).
+        share: draw figures here too only while it is set (`FigurePool.collect`); None:
+            at once.
     """
     assert session.events is not None
     started = time.perf_counter()
-    for figure in session.figures.collect():
+    for figure in session.figures.collect(share):
         if figure.png is None:
             assert figure.error is not None
             session.report_failure(figure.step, f"figure {figure.name}", figure.error)
@@ -384,7 +387,13 @@ class EpochEnd:
         )
 
 
-def finish(session: Session, ended: EpochEnd, *, overlapped: bool) -> None:
+def finish(
+    session: Session,
+    ended: EpochEnd,
+    *,
+    overlapped: bool,
+    share: threading.Event | None = None,
+) -> None:
     """Analyse the epoch, then commit it (rank 0).
 
     A stop signal that arrives before the commit starts drops the epoch whole; one that
@@ -394,6 +403,8 @@ def finish(session: Session, ended: EpochEnd, *, overlapped: bool) -> None:
         session: the run.
         ended: the epoch as it ended.
         overlapped: this runs beside the next epoch's training.
+        share: set while the training loop waits for this epoch: only then does this thread
+            draw figures the worker has not started (`FigurePool.collect`); None: always.
 
     Raises:
         RunInterrupted: a stop signal arrived before the commit.
@@ -407,7 +418,7 @@ def finish(session: Session, ended: EpochEnd, *, overlapped: bool) -> None:
         if not overlapped:  # the other torchrun processes wait in `stop_together`
             session.world.tell_stop(interrupt.signal_number)
         raise
-    commit(session, ended, ctx.metrics, seconds)
+    commit(session, ended, ctx.metrics, seconds, share=share)
 
 
 def commit(
@@ -415,6 +426,8 @@ def commit(
     ended: EpochEnd,
     metrics: dict[str, float],
     analysis_seconds: dict[str, float],
+    *,
+    share: threading.Event | None = None,
 ) -> None:
     """Write the epoch's outputs in order; once `models/last.pt` is written it is complete.
 
@@ -423,9 +436,10 @@ def commit(
         ended: the epoch as it ended.
         metrics: the scalars its analyses added.
         analysis_seconds: seconds per analysis.
+        share: as in `finish`.
     """
     assert session.events is not None
-    collect_figures(session)
+    collect_figures(session, share)
     epoch, trained, evaluation, state = ended.epoch, ended.trained, ended.evaluation, session.state
     now = time.perf_counter()
     improved = evaluation.loss < state.best_eval_loss
@@ -493,6 +507,8 @@ class Background:
         self.overlap = overlap
         self._executor: ThreadPoolExecutor | None = None
         self._running: Future[None] | None = None
+        # set while the loop waits for the background: only then may it draw figures itself
+        self._loop_waits = threading.Event()
 
     def start(self, ended: EpochEnd) -> None:
         """Finish `ended` (analyse and commit it), in the background when overlapping.
@@ -506,7 +522,9 @@ class Background:
             return
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="exigo-analyses")
-        self._running = self._executor.submit(finish, self.session, ended, overlapped=True)
+        self._running = self._executor.submit(
+            finish, self.session, ended, overlapped=True, share=self._loop_waits
+        )
 
     def wait(self) -> None:
         """Wait for the epoch in the background; raise what it raised."""
@@ -514,11 +532,19 @@ class Background:
         if running is not None:
             started = time.perf_counter()
             try:
-                error = _exception_seeing_signals(running)
+                error = self._outcome(running)
                 if error is not None:
                     raise error
             finally:
                 self.session.timed("waiting for analyses", started)
+
+    def _outcome(self, running: Future[None]) -> BaseException | None:
+        """What `running` raised, waited for with the background free to draw figures too."""
+        self._loop_waits.set()
+        try:
+            return _exception_seeing_signals(running)
+        finally:
+            self._loop_waits.clear()
 
     def __enter__(self) -> Background:
         return self
@@ -534,7 +560,7 @@ class Background:
                 self.wait()
             else:  # the loop's own error wins; the background still ends before we leave
                 running, self._running = self._running, None
-                background = None if running is None else _exception_seeing_signals(running)
+                background = None if running is None else self._outcome(running)
                 if isinstance(error, RunInterrupted) and isinstance(background, RunInterrupted):
                     error.cut_short = error.cut_short or background.cut_short
         finally:

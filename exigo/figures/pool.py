@@ -11,7 +11,9 @@ so `report.html` and `models/last.pt` never come before the figures they describ
 waits it shares the remaining work: it draws the figures the worker has not started, from the
 last one back, while the worker takes them from the front (the t-SNE, submitted first, runs
 long in the worker while this process draws the ones behind it), so both cores work until
-the queue is empty. Either way the PNG is byte for byte the one this process would write.
+the queue is empty; a caller that collects on a thread beside the run's training shares only
+once the training waits for it (`collect(share=...)`). Either way the PNG is byte for byte the
+one this process would write.
 
 The workers come from `loky.ProcessPoolExecutor`, a maintained executor, rather than
 `multiprocessing`: its workers start by fork+exec, so they neither re-run the caller's
@@ -186,6 +188,9 @@ def figure_workers(is_main: bool = True) -> int:
 
     return 1 if is_main and available_cpus() >= 2 else 0
 
+
+#: How often `collect`, not sharing, looks whether the workers took the figures waiting here.
+_SHARE_POLL_SECONDS = 0.05
 
 #: How often a worker checks that the process that started it is still alive.
 PARENT_CHECK_SECONDS = 0.5
@@ -378,13 +383,25 @@ class FigurePool:
             self._backlog.append(job)
             self._dispatch(create=True)
 
-    def collect(self) -> list[RenderedFigure]:
+    def collect(self, share: threading.Event | None = None) -> list[RenderedFigure]:
         """Wait for every submitted figure; the written ones and the failures.
 
         This process would only wait, so it shares the remaining work: it draws the figures
         no worker has started, from the last one back, while the workers take them from the
-        front; then it waits for the workers' figures, at most `timeout` seconds each. A
+        front, and leaves the last one waiting to a started worker (it has drawn before:
+        this process' first figure also pays matplotlib's start-up, 0.3 s measured here,
+        which a queue of one does not repay); then it waits for the workers' figures, at most
+        `timeout` seconds each. With no worker left to take them, it draws them all. A
         figure a worker could not draw is drawn here, with one line through `log`.
+
+        Args:
+            share: while this event is clear, the figures no worker has started wait for the
+                workers instead (unless none is left to take them): the caller collects on a
+                thread beside the run's training, which drawing here would slow down (the
+                drawing is pure Python and holds the interpreter lock; measured here, it
+                halved the training's speed while it lasted). Once it is set (the training
+                waits for this thread), this process shares the work again. None: share at
+                once.
 
         Returns:
             One `RenderedFigure` per submitted figure, in submission order; `png` is None
@@ -409,7 +426,16 @@ class FigurePool:
             with self._lock:
                 if not self._backlog:
                     break
-                job = self._backlog.pop()
+                sharing = share is None or share.is_set()
+                no_worker = self._executor is None  # none will take them: all drawn here
+                worth_it = len(self._backlog) > 1 or not self._ready
+                job = self._backlog.pop() if no_worker or (sharing and worth_it) else None
+            if job is None:  # the worker takes the backlog from the front meanwhile
+                if share is not None and not share.is_set():
+                    share.wait(_SHARE_POLL_SECONDS)  # wakes when sharing may start
+                else:
+                    time.sleep(_SHARE_POLL_SECONDS)
+                continue
             self._draw_here(job)
         for job in self._jobs:
             if job.done is None:
