@@ -10,8 +10,8 @@ flipped, so precision@k = recall@k):
 
 - **exigo**: `exigo.pipeline.run` with `ExampleAnalysis` as its only analysis (`runner.py`'s
   defaults: model, seed, epochs, threads); the ranking is `examples.csv`'s `rank` (training
-  dynamics recorded by the training passes, the suspects re-scored by the end-of-epoch model
-  and ordered with the held-out set's votes; `--rescore-fraction 0` ranks by the training
+  dynamics recorded by the training passes, the suspects re-scored by the final model and
+  ordered with the held-out set's votes; `--rescore-fraction 0` ranks by the training
   records alone). Its own suspects
   (`label_issues.csv`) are scored as a set too.
 - **final loss**: the same run without any analysis, then one pass of the final model over the

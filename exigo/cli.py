@@ -221,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
         "training passes alone) (default: %(default)s)",
     )
     analysis.add_argument(
+        "--rescore-every-epoch",
+        action="store_true",
+        help="re-score the suspects and take the held-out votes after every epoch, not only "
+        "after the last (the final list is the same)",
+    )
+    analysis.add_argument(
         "--embedding-layer",
         default=_DEFAULTS.embedding_layer,
         metavar="NAME",

@@ -83,6 +83,10 @@ class Config:
     """The suspected label errors of the training set that the end-of-epoch model re-scores,
     at most this share of it (`exigo.analyses.examples`); 0: rank by the training records."""
 
+    rescore_every_epoch: bool = False
+    """Re-score the suspects and take the held-out votes after every epoch, not only after the
+    last (the final list is the same; the earlier ones then cost as much as the last)."""
+
     resume: bool = False
     """Continue the run in save_dir from its last completed epoch."""
 

@@ -401,14 +401,21 @@ def _event_log(session: Session) -> Iterator[None]:
 
 
 def _figure_pool(analyses: Sequence[Analysis], world: World, console: Console) -> FigurePool:
-    """The run's figure pool: one worker process on rank 0 when there are two CPUs or more."""
+    """The run's figure pool: one worker process on rank 0 when there are two CPUs or more.
+
+    The worker starts at once, so its imports overlap the first epoch, when some analysis
+    declares a figure; otherwise it is not started (its imports would only take CPU from the
+    training).
+    """
+    drawing = any(analysis.figures for analysis in analyses)
     workers = figure_workers(world.is_main)
-    if world.is_main and not workers:
+    if world.is_main and not workers and drawing:
         console.print("figures are drawn in the run's process: only one CPU is available")
     # torch: the figures' data arrive as tensors (1-2 CPU-s to import, better while epoch 1 trains)
     preload = ["torch", *(module for analysis in analyses for module in analysis.worker_imports)]
     pool = FigurePool(workers=workers, preload=preload, log=console.print)
-    pool.start()
+    if drawing:
+        pool.start()
     return pool
 
 

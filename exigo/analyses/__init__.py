@@ -49,7 +49,8 @@ def default_analyses(config: Config) -> list[Analysis]:
     Args:
         config: the run's settings; `confusion_normalize`, `seed`, `attribution_checks`,
             `projection_limit` (0 leaves the projection out), `rescore_fraction`,
-            `eval_batch_size` and `epochs` choose and configure the analyses.
+            `rescore_every_epoch`, `eval_batch_size` and `epochs` choose and configure the
+            analyses.
 
     Returns:
         The t-SNE projection (when enabled) first: its t-SNE runs in the figure helper
@@ -70,6 +71,7 @@ def default_analyses(config: Config) -> list[Analysis]:
             seed=config.seed,
             rescore_fraction=config.rescore_fraction,
             batch_size=config.eval_batch_size,
+            rescore_every_epoch=config.rescore_every_epoch,
         )
     )
     if config.attribution_checks:

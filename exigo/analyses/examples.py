@@ -43,8 +43,9 @@ of sample (the model never trained on them), as in confident learning (Northcutt
 "Confident Learning: Estimating Uncertainty in Dataset Labels", JAIR, arXiv:1911.00068).
 
 The training records still mix models: an example seen early in the epoch was scored by a model
-that had not yet taken the epoch's later steps. So every training example with $s_i < 0$ is
-**re-scored by the end-of-epoch model** in eval mode (one forward pass over them,
+that had not yet taken the epoch's later steps. So after the final epoch (`final_epoch`; after
+every epoch with `rescore_every_epoch` or without a `final_epoch`) every training example with
+$s_i < 0$ is **re-scored by the end-of-epoch model** in eval mode (one forward pass over them,
 `end_of_epoch_scores`; at most the lowest fraction $\rho$ of the set, `rescore_fraction`, 20% by
 default), and its score becomes that model's margin,
 
@@ -67,7 +68,9 @@ ordered by the mean of three ranks (`exigo.analyses.label_votes.vote_order`): th
 end-of-epoch margin, the log-probability of the given label under a logistic regression fit
 on the held-out embeddings and labels, and the share of their 20 nearest held-out examples
 with the given label (`exigo.analyses.label_votes`; the embeddings come from the re-score
-pass and the evaluation pass). Every other example follows by its score. On the same planted
+pass and the evaluation pass). Every other example follows by its score. The earlier epochs'
+lists, not re-scored, are in the order of $s_i$ alone; the final list is the same either way,
+as each epoch's records replace the previous epoch's predictions. On the same planted
 noise this raised the mean precision@k from 0.9604 / 0.9675 / 0.9721 (2% / 5% / 10%) to
 0.9688 / 0.9742 / 0.9792, ahead of the final model's loss (0.9521 / 0.9633 / 0.9729) in every
 run. The votes trust the held-out labels; with a held-out set of one class there is nothing to
