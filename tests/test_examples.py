@@ -202,8 +202,11 @@ def test_analysis_writes_both_files_with_the_documented_columns(tmp_path, monkey
 
     shown, plot_suspects = [], examples_module.plot_suspects  # the suspects the figure draws
 
+    footnote_says_rescored = []
+
     def spy(blocks, *args, **kwargs):
         shown.append(blocks)
+        footnote_says_rescored.append(kwargs["rescored"])
         return plot_suspects(blocks, *args, **kwargs)
 
     monkeypatch.setattr(examples_module, "plot_suspects", spy)
@@ -212,6 +215,8 @@ def test_analysis_writes_both_files_with_the_documented_columns(tmp_path, monkey
     for epoch in (1, 2):
         ctx = hand_made_epoch(tmp_path, epoch, logged)
         analysis(ctx)
+    # epoch 1's list is the training records' order, and its figure says so
+    assert footnote_says_rescored == [False, True]
     rows = read_csv(tmp_path / "examples.csv")
     assert tuple(rows[0]) == EXAMPLE_COLUMNS
     assert [row["split"] for row in rows] == ["train"] * 12 + ["held_out"] * 6

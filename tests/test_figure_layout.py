@@ -412,6 +412,16 @@ def test_label_issues_figure_fits_and_keeps_colour(classes, shape):
     footnote = "\n".join(t.get_text() for t in figure.texts)
     assert ("outline" in footnote) == (shape[0] == 1)
     assert ("of the 3." in footnote) == (shape[0] == 3)  # how the maps combine the channels
+    assert "ordered by their margin and the held-out set's two votes" in " ".join(footnote.split())
     if shape[0] == 3:
         red = (pixels[..., 0] > 200) & (pixels[..., 1] < 60) & (pixels[..., 2] < 60)
         assert red.sum() > 16 * 16 * 16 * 4
+    # an earlier epoch's list, not re-scored (the default), says whence its order comes
+    earlier = plot_suspects(
+        blocks, red_images(16, shape), saliency, class_names(classes), title="Suspects, epoch 1",
+        rescored=False,
+    )  # fmt: skip
+    render(earlier, f"label_issues_earlier_{classes}_{shape[0]}ch")
+    assert_fits(earlier)
+    text = " ".join("\n".join(t.get_text() for t in earlier.texts).split())
+    assert "votes on their order after the last epoch" in text and "two votes" not in text

@@ -814,6 +814,7 @@ def plot_suspects(
     class_names: Sequence[str],
     *,
     title: str,
+    rescored: bool = True,
 ) -> Figure:
     """Per split, three rows: the suspects, saliency towards the given label and the rival.
 
@@ -829,6 +830,8 @@ def plot_suspects(
             `towards_predicted`: the rival).
         class_names: display name per class.
         title: figure title.
+        rescored: whether this epoch's training suspects were re-scored and voted on (the
+            footnote says which order the list has).
 
     Returns:
         A matplotlib `Figure` (not attached to pyplot).
@@ -874,11 +877,19 @@ def plot_suspects(
     return tile_figure(
         blocks,
         title,
-        "Suspicion: the given label's margin below 0, averaged over the latest half of the "
-        "epochs, or the end-of-epoch model's for the training examples it re-scored (column "
-        "rescored of examples.csv); those re-scored come first, ordered by their margin and "
-        "the held-out set's two votes (columns head_log_probability, neighbour_agreement). "
-        "Probabilities: from the latest pass (training set: the "
+        (
+            "Suspicion: the given label's margin below 0, averaged over the latest half of the "
+            "epochs, or the end-of-epoch model's for the training examples it re-scored (column "
+            "rescored of examples.csv); those re-scored come first, ordered by their margin and "
+            "the held-out set's two votes (columns head_log_probability, neighbour_agreement). "
+            if rescored
+            else "Suspicion: the given label's margin below 0, averaged over the latest half of "
+            "the epochs; the training examples' from their training passes, which mix the "
+            "epoch's models (the end-of-epoch model re-scores them and the held-out set votes "
+            "on their order after the last epoch, or after every epoch with "
+            "--rescore-every-epoch). "
+        )
+        + "Probabilities: from the latest pass (training set: the "
         "end-of-epoch model, or the last training pass where not re-scored; held-out set: the "
         "last evaluation); rival: the strongest class other than the given label.\n"
         "Saliency (∂ logit / ∂ pixel) of the current model: red raises that class's logit, "
@@ -1245,6 +1256,7 @@ class ExampleAnalysis(Analysis):
             saliency,
             ctx.class_names,
             title=f"Suspected label errors {ctx.when}",
+            rescored=self._rescores(ctx.epoch),
         )
 
     def state_dict(self) -> dict[str, Any]:
