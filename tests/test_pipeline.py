@@ -195,3 +195,27 @@ def test_the_heap_is_frozen_during_the_epochs_and_given_back_after(blobs, tmp_pa
     run(config, TinyNet(), train, held_out, [FreezeCount()])
     assert len(seen) == 3 and all(count > before for count in seen)  # epochs 0, 1, 2
     assert gc.get_freeze_count() == before
+
+
+def test_a_worker_starts_with_the_run_only_when_some_analysis_declares_a_figure(
+    blobs, tmp_path, monkeypatch
+):
+    """A run without figures starts no worker: its imports would only take CPU from training."""
+    from exigo.figures.pool import FigurePool
+
+    started = []
+    real_start = FigurePool.start
+
+    def start(self):
+        started.append(self.preload)
+        real_start(self)
+
+    monkeypatch.setattr(FigurePool, "start", start)
+    train, held_out = blobs
+    config = Config(epochs=1, batch_size=16, lr=1e-2, probe_size=4)
+    for name, analyses in (("none", []), ("no figure", [Recorder()]), ("figures", [Curve()])):
+        torch.manual_seed(0)
+        run(Config(**(config.to_dict() | {"save_dir": tmp_path / name})), TinyNet(), train,
+            held_out, analyses)  # fmt: skip
+    # torch first: the figures' data arrive as tensors
+    assert started == [("torch",)]
