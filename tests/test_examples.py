@@ -376,6 +376,11 @@ def test_the_rescore_declares_its_passes_and_runs_every_epoch():
     analysis.scale, analysis.every = 0.5, 3  # what --analysis-budget may set
     assert analysis.cost(shape) == pytest.approx(0.1 * 9000 / 3 + 4 * 8)
     assert all(analysis.due(epoch, 10) for epoch in range(1, 11))  # it records every epoch
+    # re-scoring after the last of 4 epochs only: a quarter of its passes per epoch
+    last_only = ExampleAnalysis(shown=8, final_epoch=4)
+    assert last_only.cost(shape) == pytest.approx(0.2 * 9000 / 3 / 4 + 4 * 8)
+    every = ExampleAnalysis(shown=8, final_epoch=4, rescore_every_epoch=True)
+    assert every.cost(shape) == pytest.approx(0.2 * 9000 / 3 + 4 * 8)
 
 
 def test_a_rescore_fraction_outside_0_1_is_refused():
@@ -459,6 +464,21 @@ def test_resumed_run_gives_the_same_examples_table_as_an_uninterrupted_one(tmp_p
         whole = (tmp_path / "whole" / name).read_bytes()
         assert (tmp_path / "stopped" / name).read_bytes() == whole, name
     assert read_csv(tmp_path / "whole" / "examples.csv") != partial
+
+
+def test_a_run_saved_before_rescore_every_epoch_existed_resumes(tmp_path):
+    train = make_blobs(96, seed=0)
+    stopping = SignalAt(train, None, signal.SIGTERM)
+    with pytest.raises(RunInterrupted):
+        tiny_run(tmp_path / "old", stopping, ArmSignal(stopping, epoch=2, reads=40))
+    last = tmp_path / "old" / "models" / "last.pt"
+    payload = torch.load(last, weights_only=False)
+    del payload["config"]["rescore_every_epoch"]  # as a checkpoint of the version before
+    torch.save(payload, last)
+    tiny_run(tmp_path / "old", train, resume=True)  # when it re-scores is not what it trains
+    tiny_run(tmp_path / "whole", train)
+    for name in ("examples.csv", "label_issues.csv"):
+        assert (tmp_path / "old" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
 
 
 WORKER = textwrap.dedent(

@@ -282,3 +282,32 @@ def test_the_background_draws_figures_itself_only_while_the_loop_waits(monkeypat
         background.start("epoch 2")  # cleared again after the wait
         trains_until(3)
     assert seen[2:] == [("beside training", True, False), ("loop waits", True, True)]
+
+
+def test_the_background_may_draw_when_a_second_signal_ends_the_wait(monkeypatch):
+    """A second signal raises out of the loop's wait; the loop still waits for the thread to
+    end (`shutdown(wait=True)`), so the thread may draw its figures itself."""
+    from exigo.engine import epoch as epoch_module
+
+    seen = []
+
+    def finish(session, ended, *, overlapped, share):
+        time.sleep(0.5)  # still analysing when the signal ends the loop's wait
+        seen.append(share.wait(5))
+
+    def second_signal(running):
+        raise RunInterrupted(signal.SIGINT)
+
+    class Session:
+        def timed(self, name, started):
+            return started
+
+    monkeypatch.setattr(epoch_module, "finish", finish)
+    monkeypatch.setattr(epoch_module, "_exception_seeing_signals", second_signal)
+    with (
+        pytest.raises(RunInterrupted),
+        epoch_module.Background(Session(), overlap=True) as background,
+    ):
+        background.start("epoch 1")
+        background.wait()
+    assert seen == [True]

@@ -403,6 +403,34 @@ def test_a_figure_failing_here_too_is_returned_with_its_error(tmp_path):
     assert line.startswith("figure broken:") and "this artist cannot be drawn" in line
 
 
+@pytest.mark.parametrize("beside_training", [False, True])
+def test_the_figure_left_to_a_hung_worker_is_drawn_here_after_the_timeout(
+    tmp_path, beside_training
+):
+    """The last waiting figure is left to the worker, but not behind a figure it hangs on."""
+    lines, values = [], []
+    share = threading.Event() if beside_training else None
+    with ready(FigurePool(timeout=2, log=lines.append)) as pool:
+        pool.submit(
+            hangs_in_the_worker, (1, os.getpid()), {}, path=tmp_path / "1.png", dpi=50,
+            name="hung", step=1, on_value=values.append,
+        )  # fmt: skip
+        pool.submit(
+            figure_and_pid, (2,), {}, path=tmp_path / "2.png", dpi=50, name="behind", step=1,
+            on_value=values.append,
+        )  # fmt: skip
+        if share is not None:  # the loop waits for the thread that collects: it may share
+            threading.Timer(0.5, share.set).start()
+        started = time.monotonic()
+        done = pool.collect(share)
+        assert time.monotonic() - started < 15
+    assert [figure.png for figure in done] == [expected_png(1), expected_png(2)]
+    assert sorted(values) == [(1, os.getpid()), (2, os.getpid())]
+    # the hung one is said; the one behind it is shared as any figure no worker started
+    (line,) = lines
+    assert line.startswith("figure hung: drawn in the run's process (the worker took more")
+
+
 def test_a_hung_worker_is_stopped_after_the_timeout_and_replaced(tmp_path):
     lines, values = [], []
     with ready(FigurePool(timeout=2, log=lines.append)) as pool:

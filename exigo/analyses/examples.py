@@ -830,7 +830,7 @@ def plot_suspects(
             `towards_predicted`: the rival).
         class_names: display name per class.
         title: figure title.
-        rescored: whether this epoch's training suspects were re-scored and voted on (the
+        rescored: whether the end-of-epoch model re-scored training examples this epoch (the
             footnote says which order the list has).
 
     Returns:
@@ -886,8 +886,8 @@ def plot_suspects(
             else "Suspicion: the given label's margin below 0, averaged over the latest half of "
             "the epochs; the training examples' from their training passes, which mix the "
             "epoch's models (the end-of-epoch model re-scores them and the held-out set votes "
-            "on their order after the last epoch, or after every epoch with "
-            "--rescore-every-epoch). "
+            "on their order after the last epoch unless --rescore-fraction is 0, or after "
+            "every epoch with --rescore-every-epoch). "
         )
         + "Probabilities: from the latest pass (training set: the "
         "end-of-epoch model, or the last training pass where not re-scored; held-out set: the "
@@ -978,15 +978,20 @@ class ExampleAnalysis(Analysis):
         r"""The re-score's forward passes and the saliency of the suspects shown, per epoch.
 
         At most $\lceil \rho s N \rceil$ forward passes ($s$ = `scale`; a third of a training
-        pass each) and two gradients for each of at most `shown` suspects per split.
+        pass each) when it re-scores, and two gradients for each of at most `shown` suspects
+        per split. Re-scoring only after `final_epoch` $E$, its passes count $1/E$ per epoch.
 
         Args:
             shape: probe size, classes, image shape and training set size $N$.
 
         Returns:
-            $\rho s N / 3 + 4 \cdot$ shown passes per epoch (an upper bound).
+            $\rho s N / (3 E') + 4 \cdot$ shown passes per epoch ($E' = E$ when it re-scores
+            after the final epoch only, else 1; an upper bound).
         """
-        return self.rescore_fraction * self.scale * shape.training_images / 3 + 4 * self.shown
+        rescore = self.rescore_fraction * self.scale * shape.training_images / 3
+        if not self.rescore_every_epoch and self.final_epoch is not None:
+            rescore /= max(self.final_epoch, 1)
+        return rescore + 4 * self.shown
 
     def due(self, epoch: int, last_epoch: int) -> bool:
         """After every epoch, whatever `every` the budget chose: each epoch's records are needed.
@@ -1256,7 +1261,7 @@ class ExampleAnalysis(Analysis):
             saliency,
             ctx.class_names,
             title=f"Suspected label errors {ctx.when}",
-            rescored=self._rescores(ctx.epoch),
+            rescored=bool(summaries["train"].rescored.any()),
         )
 
     def state_dict(self) -> dict[str, Any]:

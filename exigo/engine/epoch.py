@@ -565,6 +565,7 @@ class Background:
                     error.cut_short = error.cut_short or background.cut_short
         finally:
             if self._executor is not None:
+                self._loop_waits.set()  # a second signal cleared it: the loop waits all the same
                 self._executor.shutdown(wait=True)
                 self._executor = None
 

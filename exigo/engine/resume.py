@@ -35,6 +35,7 @@ RESUMABLE_CHANGES = frozenset(
         "run_name",
         "dist_timeout",
         "sequential",
+        "rescore_every_epoch",  # when the suspects are re-scored, not the final list
         "force",
     }
 )

@@ -436,13 +436,18 @@ class FigurePool:
                 no_worker = self._executor is None  # none will take them: all drawn here
                 worth_it = len(self._backlog) > 1 or not self._ready
                 job = self._backlog.pop() if no_worker or (sharing and worth_it) else None
-            if job is None:  # the worker takes the backlog from the front meanwhile
-                if share is not None and not share.is_set():
-                    share.wait(_SHARE_POLL_SECONDS)  # wakes when sharing may start
-                else:
-                    time.sleep(_SHARE_POLL_SECONDS)
-                continue
-            self._draw_here(job)
+                # the figure the worker draws now, which the one left to it waits behind
+                drawing = None
+                if job is None and sharing:
+                    drawing = next((j for j in self._jobs if j in self._in_flight), None)
+            if job is not None:
+                self._draw_here(job)
+            elif drawing is not None:  # wait for it under `timeout`: a hung worker is stopped
+                self._wait(drawing)  # and the figure left to it is then drawn here
+            elif share is not None and not share.is_set():
+                share.wait(_SHARE_POLL_SECONDS)  # wakes when sharing may start
+            else:  # the worker takes the backlog from the front meanwhile
+                time.sleep(_SHARE_POLL_SECONDS)
         for job in self._jobs:
             if job.done is None:
                 self._wait(job)
