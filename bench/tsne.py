@@ -230,39 +230,45 @@ def main() -> None:
         print("\n## epoch 2: where to start, how long to run\n")
         start = tsne_layout(first, seed=0)  # the default first epoch
         print(
-            "| epoch 2 start | exaggerated iters | n_iter | median s | KL | kNN kept | "
-            "kNN label acc | moved / radius |"
+            "| epoch 2 start | exaggerated iters | n_iter | learning rate / K | median s | KL | "
+            "kNN kept | kNN label acc | moved / radius |"
         )
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         rescaled = start / start[:, 0].std() * 1e-4
-        cases = [
-            ("PCA (fresh)", None, 250, 500),
-            ("previous, rescaled to std 1e-4", rescaled, 250, 500),
-            ("previous layout", start, 250, 500),
-            ("previous layout", start, 125, 250),
-            ("previous layout", start, 0, 500),
-            ("previous layout", start, 0, 250),
-            ("previous layout", start, 0, 150),
-            ("previous layout", start, 0, 100),
+        points = second.shape[0]
+        cases = [  # the learning rate of the plain iterations, in units of K (openTSNE's)
+            ("PCA (fresh)", None, 250, 500, 1),
+            ("previous, rescaled to std 1e-4", rescaled, 250, 500, 1),
+            ("previous layout", start, 250, 500, 1),
+            ("previous layout", start, 125, 250, 1),
+            ("previous layout", start, 0, 500, 1),
+            ("previous layout", start, 0, 250, 1),
+            ("previous layout (earlier default)", start, 0, 150, 1),
+            ("previous layout", start, 0, 100, 1),
+            ("previous layout (default)", start, 0, 100, 2),
+            ("previous layout", start, 0, 100, 3),
+            ("previous layout", start, 0, 150, 2),
+            ("previous layout", start, 0, 75, 3),
         ]
-        for description, init, exaggerated, n_iter in cases:
+        for description, init, exaggerated, n_iter, rate in cases:
             median, _, layout = timed(
                 args.repeats,
                 embeddings=second,
                 initialization=init,
                 early_exaggeration_iter=exaggerated,
                 n_iter=n_iter,
+                learning_rate=rate * points,
             )
             kept_fraction, label_accuracy = quality(second, layout, labels)
             kl = kl_divergence(second, layout, 30.0)
             print(
-                f"| {description} | {exaggerated} | {n_iter} | {median:.2f} | {kl:.3f} | "
+                f"| {description} | {exaggerated} | {n_iter} | {rate} | {median:.2f} | {kl:.3f} | "
                 f"{kept_fraction:.3f} | {label_accuracy:.3f} | {moved(start, layout):.3f} |"
             )
         kept_fraction, label_accuracy = quality(second, start, labels)
         kl = kl_divergence(second, start, 30.0)
         print(
-            f"| epoch 1's layout unchanged | - | 0 | 0 | {kl:.3f} | {kept_fraction:.3f} | "
+            f"| epoch 1's layout unchanged | - | 0 | - | 0 | {kl:.3f} | {kept_fraction:.3f} | "
             f"{label_accuracy:.3f} | 0 |"
         )
 

@@ -319,3 +319,28 @@ def test_ordinal():
         "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "23rd", "101st",
         "102nd", "111th",
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("num_classes", "normalize"), [(1, False), (4, False), (10, False), (10, True), (20, False)]
+)
+def test_plot_confusion_cell_values_stay_out_of_the_layout_without_changing_it(
+    num_classes, normalize
+):
+    """The values are left out of the constrained layout (faster to render): they sit inside
+    the axes, so the PNG is byte for byte the one the layout would give with them in it."""
+    from exigo.figures.pool import render_png
+
+    generator = torch.Generator().manual_seed(num_classes)
+    matrix = torch.randint(0, 300, (num_classes, num_classes), generator=generator)
+    matrix += torch.diag(torch.randint(500, 2000, (num_classes,), generator=generator))
+    names = [f"class {c}" for c in range(num_classes)]
+    fast = plot_confusion(matrix, names, normalize=normalize)
+    texts = [text for axes in fast.axes for text in axes.texts]
+    assert len(texts) == (num_classes + 1) ** 2  # the cells, the margins, the accuracy
+    assert not any(text.get_in_layout() for text in texts)
+    measured = plot_confusion(matrix, names, normalize=normalize)
+    for axes in measured.axes:
+        for text in axes.texts:
+            text.set_in_layout(True)
+    assert render_png(fast, 100) == render_png(measured, 100)

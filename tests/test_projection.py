@@ -148,6 +148,31 @@ def test_tsne_layout_passes_the_barnes_hut_angle_to_opentsne():
     assert knn_label_accuracy(exact, labels) == knn_label_accuracy(default, labels) == 1.0
 
 
+def test_tsne_layout_schedules(monkeypatch):
+    """A fresh layout: 100 exaggerated + 150 plain iterations at openTSNE's rate K; a
+    continued one: 100 plain iterations at 2 K (a third less CPU than 150 at K, the same KL
+    divergence on MNIST, `bench/tsne.py --only warm`)."""
+    import openTSNE
+
+    embeddings, _ = clusters()
+    calls = []
+    real = openTSNE.TSNEEmbedding.optimize
+
+    def spy(self, n_iter, *args, **kwargs):
+        calls.append((n_iter, kwargs.get("exaggeration"), kwargs.get("learning_rate")))
+        return real(self, n_iter, *args, **kwargs)
+
+    monkeypatch.setattr(openTSNE.TSNEEmbedding, "optimize", spy)
+    start = tsne_layout(embeddings, seed=0)
+    assert calls == [(100, 12, None), (150, None, 60.0)]  # None: openTSNE's K / 12
+    calls.clear()
+    tsne_layout(embeddings, start, seed=0)
+    assert calls == [(100, None, 120.0)]
+    calls.clear()
+    tsne_layout(embeddings, start, seed=0, n_iter=7, learning_rate=5.0)
+    assert calls == [(7, None, 5.0)]
+
+
 def test_tsne_layout_small_inputs():
     generator = torch.Generator().manual_seed(0)
     for count in (4, 5, 9):  # perplexity 30 lowered to (count - 1) / 3
