@@ -352,9 +352,9 @@ def plot_confusion(
             ]
         ]
         widest = max([len(t) for row in cell_texts for t in row] + [len(t) for t in margin_texts])
+        font_size = min(11.0, 0.38 * cell_points, 1.5 * cell_points / max(widest, 1))
         # Every value sits inside its cell, inside the axes: the constrained layout need not
         # measure them (the same PNG, 0.12-0.17 s less to render with 10 classes).
-        font_size = min(11.0, 0.38 * cell_points, 1.5 * cell_points / max(widest, 1))
         for i in range(num_classes):
             for j in range(num_classes):
                 empty = values[i, j] == 0
