@@ -206,7 +206,7 @@ def test_analysis_writes_both_files_with_the_documented_columns(tmp_path, monkey
 
     def spy(blocks, *args, **kwargs):
         shown.append(blocks)
-        footnote_says_rescored.append(kwargs["rescored"])
+        footnote_says_rescored.append((kwargs["rescored"], kwargs["voted"]))
         return plot_suspects(blocks, *args, **kwargs)
 
     monkeypatch.setattr(examples_module, "plot_suspects", spy)
@@ -215,8 +215,10 @@ def test_analysis_writes_both_files_with_the_documented_columns(tmp_path, monkey
     for epoch in (1, 2):
         ctx = hand_made_epoch(tmp_path, epoch, logged)
         analysis(ctx)
-    # epoch 1's list is the training records' order, and its figure says so
-    assert footnote_says_rescored == [False, True]
+    # epoch 1's list is the training records' order, and its figure says so; epoch 2's is
+    # re-scored and voted on
+    assert footnote_says_rescored == [(False, False), (True, True)]
+
     rows = read_csv(tmp_path / "examples.csv")
     assert tuple(rows[0]) == EXAMPLE_COLUMNS
     assert [row["split"] for row in rows] == ["train"] * 12 + ["held_out"] * 6
@@ -265,8 +267,12 @@ def test_analysis_writes_both_files_with_the_documented_columns(tmp_path, monkey
     assert held_out_block.indices.tolist() == [2] and held_out_block.rival.tolist() == [0]
     assert ctx.metrics == {"examples/suspected_train": 1, "examples/suspected_held_out": 1}
     assert logged == [
+        # said once, at epoch 1 (a run stopped there keeps that list)
+        "examples: until epoch 2 the suspects follow the training records; the end-of-epoch "
+        "model re-scores them and the held-out set votes on their order after epoch 2 (after "
+        "every epoch: --rescore-every-epoch)",
         f"2 suspected label errors (top 11%: 1 training, 1 held-out): see "
-        f"{tmp_path / 'label_issues.csv'}"
+        f"{tmp_path / 'label_issues.csv'}",
     ]
     for name in ("data_map", "label_issues"):
         for epoch in (1, 2):
@@ -620,7 +626,17 @@ def test_the_data_map_draws_every_suspect_when_it_samples():
     assert "100 drawn: every suspect" in figure._suptitle.get_text()
 
 
-def test_a_held_out_set_of_one_class_gives_no_votes_and_says_so_once(tmp_path):
+def test_a_held_out_set_of_one_class_gives_no_votes_and_says_so_once(tmp_path, monkeypatch):
+    import exigo.analyses.examples as examples_module
+
+    footnotes, plot_suspects = [], examples_module.plot_suspects
+
+    def spy(*args, **kwargs):
+        figure = plot_suspects(*args, **kwargs)
+        footnotes.append(" ".join("\n".join(text.get_text() for text in figure.texts).split()))
+        return figure
+
+    monkeypatch.setattr(examples_module, "plot_suspects", spy)
     logged: list[str] = []
     analysis = ExampleAnalysis()
     for epoch in (1, 2):
@@ -635,6 +651,9 @@ def test_a_held_out_set_of_one_class_gives_no_votes_and_says_so_once(tmp_path):
     rows = [row for row in read_csv(tmp_path / "examples.csv") if row["split"] == "train"]
     assert all(row["head_log_probability"] == row["neighbour_agreement"] == "" for row in rows)
     assert [row["rescored"] for row in rows].count("1") == 2  # the re-score itself still runs
+    # and the last figure says its re-scored suspects are ordered without votes
+    assert "ordered by their margin alone (no held-out vote)" in footnotes[-1]
+    assert "two votes" not in footnotes[-1]
 
 
 def test_the_held_out_votes_abstain_on_a_class_the_held_out_set_lacks(tmp_path):

@@ -425,3 +425,12 @@ def test_label_issues_figure_fits_and_keeps_colour(classes, shape):
     assert_fits(earlier)
     text = " ".join("\n".join(t.get_text() for t in earlier.texts).split())
     assert "votes on their order after the last epoch" in text and "two votes" not in text
+    # re-scored, but no held-out vote (a held-out set of one class)
+    unvoted = plot_suspects(
+        blocks, red_images(16, shape), saliency, class_names(classes), title="Suspects, epoch 2",
+        voted=False,
+    )  # fmt: skip
+    render(unvoted, f"label_issues_unvoted_{classes}_{shape[0]}ch")
+    assert_fits(unvoted)
+    text = " ".join("\n".join(t.get_text() for t in unvoted.texts).split())
+    assert "ordered by their margin alone (no held-out vote)" in text and "two votes" not in text

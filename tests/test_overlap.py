@@ -284,6 +284,35 @@ def test_the_background_draws_figures_itself_only_while_the_loop_waits(monkeypat
     assert seen[2:] == [("beside training", True, False), ("loop waits", True, True)]
 
 
+@pytest.mark.parametrize("sequential", [False, True])
+def test_every_commit_hands_the_background_s_event_to_the_figure_pool(
+    tmp_path, monkeypatch, sequential
+):
+    """The event reaches `FigurePool.collect` through `finish`, `commit` and `collect_figures`
+    beside training (dropping it on the way would let the thread draw while the next epoch
+    trains); an epoch finished after its training (`--sequential`) shares at once (None)."""
+    from exigo.figures.pool import FigurePool
+
+    shares, collect = [], FigurePool.collect
+
+    def spy(self, share=None):
+        shares.append(share)
+        return collect(self, share)
+
+    monkeypatch.setattr(FigurePool, "collect", spy)
+    torch.manual_seed(0)
+    run(
+        tiny(tmp_path / "save", sequential=sequential), TinyNet(), make_blobs(96),
+        make_blobs(30, seed=1), [Probabilities()], console=recorded()[0],
+    )  # fmt: skip
+    assert len(shares) == 3  # one commit per epoch
+    if sequential:
+        assert shares == [None, None, None]
+    else:
+        assert all(isinstance(share, threading.Event) for share in shares)
+        assert len({id(share) for share in shares}) == 1  # the one the loop sets as it waits
+
+
 def test_the_background_may_draw_when_a_second_signal_ends_the_wait(monkeypatch):
     """A second signal raises out of the loop's wait; the loop still waits for the thread to
     end (`shutdown(wait=True)`), so the thread may draw its figures itself."""

@@ -180,12 +180,12 @@ def test_collect_draws_the_figures_the_worker_has_not_started_while_it_draws(tmp
     lines = []
     with ready(FigurePool(log=lines.append)) as pool:
         behind = [tmp_path / f"{seed}.png" for seed in (1, 2, 3)]
-        # the worker holds this one until the last two behind it have been drawn here: submit
-        # waits for none of them, and collect draws them meanwhile, not behind it; the first
-        # one waiting it leaves to the worker (this process' first figure costs more)
+        # the worker holds this one until the three behind it have been drawn here: submit
+        # waits for none of them, and collect draws them meanwhile, not behind it, the last
+        # one waiting too once it has drawn one (matplotlib's start-up is paid then)
         pool.submit(
             figure_after,
-            (0, [str(path) for path in behind[1:]]),
+            (0, [str(path) for path in behind]),
             {},
             path=tmp_path / "0.png",
             dpi=50,
@@ -223,7 +223,7 @@ def test_collect_draws_the_figures_the_worker_has_not_started_while_it_draws(tmp
     assert [figure.error for figure in first + second] == [None] * 5
     here = os.getpid()
     assert worker not in (None, here)
-    assert sorted(values) == [(0, worker), (1, worker), (2, here), (3, here), (4, worker)]
+    assert sorted(values) == [(0, worker), (1, here), (2, here), (3, here), (4, worker)]
     for seed, figure in enumerate(first + second):
         assert figure.png == expected_png(seed) == figure.path.read_bytes()
     assert lines == []
@@ -235,11 +235,11 @@ def test_collect_beside_training_shares_only_once_told(tmp_path):
     share = threading.Event()
     with ready(FigurePool()) as pool:
         paths = [tmp_path / f"{seed}.png" for seed in range(4)]
-        # the worker holds the first figure until the last one exists: only this process
-        # can draw that one, and it may only once `share` is set
+        # the worker holds the first figure until the others exist: only this process can
+        # draw them, and it may only once `share` is set
         pool.submit(
-            figure_after, (0, [str(paths[3])]), {}, path=paths[0], dpi=50, name="f0", step=1,
-            on_value=values.append,
+            figure_after, (0, [str(path) for path in paths[1:]]), {}, path=paths[0], dpi=50,
+            name="f0", step=1, on_value=values.append,
         )  # fmt: skip
         for seed in (1, 2, 3):
             pool.submit(
@@ -258,9 +258,59 @@ def test_collect_beside_training_shares_only_once_told(tmp_path):
     here = os.getpid()
     worker = dict(values)[0]
     assert worker != here
-    # told, it drew the last two waiting here and left the first one to the worker
-    assert sorted(values) == [(0, worker), (1, worker), (2, here), (3, here)]
+    # told, it drew the three waiting here (the last one too, once it had drawn one)
+    assert sorted(values) == [(0, worker), (1, here), (2, here), (3, here)]
     assert [figure.png for figure in collected] == [expected_png(seed) for seed in range(4)]
+
+
+def test_a_lone_waiting_figure_goes_to_the_worker_while_this_process_has_drawn_none(tmp_path):
+    """Its first figure would also pay matplotlib's start-up here: the started worker takes it."""
+    values, lines = [], []
+    with ready(FigurePool(log=lines.append)) as pool:
+        for seed in (0, 1):  # the worker takes the first, the second waits behind it
+            pool.submit(
+                figure_and_pid, (seed,), {}, path=tmp_path / f"{seed}.png", dpi=50,
+                name=f"f{seed}", step=1, on_value=values.append,
+            )  # fmt: skip
+        done = pool.collect()
+    worker = dict(values)[0]
+    assert worker != os.getpid()
+    assert sorted(values) == [(0, worker), (1, worker)]
+    assert [figure.png for figure in done] == [expected_png(0), expected_png(1)]
+    assert lines == []
+
+
+def test_a_figure_failed_in_the_worker_is_drawn_here_once_however_late_loky_says_so(
+    tmp_path, monkeypatch
+):
+    """Regression: `collect` took a job loky had not yet marked finished for one the worker
+    still drew, waited on it again, said its line again and overwrote the figure drawn here
+    with "this figure was drawn already"."""
+    values, lines = [], []
+    with ready(FigurePool(log=lines.append)) as pool:
+        finished = pool._finished
+
+        def late(job, future):  # loky's thread calls this a while after the result is out
+            time.sleep(0.5)
+            finished(job, future)
+
+        monkeypatch.setattr(pool, "_finished", late)
+        pool.submit(
+            fails_in_the_worker, (1, os.getpid()), {}, path=tmp_path / "1.png", dpi=50,
+            name="fails", step=1, on_value=values.append,
+        )  # fmt: skip
+        pool.submit(
+            figure_and_pid, (2,), {}, path=tmp_path / "2.png", dpi=50, name="behind", step=1,
+            on_value=values.append,
+        )  # fmt: skip
+        done = pool.collect()
+    assert [(figure.error, figure.png) for figure in done] == [
+        (None, expected_png(1)),
+        (None, expected_png(2)),
+    ]
+    assert sorted(values) == [(1, os.getpid()), (2, os.getpid())]
+    (line,) = lines
+    assert line.startswith("figure fails: drawn in the run's process (the worker failed")
 
 
 def test_closures_and_functions_of_the_test_file_are_drawn_in_the_worker(tmp_path):
@@ -419,11 +469,13 @@ def test_the_figure_left_to_a_hung_worker_is_drawn_here_after_the_timeout(
             figure_and_pid, (2,), {}, path=tmp_path / "2.png", dpi=50, name="behind", step=1,
             on_value=values.append,
         )  # fmt: skip
-        if share is not None:  # the loop waits for the thread that collects: it may share
-            threading.Timer(0.5, share.set).start()
-        started = time.monotonic()
-        done = pool.collect(share)
-        assert time.monotonic() - started < 15
+        timer = threading.Timer(0.5, share.set) if share is not None else None
+        if timer is not None:  # the loop waits for the thread that collects: it may share
+            timer.start()
+        done = pool.collect(share)  # without the timeout: 30 s, and no line (asserted below)
+        if timer is not None:
+            timer.cancel()
+            timer.join()
     assert [figure.png for figure in done] == [expected_png(1), expected_png(2)]
     assert sorted(values) == [(1, os.getpid()), (2, os.getpid())]
     # the hung one is said; the one behind it is shared as any figure no worker started

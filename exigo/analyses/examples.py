@@ -815,6 +815,7 @@ def plot_suspects(
     *,
     title: str,
     rescored: bool = True,
+    voted: bool = True,
 ) -> Figure:
     """Per split, three rows: the suspects, saliency towards the given label and the rival.
 
@@ -832,6 +833,8 @@ def plot_suspects(
         title: figure title.
         rescored: whether the end-of-epoch model re-scored training examples this epoch (the
             footnote says which order the list has).
+        voted: whether the held-out set voted on the order of the re-scored suspects (it
+            does not when it has examples of fewer than two classes, or abstains on all).
 
     Returns:
         A matplotlib `Figure` (not attached to pyplot).
@@ -880,8 +883,13 @@ def plot_suspects(
         (
             "Suspicion: the given label's margin below 0, averaged over the latest half of the "
             "epochs, or the end-of-epoch model's for the training examples it re-scored (column "
-            "rescored of examples.csv); those re-scored come first, ordered by their margin and "
-            "the held-out set's two votes (columns head_log_probability, neighbour_agreement). "
+            "rescored of examples.csv); those re-scored come first, ordered by their margin"
+            + (
+                " and the held-out set's two votes (columns head_log_probability, "
+                "neighbour_agreement). "
+                if voted
+                else " alone (no held-out vote). "
+            )
             if rescored
             else "Suspicion: the given label's margin below 0, averaged over the latest half of "
             "the epochs; the training examples' from their training passes, which mix the "
@@ -1122,6 +1130,14 @@ class ExampleAnalysis(Analysis):
             nothing was re-scored).
         """
         if not self._rescores(ctx.epoch):
+            if self.rescore_fraction > 0:  # a run stopped before then keeps such a list
+                self._say_once(
+                    ctx,
+                    f"examples: until epoch {self.final_epoch} the suspects follow the training "
+                    "records; the end-of-epoch model re-scores them and the held-out set votes "
+                    f"on their order after epoch {self.final_epoch} (after every epoch: "
+                    "--rescore-every-epoch)",
+                )
             return summary, None
         fraction = self.rescore_fraction * self.scale
         count = rescore_count(summary, fraction)
@@ -1262,6 +1278,7 @@ class ExampleAnalysis(Analysis):
             ctx.class_names,
             title=f"Suspected label errors {ctx.when}",
             rescored=bool(summaries["train"].rescored.any()),
+            voted=bool(summaries["train"].head_log_probability.isfinite().any()),
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -404,7 +404,11 @@ def finish(
         ended: the epoch as it ended.
         overlapped: this runs beside the next epoch's training.
         share: set while the training loop waits for this epoch: only then does this thread
-            draw figures the worker has not started (`FigurePool.collect`); None: always.
+            draw figures a started worker could take (`FigurePool.collect`; with no worker
+            left, and for a figure the worker could not deliver, it draws at once); None:
+            always. Beside training the epoch is therefore committed once the worker has
+            drawn its figures, which may be later in the next epoch than if this thread drew
+            them itself.
 
     Raises:
         RunInterrupted: a stop signal arrived before the commit.
@@ -507,7 +511,8 @@ class Background:
         self.overlap = overlap
         self._executor: ThreadPoolExecutor | None = None
         self._running: Future[None] | None = None
-        # set while the loop waits for the background: only then may it draw figures itself
+        # set while the loop waits for the background: only then may it draw figures a
+        # started worker could take (`FigurePool.collect`)
         self._loop_waits = threading.Event()
 
     def start(self, ended: EpochEnd) -> None:

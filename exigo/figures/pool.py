@@ -313,6 +313,7 @@ class FigurePool:
         self._executor: ProcessPoolExecutor | None = None
         self._ready = False  # its worker has started (loky has run a first job)
         self._started_at = 0.0  # time.monotonic() when it was created
+        self._drew_here = False  # this process has drawn a figure (matplotlib's start-up paid)
         self._start_failure: str | None = None  # why the last one never started
         # dropped (broken, hung, closed): shut down from this thread, not from loky's
         self._retired: list[ProcessPoolExecutor] = []
@@ -394,11 +395,11 @@ class FigurePool:
 
         This process would only wait, so it shares the remaining work: it draws the figures
         no worker has started, from the last one back, while the workers take them from the
-        front, and leaves the last one waiting to a started worker (it has drawn before:
-        this process' first figure also pays matplotlib's start-up, 0.3 s measured here,
-        which a queue of one does not repay); then it waits for the workers' figures, at most
-        `timeout` seconds each. With no worker left to take them, it draws them all. A
-        figure a worker could not draw is drawn here, with one line through `log`.
+        front; a lone waiting figure it leaves to a started worker as long as this process
+        has drawn none (its first figure also pays matplotlib's start-up, 0.3 s measured
+        here, which a queue of one does not repay); then it waits for the workers' figures,
+        at most `timeout` seconds each. With no worker left to take them, it draws them all.
+        A figure a worker could not draw is drawn here, with one line through `log`.
 
         Args:
             share: while this event is clear, the figures no worker has started wait for the
@@ -434,12 +435,15 @@ class FigurePool:
                     break
                 sharing = share is None or share.is_set()
                 no_worker = self._executor is None  # none will take them: all drawn here
-                worth_it = len(self._backlog) > 1 or not self._ready
+                worth_it = len(self._backlog) > 1 or not self._ready or self._drew_here
                 job = self._backlog.pop() if no_worker or (sharing and worth_it) else None
-                # the figure the worker draws now, which the one left to it waits behind
+                # the figure the worker draws now, which the one left to it waits behind (one
+                # whose result `_wait` has taken stays in flight until loky's thread says so)
                 drawing = None
                 if job is None and sharing:
-                    drawing = next((j for j in self._jobs if j in self._in_flight), None)
+                    drawing = next(
+                        (j for j in self._jobs if j in self._in_flight and j.done is None), None
+                    )
             if job is not None:
                 self._draw_here(job)
             elif drawing is not None:  # wait for it under `timeout`: a hung worker is stopped
@@ -564,6 +568,8 @@ class FigurePool:
     def _wait(self, job: _Job) -> None:
         """Wait for a job a worker has; draw it here if the worker cannot deliver it."""
         assert job.future is not None
+        if job.done is not None:  # delivered, or drawn here, already
+            return
         if job.lost is not None:  # its worker was stopped for another figure
             self.log(f"figure {job.name}: drawn in the run's process ({job.lost})")
             self._draw_here(job)
@@ -608,6 +614,7 @@ class FigurePool:
 
     def _draw_here(self, job: _Job) -> None:
         """Draw, render and write `job` in this process; keep the figure or its error."""
+        self._drew_here = True
         try:
             drawn = Drawn.of(job.draw(*job.args, **job.kwargs))
             png = render_png(drawn.figure, job.dpi)
