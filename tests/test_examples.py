@@ -268,9 +268,8 @@ def test_analysis_writes_both_files_with_the_documented_columns(tmp_path, monkey
     assert ctx.metrics == {"examples/suspected_train": 1, "examples/suspected_held_out": 1}
     assert logged == [
         # said once, at epoch 1 (a run stopped there keeps that list)
-        "examples: until epoch 2 the suspects follow the training records; the end-of-epoch "
-        "model re-scores them and the held-out set votes on their order after epoch 2 (after "
-        "every epoch: --rescore-every-epoch)",
+        "examples: the suspects follow the training records until epoch 2, then the "
+        "end-of-epoch re-score and held-out votes order them (--rescore-every-epoch: every epoch)",
         f"2 suspected label errors (top 11%: 1 training, 1 held-out): see "
         f"{tmp_path / 'label_issues.csv'}",
     ]

@@ -1133,10 +1133,9 @@ class ExampleAnalysis(Analysis):
             if self.rescore_fraction > 0:  # a run stopped before then keeps such a list
                 self._say_once(
                     ctx,
-                    f"examples: until epoch {self.final_epoch} the suspects follow the training "
-                    "records; the end-of-epoch model re-scores them and the held-out set votes "
-                    f"on their order after epoch {self.final_epoch} (after every epoch: "
-                    "--rescore-every-epoch)",
+                    f"examples: the suspects follow the training records until epoch "
+                    f"{self.final_epoch}, then the end-of-epoch re-score and held-out votes "
+                    "order them (--rescore-every-epoch: every epoch)",
                 )
             return summary, None
         fraction = self.rescore_fraction * self.scale
