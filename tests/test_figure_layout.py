@@ -416,21 +416,18 @@ def test_label_issues_figure_fits_and_keeps_colour(classes, shape):
     if shape[0] == 3:
         red = (pixels[..., 0] > 200) & (pixels[..., 1] < 60) & (pixels[..., 2] < 60)
         assert red.sum() > 16 * 16 * 16 * 4
-    # an earlier epoch's list, not re-scored (the default), says whence its order comes
-    earlier = plot_suspects(
-        blocks, red_images(16, shape), saliency, class_names(classes), title="Suspects, epoch 1",
-        rescored=False,
-    )  # fmt: skip
-    render(earlier, f"label_issues_earlier_{classes}_{shape[0]}ch")
-    assert_fits(earlier)
-    text = " ".join("\n".join(t.get_text() for t in earlier.texts).split())
-    assert "votes on their order after the last epoch" in text and "two votes" not in text
-    # re-scored, but no held-out vote (a held-out set of one class)
-    unvoted = plot_suspects(
-        blocks, red_images(16, shape), saliency, class_names(classes), title="Suspects, epoch 2",
-        voted=False,
-    )  # fmt: skip
-    render(unvoted, f"label_issues_unvoted_{classes}_{shape[0]}ch")
-    assert_fits(unvoted)
-    text = " ".join("\n".join(t.get_text() for t in unvoted.texts).split())
-    assert "ordered by their margin alone (no held-out vote)" in text and "two votes" not in text
+    variants = [  # the other footnotes: (name, option, what it says)
+        # an earlier epoch's list, not re-scored (the default), says whence its order comes
+        ("earlier", {"rescored": False}, "votes on their order after the last epoch"),
+        # re-scored, but no held-out vote (a held-out set of one class)
+        ("unvoted", {"voted": False}, "ordered by their margin alone (no held-out vote)"),
+    ]
+    for name, option, says in variants:
+        variant = plot_suspects(
+            blocks, red_images(16, shape), saliency, class_names(classes), title="Suspects",
+            **option,
+        )  # fmt: skip
+        render(variant, f"label_issues_{name}_{classes}_{shape[0]}ch")
+        assert_fits(variant)
+        text = " ".join("\n".join(t.get_text() for t in variant.texts).split())
+        assert says in text and "two votes" not in text, name
